@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: ZEO clients talking to runzeo directly vs through zrelay.
+
+One run starts, all on 127.0.0.1 and in a temporary directory:
+
+* two unmodified ``runzeo`` servers with a FileStorage each, one speaking
+  pickle (``Z5``), one msgpack (``M5``, ``<zeo> msgpack true </zeo>``);
+* a zrelay in front of each (``--self-test``: a trivial Python forwarder
+  instead, to exercise the proxied path without a zrelay build);
+* four worker processes for the ZODB clients.
+
+It then runs every workload ``--runs`` times per encoding, alternating
+direct and proxied (and which of the two goes first), and prints a markdown
+table of medians over the runs, the proxied/direct ratio and the latency the
+proxy adds per round trip. The same table, with machine information, goes to
+``bench/results-latest.md``. Progress goes to stderr.
+
+Workloads (``--only`` picks some):
+
+  load     uncached loadBefore round trips: a fresh raw-socket client asks
+           for distinct, previously written objects one at a time
+  ping     ping round trips on a raw-socket client
+  commit1  small commits (one small object each) by 1 ZODB client process
+  commit4  the same with 4 client processes at once
+  bulk     commits of 100 x 1 KiB objects by 1 ZODB client; MB/s of payload
+
+This is a benchmark, not a test: it fails only if something does not work.
+"""
+import argparse
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import procs as P        # noqa: E402
+import workloads as W    # noqa: E402
+import zeoraw            # noqa: E402
+
+HOST = P.HOST
+WORKLOADS = ('load', 'ping', 'commit1', 'commit4', 'bulk')
+ENCODINGS = ('pickle', 'msgpack')
+MODES = ('direct', 'proxied')
+N_WORKERS = 4
+
+# Targets the proxy is held to.
+TARGET_ADDED_US = 25.0          # added latency per round trip (p50)
+TARGET_THROUGHPUT_RATIO = 0.97  # proxied / direct commit throughput
+
+# (workload, metric, unit, higher_is_better)
+METRICS = {
+    'load': [('p50', 'µs', False), ('p99', 'µs', False)],
+    'ping': [('p50', 'µs', False), ('p99', 'µs', False)],
+    'commit1': [('txn/s', 'txn/s', True), ('p50', 'ms', False),
+                ('p99', 'ms', False)],
+    'commit4': [('txn/s', 'txn/s', True), ('p50', 'ms', False),
+                ('p99', 'ms', False)],
+    'bulk': [('MB/s', 'MB/s', True), ('p50', 'ms', False)],
+}
+TITLES = {
+    'load': 'loadBefore, uncached (raw)',
+    'ping': 'ping (raw)',
+    'commit1': 'small commits, 1 client',
+    'commit4': 'small commits, 4 clients',
+    'bulk': 'bulk commits, 100 × 1 KiB',
+}
+
+
+class Settings:
+    """Counts and durations; every loop is bounded by both."""
+
+    def __init__(self, args):
+        quick = args.quick
+        self.runs = args.runs if args.runs else (2 if quick else 5)
+        self.n_objects = args.loads or (300 if quick else 2000)
+        self.n_pings = args.pings or (300 if quick else 2000)
+        self.commit_seconds = args.seconds or (0.5 if quick else 2.0)
+        self.max_txns = 20000          # per client per run
+        self.raw_max_seconds = 20.0    # per raw run
+
+
+def log(msg):
+    print(f'[{time.monotonic() - T0:6.1f}s] {msg}', file=sys.stderr, flush=True)
+
+
+T0 = time.monotonic()
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float('nan')
+    k = math.ceil(q / 100.0 * len(sorted_values)) - 1
+    return sorted_values[max(0, min(len(sorted_values) - 1, k))]
+
+
+# ------------------------------------------------------------- topology ----
+
+class Endpoint:
+    """One runzeo server and the proxy in front of it."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.server = None
+        self.server_port = None
+        self.proxy = None
+        self.proxy_port = None
+        self.proxy_rss_start = {}
+
+    def port(self, mode):
+        return self.server_port if mode == 'direct' else self.proxy_port
+
+
+def start_topology(procs, tmp, args, encodings):
+    endpoints = []
+    for enc in encodings:
+        ep = Endpoint(enc)
+        d = os.path.join(tmp, enc)
+        os.makedirs(d)
+        ep.server_port = P.free_port()
+        conf = os.path.join(d, 'zeo.conf')
+        P.runzeo_conf(conf, ep.server_port, d, msgpack=(enc == 'msgpack'))
+        ep.server = procs.spawn(f'runzeo-{enc}',
+                                [sys.executable, '-m', 'ZEO.runzeo', '-C', conf],
+                                os.path.join(d, 'runzeo.out'), cwd=d)
+        endpoints.append(ep)
+    for ep in endpoints:
+        ep.server.wait_port(ep.server_port)
+        d = os.path.join(tmp, ep.encoding)
+        ep.proxy_port = P.free_port()
+        if args.self_test:
+            argv = [sys.executable, os.path.join(HERE, 'forwarder.py'),
+                    str(ep.proxy_port), str(ep.server_port)]
+            name = f'forwarder-{ep.encoding}'
+        else:
+            conf = os.path.join(d, 'zrelay.toml')
+            P.zrelay_conf(conf, ep.proxy_port, ep.server_port,
+                          args.zrelay_log_level)
+            argv = [args.zrelay, 'run', '--config', conf]
+            name = f'zrelay-{ep.encoding}'
+        ep.proxy = procs.spawn(name, argv, os.path.join(d, f'{name}.log'), cwd=d)
+        ep.proxy.wait_port(ep.proxy_port)
+    return endpoints
+
+
+PREFLIGHT_SESSIONS = 3
+
+
+def preflight(ep):
+    """Both paths answer, and the proxied one reaches the same storage with
+    the expected encoding, in several sessions in a row."""
+    want = b'Z5' if ep.encoding == 'pickle' else b'M5'
+    seen = {}
+    for mode in MODES + ('proxied',) * (PREFLIGHT_SESSIONS - 1):
+        try:
+            with zeoraw.connect(HOST, ep.port(mode)) as c:
+                if c.protocol != want:
+                    raise RuntimeError(f'negotiated {c.protocol!r}, '
+                                       f'expected {want!r}')
+                c.call('ping')
+                seen[mode] = c.call('lastTransaction')
+        except Exception as e:
+            if isinstance(e, TimeoutError):
+                e = TimeoutError('no answer within 10 s')
+            where = (f'{ep.proxy.name} on port {ep.proxy_port}'
+                     if mode == 'proxied' else
+                     f'runzeo on port {ep.server_port}')
+            extra = ''
+            if mode == 'proxied':
+                extra = f'\n{ep.proxy.name} log:\n{P.tail(ep.proxy.log_path)}'
+            raise RuntimeError(f'{ep.encoding}: {where} does not work: '
+                               f'{e!r}{extra}') from e
+    if seen['direct'] != seen['proxied']:
+        raise RuntimeError(f'{ep.encoding}: lastTransaction differs: '
+                           f'direct {seen["direct"]!r}, '
+                           f'proxied {seen["proxied"]!r}')
+
+
+# ------------------------------------------------------------ measuring ----
+
+def measure(workload, port, settings, pool, oids):
+    """One run of *workload* against *port*; return ``{metric: value}``."""
+    if workload in ('load', 'ping'):
+        count = settings.n_objects if workload == 'load' else settings.n_pings
+        lat = sorted(W.raw_latency(HOST, port, workload, oids, count,
+                                   settings.raw_max_seconds))
+        return {'p50': percentile(lat, 50) / 1e3,
+                'p99': percentile(lat, 99) / 1e3,
+                'n': len(lat)}
+    n_clients = 4 if workload == 'commit4' else 1
+    kind = 'bulk' if workload == 'bulk' else 'small'
+    results = pool.commits(n_clients, HOST, port, kind,
+                           settings.commit_seconds, settings.max_txns)
+    lat = sorted(ns for _, _, lats in results for ns in lats)
+    n_txns = sum(n for n, _, _ in results)
+    rate = sum(n / elapsed for n, elapsed, _ in results if elapsed > 0)
+    out = {'p50': percentile(lat, 50) / 1e6, 'p99': percentile(lat, 99) / 1e6,
+           'n': n_txns}
+    if kind == 'bulk':
+        out['MB/s'] = rate * W.BULK_OBJECTS * W.BULK_OBJECT_BYTES / 1e6
+    else:
+        out['txn/s'] = rate
+    return out
+
+
+def run_all(endpoints, settings, pool, oids, workloads, other):
+    """Run everything; return ``(samples, other_cores)``.
+
+    ``samples[(workload, encoding, metric, mode)]`` is the list of per-run
+    values; ``other_cores[workload]`` the CPU (in cores) that processes
+    outside the benchmark used meanwhile.
+    """
+    samples = {}
+    other_cores = {}
+    for workload in workloads:
+        before = other.sample()
+        for ep in endpoints:
+            for r in range(settings.runs):
+                order = MODES if r % 2 == 0 else MODES[::-1]
+                for mode in order:
+                    res = measure(workload, ep.port(mode), settings, pool,
+                                  oids[ep.encoding])
+                    for metric, value in res.items():
+                        samples.setdefault(
+                            (workload, ep.encoding, metric, mode), []
+                        ).append(value)
+                    main = METRICS[workload][0]
+                    log(f'{workload:8} {ep.encoding:7} run {r + 1}/'
+                        f'{settings.runs} {mode:7} {main[0]} '
+                        f'{res[main[0]]:9.1f} {main[1]:5} (n={res["n"]})')
+        other_cores[workload] = other.cores(before, other.sample())
+        log(f'{workload}: other processes used '
+            f'{other_cores[workload]:.2f} cores meanwhile')
+    return samples, other_cores
+
+
+# ------------------------------------------------------------- reporting ----
+
+def fmt(value, unit):
+    if value != value:      # NaN
+        return '–'
+    if unit == 'µs':
+        return f'{value:.1f}'
+    if unit == 'ms':
+        return f'{value:.2f}'
+    return f'{value:.1f}' if value < 1000 else f'{value:.0f}'
+
+
+def spread(values):
+    """(max − min) / median over the runs, in percent."""
+    m = statistics.median(values)
+    return (max(values) - min(values)) / m * 100.0 if m else float('nan')
+
+
+def build_table(samples, workloads, encodings, proxy_label):
+    lines = [
+        f'| workload | enc | metric | direct | {proxy_label} | ratio | added '
+        f'| target | spread |',
+        '|---|---|---|---:|---:|---:|---:|---|---:|',
+    ]
+    verdicts = []
+    for workload in workloads:
+        for enc in encodings:
+            for metric, unit, higher_better in METRICS[workload]:
+                d = samples.get((workload, enc, metric, 'direct'))
+                p = samples.get((workload, enc, metric, 'proxied'))
+                if not d or not p:
+                    continue
+                dm, pm = statistics.median(d), statistics.median(p)
+                ratio = pm / dm if dm else float('nan')
+                added = target = ''
+                if not higher_better:
+                    us = (pm - dm) * (1000.0 if unit == 'ms' else 1.0)
+                    added = f'{us:+.1f} µs'
+                if metric == 'p50' and workload in ('load', 'ping'):
+                    ok = us <= TARGET_ADDED_US
+                    target = f'≤ +{TARGET_ADDED_US:.0f} µs: ' \
+                             f'{"met" if ok else "MISSED"}'
+                    verdicts.append((f'{workload} {enc} added p50', ok))
+                elif higher_better:
+                    ok = ratio >= TARGET_THROUGHPUT_RATIO
+                    target = f'≥ {TARGET_THROUGHPUT_RATIO:.2f}×: ' \
+                             f'{"met" if ok else "MISSED"}'
+                    verdicts.append((f'{workload} {enc} throughput', ok))
+                sp = max(spread(d), spread(p))
+                label = metric if metric == unit else f'{metric} ({unit})'
+                lines.append(
+                    f'| {TITLES[workload]} | {enc} | {label} '
+                    f'| {fmt(dm, unit)} | {fmt(pm, unit)} | {ratio:.3f} '
+                    f'| {added} | {target} | {sp:.0f}% |')
+    return '\n'.join(lines), verdicts
+
+
+def git_rev():
+    try:
+        rev = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
+                             capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return 'no commit yet (uncommitted work tree)'
+        dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain',
+                                '--untracked-files=no'],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + (' (dirty)' if dirty.stdout.strip() else '')
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def zrelay_version(path):
+    try:
+        out = subprocess.run([path, '--version'], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or out.stderr.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def machine_info(args):
+    cpu = 'unknown'
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def ver(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return 'not installed'
+    info = [
+        ('date', datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')),
+        ('nproc', str(len(os.sched_getaffinity(0)))),
+        ('CPU', cpu),
+        ('kernel', f'{platform.system()} {platform.release()}'),
+        ('Python', platform.python_version()),
+        ('ZEO / ZODB / msgpack', f'{ver("ZEO")} / {ver("ZODB")} / {ver("msgpack")}'),
+    ]
+    if args.self_test:
+        info.append(('proxy', 'SELF-TEST: Python forwarder (bench/forwarder.py), '
+                              'not zrelay'))
+    else:
+        info.append(('zrelay', f'{zrelay_version(args.zrelay)}, git {git_rev()}, '
+                               f'{os.path.relpath(args.zrelay, REPO)}'))
+    return info
+
+
+def proxy_lines(endpoints, proxy_label, cpu_seconds):
+    out = []
+    for ep in endpoints:
+        st = ep.proxy.status()
+        if not st:
+            out.append(f'- {proxy_label} ({ep.encoding}): RSS not available')
+            continue
+        out.append(
+            f'- {proxy_label} in front of the {ep.encoding} server: '
+            f'VmRSS after the run **{st.get("VmRSS", 0) / 1024:.1f} MiB** '
+            f'(peak VmHWM {st.get("VmHWM", 0) / 1024:.1f} MiB; '
+            f'{ep.proxy_rss_start.get("VmRSS", 0) / 1024:.1f} MiB at start); '
+            f'CPU time used {cpu_seconds[ep.encoding]:.1f} s')
+    return out
+
+
+def render(table, verdicts, proxy_lines_, other_cores, settings, args,
+           wall):
+    met = sum(ok for _, ok in verdicts)
+    missed = [name for name, ok in verdicts if not ok]
+    summary = f'Targets met: {met}/{len(verdicts)}'
+    if missed:
+        summary += ' (missed: ' + ', '.join(missed) + ')'
+    params = (f'{settings.runs} runs per mode, alternating direct/proxied; '
+              f'{settings.n_objects} distinct objects loaded per load run, '
+              f'{settings.n_pings} pings per run, '
+              f'{settings.commit_seconds:g} s per commit run'
+              + ('; --quick' if args.quick else ''))
+    other = ', '.join(f'{w} {c:.2f}' for w, c in other_cores.items())
+    return '\n'.join([
+        table, '',
+        summary, '',
+        *proxy_lines_,
+        f'- CPU used by other processes on the machine meanwhile, in cores '
+        f'(of {os.cpu_count()}): {other}', '',
+        f'Medians over runs. ratio = proxied / direct; added = proxied − '
+        f'direct; spread = largest (max − min) / median of either column. '
+        f'{params}. Total {wall:.0f} s.',
+    ])
+
+
+# ------------------------------------------------------------------ main ----
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description='Benchmark ZEO direct vs through zrelay (prints a '
+                    'markdown table; see docs/benchmarks.md).')
+    ap.add_argument('--zrelay', default=os.path.join(REPO, 'target', 'release',
+                                                     'zrelay'),
+                    help='zrelay binary (default: target/release/zrelay)')
+    ap.add_argument('--runs', type=int, default=0,
+                    help='runs per workload, encoding and mode (default 5; '
+                         '2 with --quick)')
+    ap.add_argument('--quick', action='store_true',
+                    help='small counts and short runs: a smoke run, not numbers')
+    ap.add_argument('--only', action='append', choices=WORKLOADS,
+                    metavar='WORKLOAD',
+                    help=f'run only this workload (repeatable): '
+                         f'{", ".join(WORKLOADS)}')
+    ap.add_argument('--encoding', choices=ENCODINGS + ('both',), default='both',
+                    help='which server(s) to measure (default both)')
+    ap.add_argument('--loads', type=int, default=0,
+                    help='objects written and loaded per load run (default 2000)')
+    ap.add_argument('--pings', type=int, default=0,
+                    help='pings per ping run (default 2000)')
+    ap.add_argument('--seconds', type=float, default=0,
+                    help='duration of each commit run (default 2.0)')
+    ap.add_argument('--zrelay-log-level', default='warn', metavar='LEVEL',
+                    help='zrelay log_level (default warn); its log is in the '
+                         'temporary directory, see --keep')
+    ap.add_argument('--self-test', action='store_true',
+                    help='put a trivial Python forwarder where zrelay goes, '
+                         'to check the script without a zrelay build')
+    ap.add_argument('--out', default=None,
+                    help='markdown file to write (default '
+                         'bench/results-latest.md; none with --self-test)')
+    ap.add_argument('--wait-idle', type=float, default=0, metavar='SECONDS',
+                    help='before measuring, wait up to SECONDS for other '
+                         'processes to leave the CPUs alone (default 0)')
+    ap.add_argument('--keep', action='store_true',
+                    help='keep the temporary directory (data and logs)')
+    args = ap.parse_args(argv)
+    if args.runs < 0 or args.loads < 0 or args.pings < 0 or args.seconds < 0:
+        ap.error('counts and durations must be positive')
+    if not args.self_test:
+        args.zrelay = os.path.abspath(args.zrelay)
+        if not os.access(args.zrelay, os.X_OK):
+            ap.error(f'no zrelay binary at {args.zrelay} (build it with '
+                     f'`cargo build --release`, or use --self-test)')
+    if args.out is None and not args.self_test:
+        args.out = os.path.join(HERE, 'results-latest.md')
+    return args
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings = Settings(args)
+    workloads = [w for w in WORKLOADS if not args.only or w in args.only]
+    encodings = ENCODINGS if args.encoding == 'both' else (args.encoding,)
+    proxy_label = 'forwarder' if args.self_test else 'zrelay'
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+
+    # Fork the ZODB client workers first, while this process has no thread.
+    pool = W.WorkerPool(N_WORKERS)
+    procs = P.Procs()
+    other = P.OtherLoad(lambda: [os.getpid()] + [p.pid for p in pool.procs]
+                        + [p.pid for p in procs.procs])
+    tmp = tempfile.mkdtemp(prefix='zrelay-bench-')
+    try:
+        log(f'starting runzeo ×{len(encodings)} and {proxy_label} ×'
+            f'{len(encodings)} in {tmp}')
+        endpoints = start_topology(procs, tmp, args, encodings)
+        oids = {}
+        for ep in endpoints:
+            preflight(ep)
+            ep.proxy_rss_start = ep.proxy.status()
+            log(f'{ep.encoding}: populating {settings.n_objects} objects')
+            oids[ep.encoding] = pool.populate(
+                host=HOST, port=ep.server_port, n_load=settings.n_objects,
+                n_workers=N_WORKERS)
+        if args.wait_idle:
+            other.wait_quiet(args.wait_idle, log=log)
+        cpu0 = {ep.encoding: ep.proxy.cpu_seconds() for ep in endpoints}
+        samples, other_cores = run_all(endpoints, settings, pool, oids,
+                                       workloads, other)
+        cpu = {ep.encoding: ep.proxy.cpu_seconds() - cpu0[ep.encoding]
+               for ep in endpoints}
+        for ep in endpoints:
+            if not ep.proxy.alive():
+                raise RuntimeError(f'{ep.proxy.name} died during the run; log:'
+                                   f'\n{P.tail(ep.proxy.log_path)}')
+        table, verdicts = build_table(samples, workloads, encodings, proxy_label)
+        info = machine_info(args)
+        body = render(table, verdicts,
+                      proxy_lines(endpoints, proxy_label, cpu), other_cores,
+                      settings, args, time.monotonic() - T0)
+    finally:
+        pool.close()
+        procs.stop_all()
+        if args.keep:
+            log(f'kept {tmp}')
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print(body)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write('# zrelay benchmark: latest results\n\n')
+            f.write('Written by `bench/bench.py`; method in '
+                    '`docs/benchmarks.md`.\n\n')
+            for key, value in info:
+                f.write(f'- {key}: {value}\n')
+            f.write('\n' + body + '\n')
+        log(f'wrote {os.path.relpath(args.out)}')
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print('bench: interrupted', file=sys.stderr)
+        sys.exit(130)
+    except (RuntimeError, W.WorkerError, OSError, zeoraw.ProtocolError,
+            zeoraw.ServerError, EOFError) as e:
+        print(f'bench: error: {e}', file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,244 @@
+"""Child processes for the benchmark: runzeo servers and proxies.
+
+Every process is started by ``Procs.spawn`` and stopped by its PID (SIGTERM,
+then SIGKILL after a bounded wait) from ``Procs.stop_all``, which the
+benchmark calls in a ``finally``. Children also get ``PR_SET_PDEATHSIG`` so a
+benchmark killed with SIGKILL does not leave them behind, and their own
+session so a Ctrl-C in the terminal reaches only the benchmark, which then
+stops them in order.
+"""
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HOST = '127.0.0.1'
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:          # not Linux: cleanup relies on stop_all alone
+        pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def listening(port):
+    """Is something listening on 127.0.0.1:*port*?
+
+    Read from /proc/net/tcp rather than by connecting, so that neither
+    runzeo nor the proxy sees (and logs) a probe connection.
+    """
+    want = f'0100007F:{port:04X}'
+    try:
+        with open('/proc/net/tcp') as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == want and fields[3] == '0A':   # TCP_LISTEN
+                    return True
+        return False
+    except (OSError, StopIteration, IndexError):
+        try:            # no /proc: fall back to a probe connection
+            socket.create_connection((HOST, port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+
+def tail(path, lines=20):
+    try:
+        with open(path, errors='replace') as f:
+            return ''.join(f.readlines()[-lines:])
+    except OSError:
+        return ''
+
+
+class Proc:
+    def __init__(self, name, popen, log_path):
+        self.name = name
+        self.popen = popen
+        self.log_path = log_path
+
+    @property
+    def pid(self):
+        return self.popen.pid
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def wait_port(self, port, timeout=30.0):
+        """Wait until *port* accepts connections; fail if the process dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f'{self.name} exited with {self.popen.returncode}; '
+                    f'log {self.log_path}:\n{tail(self.log_path)}')
+            if listening(port):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f'{self.name} did not listen on {port} within '
+                           f'{timeout:.0f}s; log {self.log_path}:\n'
+                           f'{tail(self.log_path)}')
+
+    def status(self):
+        """``/proc/PID/status`` fields in kB (VmRSS, VmHWM)."""
+        out = {}
+        try:
+            with open(f'/proc/{self.pid}/status') as f:
+                for line in f:
+                    key, _, value = line.partition(':')
+                    if key in ('VmRSS', 'VmHWM'):
+                        out[key] = int(value.split()[0])
+        except OSError:
+            pass
+        return out
+
+    def cpu_seconds(self):
+        return pid_cpu_seconds(self.pid)
+
+
+def pid_cpu_seconds(pid):
+    """user + system CPU time a process has used so far (all threads)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    except (OSError, IndexError, ValueError):
+        return float('nan')
+
+
+def system_busy_seconds():
+    """CPU time all cores have spent busy (not idle or iowait) since boot."""
+    try:
+        with open('/proc/stat') as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float('nan')
+    user, nice, system, idle, iowait, irq, softirq, steal = (vals + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy / os.sysconf('SC_CLK_TCK')
+
+
+class OtherLoad:
+    """How much CPU processes outside the benchmark use (in cores).
+
+    The machine's busy time minus the CPU time of the benchmark's own
+    processes (``pids()``): a measure of how disturbed a run was.
+    """
+
+    def __init__(self, pids):
+        self.pids = pids
+
+    def sample(self):
+        ours = sum(pid_cpu_seconds(p) for p in self.pids())
+        return time.monotonic(), system_busy_seconds(), ours
+
+    @staticmethod
+    def cores(a, b):
+        dt = b[0] - a[0]
+        if dt <= 0:
+            return float('nan')
+        return max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / dt
+
+    def wait_quiet(self, max_seconds, threshold=0.25, log=None):
+        """Wait (bounded) until others use less than *threshold* cores."""
+        deadline = time.monotonic() + max_seconds
+        while True:
+            a = self.sample()
+            time.sleep(1.0)
+            load = self.cores(a, self.sample())
+            if load < threshold:
+                return load
+            if time.monotonic() >= deadline:
+                if log:
+                    log(f'machine still busy ({load:.2f} cores used by other '
+                        f'processes); measuring anyway')
+                return load
+            if log:
+                log(f'waiting for a quiet machine: {load:.2f} cores used by '
+                    f'other processes')
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def spawn(self, name, argv, log_path, cwd=None, env=None):
+        log = open(log_path, 'ab')
+        try:
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc, timeout=15.0):
+        p = proc.popen
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f'bench: {proc.name} (pid {p.pid}) ignored SIGTERM for '
+                      f'{timeout:.0f}s; killing it', file=sys.stderr)
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(5)
+            except ProcessLookupError:
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self):
+        # Proxies first (they were started after their servers).
+        for proc in reversed(list(self.procs)):
+            try:
+                self.stop(proc)
+            except Exception as e:      # keep stopping the others
+                print(f'bench: stopping {proc.name}: {e}', file=sys.stderr)
+
+
+def runzeo_conf(path, port, data_dir, msgpack):
+    conf = f"""\
+<zeo>
+  address {HOST}:{port}
+  msgpack {'true' if msgpack else 'false'}
+</zeo>
+<filestorage 1>
+  path {os.path.join(data_dir, 'Data.fs')}
+</filestorage>
+<eventlog>
+  level WARNING
+  <logfile>
+    path {os.path.join(data_dir, 'zeo.log')}
+  </logfile>
+</eventlog>
+"""
+    with open(path, 'w') as f:
+        f.write(conf)
+
+
+def zrelay_conf(path, listen_port, backend_port, log_level='warn'):
+    with open(path, 'w') as f:
+        f.write(f"""\
+log_level = "{log_level}"
+[client]
+listen = "{HOST}:{listen_port}"
+[backend]
+address = "{HOST}:{backend_port}"
+""")

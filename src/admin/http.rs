@@ -1,0 +1,554 @@
+//! The admin HTTP server: routing and HTTP details only; the decisions live
+//! in [`super::health`], the derived gauges in [`super::gauges`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::cli::parse_duration;
+use super::gauges;
+use super::health::{self, Check, Now};
+use crate::status::StatusHub;
+
+/// What the admin server reads. Cheap to clone (one per connection).
+#[derive(Clone)]
+pub struct AdminState {
+    pub status: Arc<StatusHub>,
+    pub prometheus: PrometheusHandle,
+    /// Default maximum lag for `/replica`, `/read-only` and `/readiness`.
+    pub max_replica_lag: Duration,
+}
+
+/// Probes are tiny; more concurrent connections than this wait in the
+/// kernel's accept queue.
+const MAX_CONNECTIONS: usize = 64;
+/// A client that has not sent its request headers by then is cut.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections get to finish after shutdown is requested.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Histogram maintenance for the Prometheus recorder (the exporter's own
+/// HTTP listener would do it; we render ourselves).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// Serves the admin endpoints (see the module doc of [`crate::admin`]) on
+/// `listener` until `shutdown` is cancelled, then lets open requests finish
+/// for a short while. Never returns an error: an accept error is logged and
+/// the listener kept.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    gauges::describe();
+    if let Ok(addr) = listener.local_addr() {
+        info!(listen = %addr, "admin HTTP serving");
+    }
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    let upkeep = tokio::spawn(upkeep(state.prometheus.clone(), shutdown.clone()));
+    'serve: loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'serve,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                a = listener.accept() => break a,
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                connections.spawn(connection(
+                    stream,
+                    peer,
+                    state.clone(),
+                    shutdown.clone(),
+                    permit,
+                ));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "admin HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    drop(listener);
+    let _ = upkeep.await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        debug!(
+            open = connections.len(),
+            "admin HTTP connections cut at shutdown"
+        );
+    }
+}
+
+/// Histogram maintenance, needed even when nobody scrapes.
+async fn upkeep(prometheus: PrometheusHandle, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => prometheus.run_upkeep(),
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: AdminState,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let svc = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // Malformed requests, header timeouts, peers going away: routine.
+        debug!(%peer, error = %e, "admin HTTP connection ended with an error");
+    }
+}
+
+/// What a path leads to.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Metrics,
+    Status,
+    Probe(Check),
+}
+
+const ROUTES: &[(&str, Endpoint)] = &[
+    ("/metrics", Endpoint::Metrics),
+    ("/status", Endpoint::Status),
+    ("/health", Endpoint::Probe(Check::Health)),
+    ("/primary", Endpoint::Probe(Check::Primary)),
+    ("/read-write", Endpoint::Probe(Check::Primary)),
+    ("/replica", Endpoint::Probe(Check::Replica)),
+    ("/read-only", Endpoint::Probe(Check::ReadOnly)),
+    ("/liveness", Endpoint::Probe(Check::Liveness)),
+    ("/readiness", Endpoint::Probe(Check::Readiness)),
+];
+
+const READ_METHODS: &[Method] = &[Method::GET, Method::HEAD];
+
+impl Endpoint {
+    /// Methods the endpoint answers. A mutating endpoint (switchover,
+    /// pause...) answers `POST` only, and its handler starts with
+    /// `authorize(&req, &state)?` (a token header compared in constant
+    /// time against the configured secret) before reading the body.
+    fn methods(self) -> &'static [Method] {
+        READ_METHODS
+    }
+}
+
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let head = req.method() == Method::HEAD;
+    let resp = route(state, req).await;
+    if head {
+        without_body(resp)
+    } else {
+        resp
+    }
+}
+
+async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let Some(&(_, endpoint)) = ROUTES.iter().find(|(p, _)| *p == path) else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no endpoint {path}"),
+        );
+    };
+    let methods = endpoint.methods();
+    if !methods.contains(req.method()) {
+        let mut resp = problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} does not answer {}", path, req.method()),
+        );
+        let allow = methods
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&allow) {
+            resp.headers_mut().insert(ALLOW, v);
+        }
+        return resp;
+    }
+    match endpoint {
+        Endpoint::Metrics => metrics(state),
+        Endpoint::Status => {
+            let st = state.status.snapshot();
+            let body = health::status_body(&st, Now::current(), state.status.uptime_secs());
+            json_response(StatusCode::OK, &body)
+        }
+        Endpoint::Probe(check) => probe(state, check, req.uri().query()),
+    }
+}
+
+fn probe(state: &AdminState, check: Check, query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut max_lag = state.max_replica_lag;
+    if check.takes_lag_param() {
+        if let Some(raw) = query_param(query, "lag") {
+            match parse_duration(raw) {
+                Ok(d) => max_lag = d,
+                Err(e) => {
+                    return problem(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("lag={raw}: {e}"),
+                    )
+                }
+            }
+        }
+    }
+    let st = state.status.snapshot();
+    let (code, body) = health::evaluate(check, &st, Now::current(), max_lag);
+    json_response(code, &body)
+}
+
+/// The first value of `key` in a query string. Values we accept (`5`,
+/// `0.5`, `500ms`) need no percent-decoding; anything encoded fails to parse
+/// and is reported as such.
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    let st = state.status.snapshot();
+    gauges::refresh(&st, Now::current(), state.status.uptime_secs());
+    let text = state.prometheus.render();
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
+    );
+    resp
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    text.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    *resp.status_mut() = code;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn problem(code: StatusCode, status: &str, reason: String) -> Response<Full<Bytes>> {
+    json_response(code, &json!({ "status": status, "reason": reason }))
+}
+
+/// HEAD: same status and headers as GET, including the length the body
+/// would have had.
+fn without_body(resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    use hyper::body::Body;
+    let len = resp.body().size_hint().exact().unwrap_or(0);
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::admin::cli::request;
+    use crate::admin::health::tests::upstream;
+    use crate::status::{Role, StreamState};
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub(crate) struct TestServer {
+        pub addr: String,
+        pub status: Arc<StatusHub>,
+        pub shutdown: CancellationToken,
+        pub task: tokio::task::JoinHandle<()>,
+    }
+
+    /// Starts `serve` on 127.0.0.1:0 with its own recorder: the global one
+    /// can be installed once per process, so tests never touch it.
+    pub(crate) async fn start(role: Role) -> TestServer {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, crate::metrics::describe);
+        let status = Arc::new(StatusHub::new(
+            "node2".into(),
+            role,
+            "127.0.0.1:8200".into(),
+        ));
+        status.update(|s| {
+            s.backend_up = true;
+            if role == Role::Replica {
+                s.upstream = Some(upstream(StreamState::Live, 0.1));
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        let state = AdminState {
+            status: status.clone(),
+            prometheus: recorder.handle(),
+            max_replica_lag: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(serve(listener, state, shutdown.clone()));
+        TestServer {
+            addr,
+            status,
+            shutdown,
+            task,
+        }
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    async fn get(s: &TestServer, path: &str) -> (StatusCode, Value) {
+        let (code, _, body) = request(&s.addr, Method::GET, path, T).await.unwrap();
+        let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        (code, v)
+    }
+
+    fn set_stream(s: &TestServer, state: StreamState, lag: f64) {
+        s.status.update(|st| {
+            let up = st.upstream.as_mut().unwrap();
+            up.state = state;
+            up.lag_seconds = lag;
+        });
+    }
+
+    #[tokio::test]
+    async fn replica_endpoints_flip_with_status() {
+        let s = start(Role::Replica).await;
+        let (code, body) = get(&s, "/replica").await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert_eq!(body["role"], "replica");
+        assert_eq!(body["state"], "live");
+        assert_eq!(body["lag_seconds"], 0.1);
+
+        let (code, body) = get(&s, "/replica?lag=50ms").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["reason"].as_str().unwrap().contains("lag"), "{body}");
+        assert_eq!(get(&s, "/replica?lag=0.2").await.0, StatusCode::OK);
+        assert_eq!(get(&s, "/replica?x=1&lag=1s").await.0, StatusCode::OK);
+        assert_eq!(
+            get(&s, "/read-only?lag=50ms").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // /readiness uses the configured max only.
+        assert_eq!(get(&s, "/readiness?lag=50ms").await.0, StatusCode::OK);
+
+        let (code, body) = get(&s, "/replica?lag=soon").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(body["reason"].as_str().unwrap().contains("soon"), "{body}");
+        assert_eq!(get(&s, "/replica?lag=").await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(get(&s, "/replica?lag=-1").await.0, StatusCode::BAD_REQUEST);
+
+        set_stream(&s, StreamState::Disconnected, 0.0);
+        let (code, body) = get(&s, "/replica").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["state"], "disconnected");
+        assert_eq!(
+            get(&s, "/read-only").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            get(&s, "/readiness").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(get(&s, "/health").await.0, StatusCode::OK);
+
+        set_stream(&s, StreamState::Diverged, 0.0);
+        assert_eq!(get(&s, "/replica").await.0, StatusCode::SERVICE_UNAVAILABLE);
+
+        set_stream(&s, StreamState::CatchingUp, 1.0);
+        assert_eq!(get(&s, "/replica").await.0, StatusCode::OK);
+
+        s.status.update(|st| st.backend_up = false);
+        assert_eq!(get(&s, "/replica").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        let (code, body) = get(&s, "/health").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "unavailable");
+        assert_eq!(get(&s, "/liveness").await.0, StatusCode::OK);
+        assert_eq!(get(&s, "/primary").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        s.shutdown.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn primary_endpoints() {
+        let s = start(Role::Primary).await;
+        for path in [
+            "/primary",
+            "/read-write",
+            "/read-only",
+            "/health",
+            "/readiness",
+        ] {
+            assert_eq!(get(&s, path).await.0, StatusCode::OK, "{path}");
+        }
+        let (code, body) = get(&s, "/replica").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["role"], "primary");
+        assert_eq!(body["reason"], "node is the primary");
+        s.shutdown.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn methods_paths_and_head() {
+        let s = start(Role::Replica).await;
+        let (code, headers, body) = request(&s.addr, Method::HEAD, "/replica", T).await.unwrap();
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.is_empty());
+        let (_, _, get_body) = request(&s.addr, Method::GET, "/replica", T).await.unwrap();
+        assert_eq!(
+            headers.get(CONTENT_LENGTH).unwrap().to_str().unwrap(),
+            get_body.len().to_string()
+        );
+        set_stream(&s, StreamState::Diverged, 0.0);
+        let (code, _, body) = request(&s.addr, Method::HEAD, "/replica", T).await.unwrap();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.is_empty());
+
+        let (code, _, _) = request(&s.addr, Method::GET, "/nope", T).await.unwrap();
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        let (code, _, body) = request(&s.addr, Method::HEAD, "/nope", T).await.unwrap();
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        assert!(body.is_empty());
+        // On the wire: HEAD gets headers and no body bytes at all.
+        let mut c = TcpStream::connect(&s.addr).await.unwrap();
+        c.write_all(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(T, c.read_to_end(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+        assert!(raw.ends_with("\r\n\r\n"), "{raw}");
+        let (code, _, _) = request(&s.addr, Method::GET, "/health/", T).await.unwrap();
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        for m in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
+            let (code, headers, _) = request(&s.addr, m.clone(), "/health", T).await.unwrap();
+            assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED, "{m}");
+            assert_eq!(headers.get(ALLOW).unwrap(), "GET, HEAD");
+        }
+        s.shutdown.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn metrics_and_status() {
+        let s = start(Role::Replica).await;
+        let (code, headers, body) = request(&s.addr, Method::GET, "/metrics", T).await.unwrap();
+        assert_eq!(code, StatusCode::OK);
+        assert!(headers
+            .get(CONTENT_TYPE)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("zrelay_build_info"), "{text}");
+
+        let (code, body) = get(&s, "/status").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["node"], "node2");
+        assert_eq!(body["role"], "replica");
+        assert_eq!(body["upstream"]["state"], "live");
+        assert!(body["uptime_seconds"].as_f64().unwrap() >= 0.0);
+        s.shutdown.cancel();
+        s.task.await.unwrap();
+    }
+
+    /// Bytes that are not HTTP, or barely, never take the server down.
+    #[tokio::test]
+    async fn garbage_does_not_hurt() {
+        let s = start(Role::Replica).await;
+        for junk in [
+            &b"\x00\x01\x02\xff\r\n\r\n"[..],
+            b"GET /replica?lag=%ff%00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /replica?lag=1e400 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /replica?lag=18446744073709551616s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /replica?&&=&lag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET http://x/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"BREW /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nContent-Length: 99999999\r\n\r\nabc",
+        ] {
+            let mut c = TcpStream::connect(&s.addr).await.unwrap();
+            c.write_all(junk).await.unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(T, c.read_to_end(&mut out)).await;
+        }
+        assert_eq!(get(&s, "/replica").await.0, StatusCode::OK);
+        s.shutdown.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_listening() {
+        let s = start(Role::Primary).await;
+        let addr = s.addr.clone();
+        s.shutdown.cancel();
+        tokio::time::timeout(T, s.task).await.unwrap().unwrap();
+        assert!(TcpStream::connect(&addr).await.is_err());
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("lag=5"), "lag"), Some("5"));
+        assert_eq!(query_param(Some("a=1&lag=5ms&lag=7"), "lag"), Some("5ms"));
+        assert_eq!(query_param(Some("lag"), "lag"), Some(""));
+        assert_eq!(query_param(Some("laggy=1"), "lag"), None);
+        assert_eq!(query_param(None, "lag"), None);
+    }
+}

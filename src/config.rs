@@ -1,0 +1,281 @@
+//! Configuration: one TOML file, read once at start-up.
+//!
+//! Policy on unknown keys: **rejected**. A typo in an HA proxy's config (say
+//! `uptream` for `upstream`) silently falling back to a default is worse than
+//! refusing to start, so every struct here is `deny_unknown_fields` and the
+//! error names the key, the line and the file. Every key is documented in
+//! `config/*.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this node in logs, status and the replication handshake.
+    #[serde(default = "default_node_name")]
+    pub node_name: String,
+    /// tracing env-filter directive, e.g. "info" or "zrelay=debug,info".
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    pub client: ClientConfig,
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Address ZEO clients connect to.
+    pub listen: SocketAddr,
+    /// Largest single ZEO message accepted from either side.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Sessions beyond this wait in the kernel accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// On SIGTERM/SIGINT, how long sessions get to reach a safe point
+    /// (no transaction open, no call outstanding) before being cut.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// How long a new client may take to answer the protocol handshake.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// "host:port" or an absolute path to a unix socket.
+    pub address: String,
+    /// Storage names served by the backend (ZEO's `<filestorage NAME>`).
+    #[serde(default = "default_storages")]
+    pub storages: Vec<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendAddr::Tcp(a) => write!(f, "{a}"),
+            BackendAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+fn default_node_name() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "zrelay".to_string())
+}
+fn default_log_level() -> String {
+    "info".to_string()
+}
+fn default_max_message_bytes() -> usize {
+    256 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_handshake_timeout_ms() -> u64 {
+    30_000
+}
+fn default_storages() -> Vec<String> {
+    vec!["1".to_string()]
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+
+impl ClientConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+impl BackendConfig {
+    pub fn addr(&self) -> BackendAddr {
+        parse_backend_addr(&self.address)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+pub fn parse_backend_addr(s: &str) -> BackendAddr {
+    if let Some(p) = s.strip_prefix("unix:") {
+        BackendAddr::Unix(PathBuf::from(p))
+    } else if s.starts_with('/') {
+        BackendAddr::Unix(PathBuf::from(s))
+    } else {
+        BackendAddr::Tcp(s.to_string())
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        if self.client.max_message_bytes < 1024 {
+            return Err(invalid(
+                "client.max_message_bytes",
+                format!(
+                    "{} is too small (minimum 1024)",
+                    self.client.max_message_bytes
+                ),
+            ));
+        }
+        if self.client.max_message_bytes > u32::MAX as usize {
+            return Err(invalid(
+                "client.max_message_bytes",
+                "ZEO frames carry a 32-bit length; maximum is 4294967295".into(),
+            ));
+        }
+        if self.client.max_connections == 0 {
+            return Err(invalid(
+                "client.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.backend.storages.is_empty() {
+            return Err(invalid(
+                "backend.storages",
+                "name at least one storage".into(),
+            ));
+        }
+        match self.backend.addr() {
+            BackendAddr::Tcp(a) => {
+                let ok = a
+                    .rsplit_once(':')
+                    .map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                    .unwrap_or(false);
+                if !ok {
+                    return Err(invalid(
+                        "backend.address",
+                        format!("{a:?} is neither host:port nor an absolute unix socket path"),
+                    ));
+                }
+            }
+            BackendAddr::Unix(p) => {
+                if !p.is_absolute() {
+                    return Err(invalid(
+                        "backend.address",
+                        format!("unix socket path {} must be absolute", p.display()),
+                    ));
+                }
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(invalid(
+                "log_level",
+                format!("{:?} is not a valid log filter", self.log_level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[client]
+listen = "127.0.0.1:8100"
+[backend]
+address = "127.0.0.1:8200"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.backend.storages, vec!["1"]);
+        assert_eq!(c.client.max_message_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.backend.addr(), BackendAddr::Tcp("127.0.0.1:8200".into()));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&format!("{MIN}\nuptream = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uptream"), "{e}");
+        assert!(e.contains("test.toml"), "{e}");
+        let e = parse(&MIN.replace("[backend]", "[backend]\nadress = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adress"), "{e}");
+    }
+
+    #[test]
+    fn unix_backend() {
+        let c = parse(&MIN.replace("127.0.0.1:8200", "/run/zeo.sock")).unwrap();
+        assert_eq!(c.backend.addr(), BackendAddr::Unix("/run/zeo.sock".into()));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let e = parse(&MIN.replace("127.0.0.1:8200", "nonsense")).unwrap_err();
+        assert!(e.to_string().contains("backend.address"), "{e}");
+        let e = parse(&MIN.replace("[client]", "[client]\nmax_message_bytes = 10")).unwrap_err();
+        assert!(e.to_string().contains("max_message_bytes"), "{e}");
+        let e = parse(&MIN.replace("[backend]", "[backend]\nstorages = []")).unwrap_err();
+        assert!(e.to_string().contains("storages"), "{e}");
+        let e = parse(&MIN.replace("127.0.0.1:8100", "not an addr")).unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+}

@@ -1,0 +1,16 @@
+//! zrelay: a replication and high-availability sidecar for ZEO servers.
+//!
+//! Layers (see ARCHITECTURE.md): `wire` (ZEO framing and codecs, no policy),
+//! `relay` (client sessions and their hooks), `admin` (HTTP, read-only view of
+//! state), `server` (process wiring).
+
+pub mod admin;
+pub mod certgen;
+pub mod config;
+pub mod metrics;
+pub mod relay;
+pub mod replication;
+pub mod server;
+pub mod status;
+pub mod wire;
+pub mod zeoclient;

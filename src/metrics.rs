@@ -1,0 +1,154 @@
+//! Metric names and the small functions that record them.
+//!
+//! Every metric zrelay exports is named here, so the names the code records,
+//! the ones `docs/metrics.md` documents and the ones the dashboards query
+//! cannot drift apart unnoticed (a test cross-checks them against a scrape).
+//! Labels have small fixed value sets: never a tid, an oid or a peer address.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+pub const SESSIONS: &str = "zrelay_client_sessions";
+pub const SESSIONS_ENDED: &str = "zrelay_client_sessions_ended_total";
+pub const CONNECTIONS_ACCEPTED: &str = "zrelay_client_connections_accepted_total";
+pub const REQUESTS: &str = "zrelay_client_requests_total";
+pub const ERROR_REPLIES: &str = "zrelay_client_error_replies_total";
+pub const COMMIT_DURATION: &str = "zrelay_client_commit_duration_seconds";
+pub const BACKEND_UP: &str = "zrelay_backend_up";
+pub const BACKEND_CONNECT_FAILURES: &str = "zrelay_backend_connect_failures_total";
+pub const REJECTED_WRITES: &str = "zrelay_client_rejected_writes_total";
+pub const BUILD_INFO: &str = "zrelay_build_info";
+
+/// Methods a ZEO 5 server registers (plus `register`); anything else is
+/// counted as "other" so a hostile client cannot grow the label set.
+const METHODS: &[&str] = &[
+    "register",
+    "get_info",
+    "lastTransaction",
+    "getInvalidations",
+    "new_oids",
+    "pack",
+    "loadBefore",
+    "storea",
+    "checkCurrentSerialInTransaction",
+    "restorea",
+    "storeBlobStart",
+    "storeBlobChunk",
+    "storeBlobEnd",
+    "storeBlobShared",
+    "deleteObject",
+    "tpc_begin",
+    "vote",
+    "tpc_finish",
+    "tpc_abort",
+    "history",
+    "record_iternext",
+    "sendBlob",
+    "getTid",
+    "loadSerial",
+    "new_oid",
+    "undoa",
+    "undoLog",
+    "undoInfo",
+    "iterator_start",
+    "iterator_next",
+    "iterator_record_start",
+    "iterator_record_next",
+    "iterator_gc",
+    "server_status",
+    "set_client_label",
+    "ping",
+];
+
+pub fn method_label(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+pub fn describe() {
+    describe_gauge!(
+        SESSIONS,
+        "Registered client sessions, by kind (read-write, read-only)."
+    );
+    describe_counter!(
+        SESSIONS_ENDED,
+        "Client sessions ended, by reason (client_closed, backend_closed, client_protocol_error, backend_unreachable, shutdown, ...)."
+    );
+    describe_counter!(CONNECTIONS_ACCEPTED, "Client TCP connections accepted.");
+    describe_counter!(REQUESTS, "ZEO calls received from clients, by method.");
+    describe_counter!(
+        ERROR_REPLIES,
+        "Error replies sent to clients for their sync calls, by method."
+    );
+    describe_histogram!(
+        COMMIT_DURATION,
+        metrics::Unit::Seconds,
+        "Client tpc_finish round trip as seen by the proxy."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 if the backend ZEO server accepted the last connection attempt, else 0."
+    );
+    describe_counter!(
+        BACKEND_CONNECT_FAILURES,
+        "Failed connection attempts to the backend ZEO server."
+    );
+    describe_counter!(
+        REJECTED_WRITES,
+        "Write calls refused with ReadOnlyError on a replica, by method."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+fn kind(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "read-write"
+    }
+}
+
+pub fn session_opened(read_only: bool) {
+    gauge!(SESSIONS, "kind" => kind(read_only)).increment(1.0);
+}
+
+pub fn session_closed(read_only: bool) {
+    gauge!(SESSIONS, "kind" => kind(read_only)).decrement(1.0);
+}
+
+pub fn session_ended(reason: &'static str) {
+    counter!(SESSIONS_ENDED, "reason" => reason).increment(1);
+}
+
+pub fn connection_accepted() {
+    counter!(CONNECTIONS_ACCEPTED).increment(1);
+}
+
+pub fn client_request(method: &str) {
+    counter!(REQUESTS, "method" => method_label(method)).increment(1);
+}
+
+pub fn client_error_reply(method: &str) {
+    counter!(ERROR_REPLIES, "method" => method_label(method)).increment(1);
+}
+
+pub fn client_commit(d: Duration) {
+    histogram!(COMMIT_DURATION).record(d.as_secs_f64());
+}
+
+pub fn backend_up(up: bool) {
+    gauge!(BACKEND_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn backend_connect_failed() {
+    counter!(BACKEND_CONNECT_FAILURES).increment(1);
+}
+
+pub fn rejected_write(method: &str) {
+    counter!(REJECTED_WRITES, "method" => method_label(method)).increment(1);
+}

@@ -1,0 +1,506 @@
+//! One client session: handshake, then a relay loop between the client and
+//! its own backend connection.
+//!
+//! A single task owns both sockets and all buffers, so nothing is shared and
+//! nothing crosses a task boundary on the hot path. Each loop iteration reads
+//! whatever one side has, decodes every complete frame, consults the hooks,
+//! and writes the resulting bytes in one `write_all` per side: ZEO clients
+//! send bursts of small async messages (stores), which are coalesced this way.
+//! A peer that stops reading stalls only its own session (backpressure).
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::backend;
+use super::hooks::{ClientVerdict, PendingCall, ServerVerdict, SessionHooks, SessionInfo};
+use crate::metrics as m;
+use crate::wire::calls::ClientCall;
+use crate::wire::{frame, Encoding, Flag, Message, WireError};
+
+/// Everything a session needs from the process configuration.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_message_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub backend: crate::config::BackendAddr,
+    pub connect_timeout: Duration,
+}
+
+/// Why a session ended; logged once, counted by `side`.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("backend closed the connection")]
+    BackendClosed,
+    #[error("client protocol error: {0}")]
+    ClientProtocol(String),
+    #[error("backend protocol error: {0}")]
+    BackendProtocol(String),
+    #[error("client i/o error: {0}")]
+    ClientIo(std::io::Error),
+    #[error("backend i/o error: {0}")]
+    BackendIo(std::io::Error),
+    #[error("{0}")]
+    Backend(#[from] backend::ConnectError),
+    #[error("closed by hook: {0}")]
+    Hook(String),
+    #[error("shut down at a safe point")]
+    Drained,
+    #[error("shut down: grace period over with a transaction or call in flight")]
+    DrainDeadline,
+    #[error("ruok answered")]
+    Ruok,
+}
+
+impl SessionEnd {
+    fn reason_label(&self) -> &'static str {
+        match self {
+            SessionEnd::ClientClosed => "client_closed",
+            SessionEnd::BackendClosed => "backend_closed",
+            SessionEnd::ClientProtocol(_) => "client_protocol_error",
+            SessionEnd::BackendProtocol(_) => "backend_protocol_error",
+            SessionEnd::ClientIo(_) => "client_io_error",
+            SessionEnd::BackendIo(_) => "backend_io_error",
+            SessionEnd::Backend(_) => "backend_unreachable",
+            SessionEnd::Hook(_) => "hook",
+            SessionEnd::Drained | SessionEnd::DrainDeadline => "shutdown",
+            SessionEnd::Ruok => "ruok",
+        }
+    }
+}
+
+/// Messages pushed into a session from outside (e.g. invalidations produced
+/// by a replica's applier). Bounded: see `Session::inject_tx`.
+pub type Inject = mpsc::Receiver<Message>;
+
+pub struct Session<C> {
+    client: C,
+    limits: SessionLimits,
+    hooks: Box<dyn SessionHooks>,
+    info: SessionInfo,
+    shutdown: CancellationToken,
+    inject: Option<Inject>,
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    pub fn new(
+        client: C,
+        conn_id: u64,
+        peer: String,
+        limits: SessionLimits,
+        hooks: Box<dyn SessionHooks>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Session {
+            client,
+            limits,
+            hooks,
+            info: SessionInfo {
+                conn_id,
+                peer,
+                encoding: Encoding::Pickle,
+                registered: None,
+                in_transaction: false,
+            },
+            shutdown,
+            inject: None,
+        }
+    }
+
+    pub fn with_inject(mut self, rx: Inject) -> Self {
+        self.inject = Some(rx);
+        self
+    }
+
+    /// Runs the session to its end and logs why it ended.
+    pub async fn run(mut self) {
+        let result = self.run_inner().await;
+        let end = match result {
+            Ok(end) | Err(end) => end,
+        };
+        self.hooks.on_close(&self.info);
+        if let Some((_, ro)) = &self.info.registered {
+            m::session_closed(*ro);
+        }
+        m::session_ended(end.reason_label());
+        match &end {
+            SessionEnd::ClientClosed | SessionEnd::Ruok | SessionEnd::Drained => {
+                debug!(reason = %end, "session ended")
+            }
+            SessionEnd::ClientProtocol(_) | SessionEnd::Hook(_) => {
+                warn!(reason = %end, "closing client connection")
+            }
+            _ => info!(reason = %end, "session ended"),
+        }
+    }
+
+    async fn run_inner(&mut self) -> Result<SessionEnd, SessionEnd> {
+        let (mut br, mut bw) =
+            match backend::connect(&self.limits.backend, self.limits.connect_timeout).await {
+                Ok(halves) => {
+                    m::backend_up(true);
+                    halves
+                }
+                Err(e) => {
+                    m::backend_up(false);
+                    m::backend_connect_failed();
+                    return Err(e.into());
+                }
+            };
+        let (cr, cw) = tokio::io::split(&mut self.client);
+        let mut cr = cr;
+        let mut cw = cw;
+        let max = self.limits.max_message_bytes;
+        let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut bbuf = BytesMut::with_capacity(READ_CHUNK);
+        let hs = self.limits.handshake_timeout;
+
+        // The server speaks first: its protocol offer.
+        let offer = read_first_frame(&mut br, &mut bbuf, max, hs)
+            .await
+            .map_err(|e| match e {
+                Side::Io(e) => SessionEnd::BackendIo(e),
+                Side::Closed => SessionEnd::BackendClosed,
+                Side::Protocol(p) => SessionEnd::BackendProtocol(format!("handshake: {p}")),
+            })?;
+        write_frames(&mut cw, &[&offer])
+            .await
+            .map_err(SessionEnd::ClientIo)?;
+
+        // The client's answer decides the session's encoding (the server
+        // adopts it whatever it offered).
+        let answer = read_first_frame(&mut cr, &mut cbuf, max, hs)
+            .await
+            .map_err(|e| match e {
+                Side::Io(e) => SessionEnd::ClientIo(e),
+                Side::Closed => SessionEnd::ClientClosed,
+                Side::Protocol(p) => SessionEnd::ClientProtocol(format!("handshake: {p}")),
+            })?;
+        if &answer[..] == b"ruok" {
+            write_frames(&mut bw, &[&answer])
+                .await
+                .map_err(SessionEnd::BackendIo)?;
+            // The server answers with one JSON frame and closes.
+            let mut raw = bbuf.split();
+            loop {
+                if !raw.is_empty() {
+                    cw.write_all(&raw).await.map_err(SessionEnd::ClientIo)?;
+                    raw.clear();
+                }
+                raw.reserve(READ_CHUNK);
+                let read = tokio::time::timeout(hs, br.read_buf(&mut raw)).await;
+                match read {
+                    Ok(Ok(0)) | Err(_) => break,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(SessionEnd::BackendIo(e)),
+                }
+            }
+            let _ = cw.shutdown().await;
+            return Ok(SessionEnd::Ruok);
+        }
+        let Some(enc) = Encoding::from_handshake(&answer) else {
+            return Err(SessionEnd::ClientProtocol(format!(
+                "bad handshake {:?} (expected Z5, M5 or ruok)",
+                String::from_utf8_lossy(&answer[..answer.len().min(32)])
+            )));
+        };
+        self.info.encoding = enc;
+        tracing::Span::current().record("enc", tracing::field::debug(enc));
+        write_frames(&mut bw, &[&answer])
+            .await
+            .map_err(SessionEnd::BackendIo)?;
+
+        let mut relay = Relay {
+            info: &mut self.info,
+            hooks: self.hooks.as_mut(),
+            pending: Vec::new(),
+            register_sent: false,
+            register_args: None,
+            cout: BytesMut::with_capacity(READ_CHUNK),
+            bout: BytesMut::with_capacity(READ_CHUNK),
+        };
+        // Bytes that arrived with the handshakes (a client sends `register`
+        // right behind its protocol answer) are in the buffers already.
+        if !bbuf.is_empty() {
+            relay.backend_bytes(&mut bbuf, max)?;
+        }
+        if !cbuf.is_empty() {
+            relay.client_bytes(&mut cbuf, max)?;
+        }
+        let grace = self.limits.shutdown_grace;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let mut inject = self.inject.take();
+
+        loop {
+            if !relay.bout.is_empty() {
+                bw.write_all(&relay.bout)
+                    .await
+                    .map_err(SessionEnd::BackendIo)?;
+                relay.bout.clear();
+            }
+            if !relay.cout.is_empty() {
+                cw.write_all(&relay.cout)
+                    .await
+                    .map_err(SessionEnd::ClientIo)?;
+                relay.cout.clear();
+            }
+            if drain_deadline.is_some() && relay.at_safe_point() {
+                return Ok(SessionEnd::Drained);
+            }
+            if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
+                cbuf.reserve(READ_CHUNK);
+            }
+            if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
+                bbuf.reserve(READ_CHUNK);
+            }
+            let deadline = drain_deadline;
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {
+                    drain_deadline = Some(tokio::time::Instant::now() + grace);
+                    continue;
+                }
+                _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    return Err(SessionEnd::DrainDeadline);
+                }
+                r = br.read_buf(&mut bbuf) => {
+                    match r {
+                        Ok(0) => return Ok(SessionEnd::BackendClosed),
+                        Ok(_) => relay.backend_bytes(&mut bbuf, max)?,
+                        Err(e) => return Err(SessionEnd::BackendIo(e)),
+                    }
+                }
+                r = cr.read_buf(&mut cbuf) => {
+                    match r {
+                        Ok(0) => return Ok(SessionEnd::ClientClosed),
+                        Ok(_) => relay.client_bytes(&mut cbuf, max)?,
+                        Err(e) => return Err(SessionEnd::ClientIo(e)),
+                    }
+                }
+                Some(msg) = recv_opt(&mut inject) => {
+                    relay.push_client(&msg)?;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
+    match d {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_opt(rx: &mut Option<Inject>) -> Option<Message> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Per-session relay state: pending calls, transaction state and the output
+/// buffers of one loop iteration.
+struct Relay<'a> {
+    info: &'a mut SessionInfo,
+    hooks: &'a mut dyn SessionHooks,
+    pending: Vec<PendingCall>,
+    register_sent: bool,
+    register_args: Option<(String, bool)>,
+    cout: BytesMut,
+    bout: BytesMut,
+}
+
+impl Relay<'_> {
+    fn at_safe_point(&self) -> bool {
+        self.pending.is_empty() && !self.info.in_transaction
+    }
+
+    fn client_bytes(&mut self, buf: &mut BytesMut, max: usize) -> Result<(), SessionEnd> {
+        let enc = self.info.encoding;
+        while let Some(payload) = frame::parse_frame(buf, max)
+            .map_err(|e| SessionEnd::ClientProtocol(wire_err("frame", &e)))?
+        {
+            let msg = Message::decode(enc, &payload)
+                .map_err(|e| SessionEnd::ClientProtocol(wire_err("message", &e)))?;
+            if msg.is_heartbeat() {
+                frame::write_frame(&mut self.bout, &payload);
+                continue;
+            }
+            if !self.register_sent && msg.method != "register" {
+                return Err(SessionEnd::ClientProtocol(format!(
+                    "call {:?} before register",
+                    truncate(&msg.method)
+                )));
+            }
+            m::client_request(&msg.method);
+            match self.hooks.on_client_message(self.info, &msg) {
+                ClientVerdict::Forward => {
+                    self.track_client(&msg);
+                    frame::write_frame(&mut self.bout, &payload);
+                }
+                ClientVerdict::Reply(reply) => self.push_client(&reply)?,
+                ClientVerdict::Swallow => {}
+                ClientVerdict::Close(reason) => return Err(SessionEnd::Hook(reason)),
+            }
+        }
+        Ok(())
+    }
+
+    fn track_client(&mut self, msg: &Message) {
+        match msg.method.as_str() {
+            "register" => {
+                self.register_sent = true;
+                if let Ok(ClientCall::Register { storage, read_only }) = ClientCall::parse(msg) {
+                    self.register_args = Some((storage.to_string(), read_only));
+                }
+            }
+            "tpc_begin" => self.info.in_transaction = true,
+            // tpc_abort may be sent async; either way the transaction is over
+            // once the backend has it.
+            "tpc_abort" if msg.flag == Flag::Async => self.info.in_transaction = false,
+            _ => {}
+        }
+        if msg.flag == Flag::Sync {
+            self.pending.push(PendingCall {
+                msgid: msg.msgid.clone(),
+                method: msg.method.clone(),
+                sent: Instant::now(),
+            });
+        }
+    }
+
+    fn backend_bytes(&mut self, buf: &mut BytesMut, max: usize) -> Result<(), SessionEnd> {
+        let enc = self.info.encoding;
+        while let Some(payload) = frame::parse_frame(buf, max)
+            .map_err(|e| SessionEnd::BackendProtocol(wire_err("frame", &e)))?
+        {
+            let msg = Message::decode(enc, &payload)
+                .map_err(|e| SessionEnd::BackendProtocol(wire_err("message", &e)))?;
+            let answered = if msg.is_reply() {
+                self.pending
+                    .iter()
+                    .position(|p| p.msgid == msg.msgid)
+                    .map(|i| self.pending.swap_remove(i))
+            } else {
+                None
+            };
+            if let Some(call) = &answered {
+                self.track_reply(call, &msg);
+            }
+            match self
+                .hooks
+                .on_server_message(self.info, &msg, answered.as_ref())
+            {
+                ServerVerdict::Forward => frame::write_frame(&mut self.cout, &payload),
+                ServerVerdict::Drop => {}
+                ServerVerdict::Replace(msgs) => {
+                    for m in &msgs {
+                        self.push_client(m)?;
+                    }
+                }
+                ServerVerdict::Close(reason) => return Err(SessionEnd::Hook(reason)),
+            }
+        }
+        Ok(())
+    }
+
+    fn track_reply(&mut self, call: &PendingCall, reply: &Message) {
+        let ok = reply.flag != Flag::Error;
+        match call.method.as_str() {
+            "register" if ok => {
+                if let Some((storage, ro)) = self.register_args.take() {
+                    if let Some((_, old_ro)) = &self.info.registered {
+                        m::session_closed(*old_ro);
+                    }
+                    m::session_opened(ro);
+                    self.info.registered = Some((storage, ro));
+                }
+            }
+            "tpc_finish" => {
+                self.info.in_transaction = false;
+                if ok {
+                    m::client_commit(call.sent.elapsed());
+                }
+            }
+            "tpc_abort" => self.info.in_transaction = false,
+            _ => {}
+        }
+        if !ok {
+            m::client_error_reply(&call.method);
+        }
+    }
+
+    /// Queues a message produced by the proxy itself for the client.
+    fn push_client(&mut self, msg: &Message) -> Result<(), SessionEnd> {
+        let payload = msg
+            .encode(self.info.encoding)
+            .map_err(|e| SessionEnd::Hook(wire_err("encode", &e)))?;
+        frame::write_frame(&mut self.cout, &payload);
+        Ok(())
+    }
+}
+
+fn wire_err(what: &str, e: &WireError) -> String {
+    format!("{what}: {e}")
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+enum Side {
+    Io(std::io::Error),
+    Closed,
+    Protocol(String),
+}
+
+/// Reads the first frame of a connection (the protocol handshake). Extra
+/// bytes stay in `buf` for the relay loop.
+async fn read_first_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, Side> {
+    // A handshake is a few bytes; refuse absurd sizes early.
+    let max = max.min(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match frame::parse_frame(buf, max) {
+            Ok(Some(f)) => return Ok(f),
+            Ok(None) => {}
+            Err(e) => return Err(Side::Protocol(e.to_string())),
+        }
+        buf.reserve(1024);
+        match tokio::time::timeout_at(deadline, r.read_buf(buf)).await {
+            Err(_) => return Err(Side::Protocol(format!("no handshake within {timeout:?}"))),
+            Ok(Ok(0)) => return Err(Side::Closed),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Side::Io(e)),
+        }
+    }
+}
+
+async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, payloads: &[&[u8]]) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    for p in payloads {
+        frame::write_frame(&mut out, p);
+    }
+    w.write_all(&out).await
+}

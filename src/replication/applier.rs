@@ -1,0 +1,222 @@
+//! Applying replicated transactions to the replica's backend with their
+//! original tids: `tpc_begin(tid, status)`, `restorea` per record (blob
+//! records with `storeBlobStart/Chunk/End`), `vote`, `tpc_finish`.
+//!
+//! The backend checks nothing about tids on restore (a duplicate or older tid
+//! commits silently), so order is kept here: a transaction is applied only if
+//! its tid is newer than the backend's last, and after a lost connection the
+//! backend's `lastTransaction` is asked before anything is re-sent (a
+//! `tpc_finish` whose reply was lost may have committed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::applied::AppliedLog;
+use super::txn::{Tid, Txn};
+use crate::config::BackendAddr;
+use crate::wire::{pickle, Value};
+use crate::zeoclient::{ZeoConn, ZeoError};
+
+/// Blob content is sent in chunks of this size (ZEO's own is 59,000 bytes;
+/// larger chunks mean fewer messages, bounded well under the frame limit).
+const BLOB_CHUNK: usize = 1 << 20;
+const MAXTID: [u8; 8] = [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("replica backend: {0}")]
+    Backend(#[from] ZeoError),
+    #[error("refusing to apply tid {tid} over newer-or-equal backend tid {last}")]
+    OutOfOrder { tid: String, last: String },
+    #[error("tpc_finish returned tid {got}, expected {want}")]
+    WrongTid { got: String, want: String },
+    #[error("bad extension in stream: {0}")]
+    Extension(String),
+}
+
+pub struct Applier {
+    addr: BackendAddr,
+    storage: String,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+    max_message_bytes: usize,
+    conn: Option<ZeoConn>,
+    last_tid: Tid,
+    applied: Arc<AppliedLog>,
+    next_txn_id: i64,
+}
+
+fn hex(t: &[u8]) -> String {
+    t.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn bv(b: &[u8]) -> Value {
+    Value::Bytes(Bytes::copy_from_slice(b))
+}
+
+impl Applier {
+    pub fn new(
+        addr: BackendAddr,
+        storage: String,
+        connect_timeout: Duration,
+        call_timeout: Duration,
+        max_message_bytes: usize,
+        applied: Arc<AppliedLog>,
+    ) -> Self {
+        Applier {
+            addr,
+            storage,
+            connect_timeout,
+            call_timeout,
+            max_message_bytes,
+            conn: None,
+            last_tid: [0; 8],
+            applied,
+            next_txn_id: 1,
+        }
+    }
+
+    /// The backend's last tid as of the last successful exchange.
+    pub fn last_tid(&self) -> Tid {
+        self.last_tid
+    }
+
+    /// (Re)connects and learns the backend's last tid. Always asks the
+    /// backend: after a lost connection, a `tpc_finish` may have committed.
+    pub async fn connect(&mut self) -> Result<Tid, ApplyError> {
+        self.conn = None;
+        let (mut conn, _) = ZeoConn::open(
+            &self.addr,
+            &self.storage,
+            false,
+            self.connect_timeout,
+            self.call_timeout,
+            self.max_message_bytes,
+        )
+        .await?;
+        let last = conn.call("lastTransaction", vec![]).await?;
+        let last: Tid = last
+            .as_bytes()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| ZeoError::Protocol("lastTransaction is not a tid".into()))?;
+        self.last_tid = last;
+        self.applied.start_at(last);
+        self.conn = Some(conn);
+        Ok(last)
+    }
+
+    /// Opens a connection for reading the replica's own history.
+    pub async fn reader(&self) -> Result<ZeoConn, ApplyError> {
+        let (conn, _) = ZeoConn::open(
+            &self.addr,
+            &self.storage,
+            true,
+            self.connect_timeout,
+            self.call_timeout,
+            self.max_message_bytes,
+        )
+        .await?;
+        Ok(conn)
+    }
+
+    /// Applies one transaction. On error the connection is dropped (the
+    /// backend aborts anything unfinished) and must be re-established with
+    /// `connect`, which re-reads the backend's last tid.
+    pub async fn apply(&mut self, txn: &Txn) -> Result<(), ApplyError> {
+        if self.conn.is_none() {
+            self.connect().await?;
+        }
+        if txn.tid <= self.last_tid {
+            return Err(ApplyError::OutOfOrder {
+                tid: hex(&txn.tid),
+                last: hex(&self.last_tid),
+            });
+        }
+        let r = self.apply_inner(txn).await;
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    async fn apply_inner(&mut self, txn: &Txn) -> Result<(), ApplyError> {
+        let ext =
+            pickle::decode(&txn.extension).map_err(|e| ApplyError::Extension(e.to_string()))?;
+        let txn_id = Value::Int(self.next_txn_id);
+        self.next_txn_id += 1;
+        let conn = self.conn.as_mut().ok_or(ZeoError::Closed)?;
+        conn.queue_async(
+            "tpc_begin",
+            vec![
+                txn_id.clone(),
+                bv(&txn.user),
+                bv(&txn.description),
+                ext,
+                bv(&txn.tid),
+                Value::Str(txn.status.clone()),
+            ],
+        )?;
+        for rec in &txn.records {
+            if let Some(blob) = &rec.blob {
+                // A blob needs a store (restorea carries no file), which
+                // checks the oid's current serial on the replica.
+                conn.flush().await?;
+                let serial = match conn
+                    .call("loadBefore", vec![bv(&rec.oid), bv(&MAXTID)])
+                    .await
+                {
+                    Ok(Value::Tuple(v)) if v.len() == 3 => v[1]
+                        .as_bytes()
+                        .map(Bytes::copy_from_slice)
+                        .unwrap_or_else(|| Bytes::from_static(&[0; 8])),
+                    Ok(_) => Bytes::from_static(&[0; 8]),
+                    Err(ZeoError::Remote { class, .. }) if class.ends_with("POSKeyError") => {
+                        Bytes::from_static(&[0; 8])
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                conn.queue_async("storeBlobStart", vec![])?;
+                for chunk in blob.chunks(BLOB_CHUNK) {
+                    conn.queue_async("storeBlobChunk", vec![bv(chunk)])?;
+                }
+                let data = rec.data.as_ref().map(|d| bv(d)).unwrap_or(Value::None);
+                conn.queue_async(
+                    "storeBlobEnd",
+                    vec![bv(&rec.oid), Value::Bytes(serial), data, txn_id.clone()],
+                )?;
+            } else {
+                conn.queue_async(
+                    "restorea",
+                    vec![
+                        bv(&rec.oid),
+                        bv(&txn.tid),
+                        rec.data.as_ref().map(|d| bv(d)).unwrap_or(Value::None),
+                        rec.data_txn.as_ref().map(|d| bv(d)).unwrap_or(Value::None),
+                        txn_id.clone(),
+                    ],
+                )?;
+            }
+        }
+        let vote = conn.queue_call("vote", vec![txn_id.clone()])?;
+        conn.flush().await?;
+        conn.wait_reply(&vote).await?;
+        // Recorded before tpc_finish: the backend broadcasts the (empty)
+        // invalidation right after committing, and client sessions look the
+        // oids up here.
+        self.applied.record(txn.tid, txn.oids());
+        let fin = conn.queue_call("tpc_finish", vec![txn_id])?;
+        conn.flush().await?;
+        let got = conn.wait_reply(&fin).await?;
+        let got = got.as_bytes().unwrap_or_default();
+        if got != txn.tid {
+            return Err(ApplyError::WrongTid {
+                got: hex(got),
+                want: hex(&txn.tid),
+            });
+        }
+        self.last_tid = txn.tid;
+        Ok(())
+    }
+}

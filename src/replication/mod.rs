@@ -1,0 +1,11 @@
+//! Replication between zrelay proxies.
+
+pub mod applied;
+pub mod applier;
+pub mod history;
+pub mod protocol;
+pub mod receiver;
+pub mod replica_session;
+pub mod sender;
+pub mod tls;
+pub mod txn;

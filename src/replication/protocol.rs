@@ -1,0 +1,504 @@
+//! The replication stream between two zrelay proxies (inside mutual TLS).
+//!
+//! Framing: a 4-byte big-endian payload length, then one [`StreamMsg`]
+//! encoded as msgpack (rmp-serde, structs as maps so later versions may add
+//! fields). Byte strings travel as msgpack `bin`.
+//!
+//! Conversation: the replica sends [`StreamMsg::Hello`]; the primary answers
+//! [`StreamMsg::Welcome`] or [`StreamMsg::Refuse`] (and closes). Then the
+//! primary sends `Txn`s in strictly increasing tid order (each naming the tid
+//! sent before it on this stream, so a gap is detectable), a `Live` marker
+//! once caught up, and `Heartbeat`s when idle; the replica sends `Ack`s.
+
+use std::io::Cursor;
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use super::txn::{serde_bin, tid_hex, Tid, Txn};
+
+/// Version of this stream protocol, exchanged in Hello/Welcome.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A sensible default for the `max_len` of [`decode`]: a transaction with
+/// its blobs travels in one frame.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 512 * 1024 * 1024;
+
+/// The replica's opening message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub cluster: String,
+    pub storage: String,
+    /// The replica's node name.
+    pub node: String,
+    /// The last tid the replica has applied ([`super::txn::Z64`] if none).
+    #[serde(with = "serde_bin::array")]
+    pub last_tid: Tid,
+    /// Digest ([`Txn::digest`]) of the transaction `last_tid`, if known.
+    #[serde(with = "serde_bin::opt_array")]
+    pub last_digest: Option<[u8; 32]>,
+}
+
+/// Why a primary refuses a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    VersionMismatch,
+    WrongCluster,
+    WrongStorage,
+    /// The replica has a transaction the primary does not have (or a
+    /// different one under the same tid): it must not be fed.
+    Diverged,
+    NotPrimary,
+    Busy,
+    /// The peer broke the conversation (e.g. a second Hello).
+    Protocol,
+}
+
+impl RefuseReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefuseReason::VersionMismatch => "version_mismatch",
+            RefuseReason::WrongCluster => "wrong_cluster",
+            RefuseReason::WrongStorage => "wrong_storage",
+            RefuseReason::Diverged => "diverged",
+            RefuseReason::NotPrimary => "not_primary",
+            RefuseReason::Busy => "busy",
+            RefuseReason::Protocol => "protocol",
+        }
+    }
+}
+
+impl std::fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One message of the replication stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamMsg {
+    /// replica -> primary, first message.
+    Hello(Hello),
+    /// primary -> replica, accepts the Hello.
+    Welcome {
+        version: u32,
+        node: String,
+        #[serde(with = "serde_bin::array")]
+        primary_last_tid: Tid,
+    },
+    /// primary -> replica, then the primary closes.
+    Refuse {
+        reason: RefuseReason,
+        message: String,
+    },
+    /// primary -> replica: one committed transaction. `prev` is the tid sent
+    /// just before it on this stream (the Hello's `last_tid` for the first);
+    /// tids strictly increase, and `prev` lets the replica detect a gap.
+    Txn {
+        #[serde(with = "serde_bin::array")]
+        prev: Tid,
+        txn: Txn,
+    },
+    /// primary -> replica: catch-up done; from now on transactions arrive as
+    /// they commit.
+    Live {
+        #[serde(with = "serde_bin::array")]
+        primary_last_tid: Tid,
+    },
+    /// primary -> replica when idle (ZEO servers never send heartbeats; an
+    /// idle stream must still prove freshness).
+    Heartbeat {
+        #[serde(with = "serde_bin::array")]
+        primary_last_tid: Tid,
+        primary_time_unix_ms: u64,
+    },
+    /// replica -> primary: applied up to `tid`.
+    Ack {
+        #[serde(with = "serde_bin::array")]
+        tid: Tid,
+    },
+}
+
+impl StreamMsg {
+    /// A short name, fit for logs and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StreamMsg::Hello(_) => "hello",
+            StreamMsg::Welcome { .. } => "welcome",
+            StreamMsg::Refuse { .. } => "refuse",
+            StreamMsg::Txn { .. } => "txn",
+            StreamMsg::Live { .. } => "live",
+            StreamMsg::Heartbeat { .. } => "heartbeat",
+            StreamMsg::Ack { .. } => "ack",
+        }
+    }
+}
+
+/// Errors of the stream layer (framing, decoding, and conversation rules
+/// enforced by the state machines).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("empty frame")]
+    EmptyFrame,
+    #[error("connection closed inside a frame ({0} bytes pending)")]
+    Truncated(usize),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    #[error("peer speaks protocol version {theirs}, this node {ours}")]
+    VersionMismatch { ours: u32, theirs: u32 },
+    #[error("unexpected {got} message while {state}")]
+    Unexpected {
+        got: &'static str,
+        state: &'static str,
+    },
+    #[error("ack {} beyond the last tid sent {}", tid_hex(.ack), tid_hex(.last_sent))]
+    AckBeyondSent { ack: Tid, last_sent: Tid },
+    #[error("ack {} older than the previous ack {}", tid_hex(.ack), tid_hex(.acked))]
+    AckRegressed { ack: Tid, acked: Tid },
+}
+
+/// Appends one frame (length + msgpack payload) to `out`. On error `out` is
+/// left as it was.
+pub fn encode(msg: &StreamMsg, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    let start = out.len();
+    out.put_u32(0);
+    let res = rmp_serde::encode::write_named(&mut (&mut *out).writer(), msg);
+    let len = out.len() - start - 4;
+    let res = res
+        .map_err(|e| ProtocolError::Encode(e.to_string()))
+        .and_then(|()| {
+            u32::try_from(len).map_err(|_| ProtocolError::FrameTooLarge {
+                len,
+                max: u32::MAX as usize,
+            })
+        });
+    match res {
+        Ok(len32) => {
+            out[start..start + 4].copy_from_slice(&len32.to_be_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+/// Takes one frame off the front of `buf`. `Ok(None)`: incomplete, read more.
+/// The declared length is checked against `max_len` before any allocation.
+/// After an error the stream is unusable (close it).
+pub fn decode(buf: &mut BytesMut, max_len: usize) -> Result<Option<StreamMsg>, ProtocolError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max_len {
+        return Err(ProtocolError::FrameTooLarge { len, max: max_len });
+    }
+    if len == 0 {
+        return Err(ProtocolError::EmptyFrame);
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let frame = buf.split_to(len).freeze();
+    parse_payload(&frame).map(Some)
+}
+
+/// For a reader at EOF: clean between frames, an error inside one.
+pub fn check_eof(buf: &BytesMut) -> Result<(), ProtocolError> {
+    if buf.is_empty() {
+        Ok(())
+    } else {
+        Err(ProtocolError::Truncated(buf.len()))
+    }
+}
+
+fn parse_payload(frame: &[u8]) -> Result<StreamMsg, ProtocolError> {
+    // A Read-based deserializer: byte strings are read as they come (never
+    // pre-allocated from a declared length) and the position is known, so
+    // trailing garbage is caught.
+    let mut de = rmp_serde::Deserializer::new(Cursor::new(frame));
+    let msg =
+        StreamMsg::deserialize(&mut de).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let used = de.position() as usize;
+    if used != frame.len() {
+        return Err(ProtocolError::Malformed(format!(
+            "{} trailing bytes after the message",
+            frame.len() - used
+        )));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::replication::txn::{Record, Z64};
+
+    fn sample_txn() -> Txn {
+        Txn {
+            tid: [3, 0xf6, 0xdd, 0x11, 0xb5, 0x55, 0x55, 0x55],
+            status: "u".into(),
+            user: Bytes::from_static(b"u"),
+            description: Bytes::from_static(b"d\x00\xff"),
+            extension: Bytes::from_static(b"\x80\x03}q\x00."),
+            records: vec![
+                Record {
+                    oid: [0, 0, 0, 0, 0, 0, 0, 7],
+                    data: Some(Bytes::from(vec![0xab; 300])),
+                    data_txn: None,
+                    blob: None,
+                },
+                Record {
+                    oid: [0, 0, 0, 0, 0, 0, 0, 8],
+                    data: None,
+                    data_txn: Some([1; 8]),
+                    blob: Some(Bytes::from_static(b"blob")),
+                },
+            ],
+        }
+    }
+
+    fn all_variants() -> Vec<StreamMsg> {
+        let reasons = [
+            RefuseReason::VersionMismatch,
+            RefuseReason::WrongCluster,
+            RefuseReason::WrongStorage,
+            RefuseReason::Diverged,
+            RefuseReason::NotPrimary,
+            RefuseReason::Busy,
+            RefuseReason::Protocol,
+        ];
+        let mut v = vec![
+            StreamMsg::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                cluster: "c1".into(),
+                storage: "1".into(),
+                node: "replica-a".into(),
+                last_tid: [1, 2, 3, 4, 5, 6, 7, 8],
+                last_digest: Some([9; 32]),
+            }),
+            StreamMsg::Hello(Hello {
+                version: 7,
+                cluster: String::new(),
+                storage: "ß".into(),
+                node: "n".into(),
+                last_tid: Z64,
+                last_digest: None,
+            }),
+            StreamMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                node: "p".into(),
+                primary_last_tid: [0xff; 8],
+            },
+            StreamMsg::Txn {
+                prev: [2; 8],
+                txn: sample_txn(),
+            },
+            StreamMsg::Txn {
+                prev: Z64,
+                txn: Txn {
+                    tid: [0, 0, 0, 0, 0, 0, 0, 1],
+                    status: " ".into(),
+                    user: Bytes::new(),
+                    description: Bytes::new(),
+                    extension: Bytes::new(),
+                    records: vec![],
+                },
+            },
+            StreamMsg::Live {
+                primary_last_tid: [4; 8],
+            },
+            StreamMsg::Heartbeat {
+                primary_last_tid: [5; 8],
+                primary_time_unix_ms: 1_700_000_000_123,
+            },
+            StreamMsg::Ack { tid: [6; 8] },
+        ];
+        for r in reasons {
+            v.push(StreamMsg::Refuse {
+                reason: r,
+                message: format!("because {r}"),
+            });
+        }
+        v
+    }
+
+    #[test]
+    fn round_trip_every_variant() {
+        let mut buf = BytesMut::new();
+        let msgs = all_variants();
+        for m in &msgs {
+            encode(m, &mut buf).unwrap();
+        }
+        for m in &msgs {
+            assert_eq!(decode(&mut buf, 1 << 20).unwrap().as_ref(), Some(m));
+        }
+        assert_eq!(decode(&mut buf, 1 << 20).unwrap(), None);
+        assert!(buf.is_empty());
+        check_eof(&buf).unwrap();
+    }
+
+    #[test]
+    fn split_reads_one_byte_at_a_time() {
+        let msgs = all_variants();
+        let mut wire = BytesMut::new();
+        for m in &msgs {
+            encode(m, &mut wire).unwrap();
+        }
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in wire.iter() {
+            buf.put_u8(*b);
+            while let Some(m) = decode(&mut buf, 1 << 20).unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, msgs);
+        check_eof(&buf).unwrap();
+    }
+
+    #[test]
+    fn eof_inside_a_frame_is_an_error() {
+        let mut wire = BytesMut::new();
+        encode(&StreamMsg::Ack { tid: [1; 8] }, &mut wire).unwrap();
+        wire.truncate(wire.len() - 1);
+        assert_eq!(decode(&mut wire, 1 << 20).unwrap(), None);
+        assert!(matches!(check_eof(&wire), Err(ProtocolError::Truncated(_))));
+    }
+
+    #[test]
+    fn oversized_length_rejected_before_allocating() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xf0][..]);
+        let cap = buf.capacity();
+        assert_eq!(
+            decode(&mut buf, 1024),
+            Err(ProtocolError::FrameTooLarge {
+                len: 0xffff_fff0,
+                max: 1024
+            })
+        );
+        assert_eq!(buf.capacity(), cap, "no allocation for a refused frame");
+        // A real message just over the limit is refused too.
+        let mut buf = BytesMut::new();
+        encode(
+            &StreamMsg::Txn {
+                prev: Z64,
+                txn: sample_txn(),
+            },
+            &mut buf,
+        )
+        .unwrap();
+        let len = buf.len() - 4;
+        assert!(matches!(
+            decode(&mut buf.clone(), len - 1),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        assert!(decode(&mut buf, len).unwrap().is_some());
+    }
+
+    #[test]
+    fn empty_frame_and_trailing_bytes_rejected() {
+        let mut buf = BytesMut::from(&[0, 0, 0, 0][..]);
+        assert_eq!(decode(&mut buf, 1024), Err(ProtocolError::EmptyFrame));
+        let mut one = BytesMut::new();
+        encode(&StreamMsg::Ack { tid: [1; 8] }, &mut one).unwrap();
+        let mut payload = one.split_off(4).to_vec();
+        payload.push(0xc0); // a trailing nil
+        let mut buf = BytesMut::new();
+        buf.put_u32(payload.len() as u32);
+        buf.put_slice(&payload);
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn wrong_field_sizes_rejected() {
+        // An Ack whose tid is 7 bytes.
+        #[derive(Serialize)]
+        enum Fake {
+            Ack {
+                #[serde(with = "serde_bytes_7")]
+                tid: [u8; 7],
+            },
+        }
+        mod serde_bytes_7 {
+            pub fn serialize<S: serde::Serializer>(v: &[u8; 7], s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(v)
+            }
+        }
+        let payload = rmp_serde::to_vec_named(&Fake::Ack { tid: [1; 7] }).unwrap();
+        let mut buf = BytesMut::new();
+        buf.put_u32(payload.len() as u32);
+        buf.put_slice(&payload);
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    /// SplitMix64: a tiny deterministic PRNG for tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut rng = Rng(0x5eed);
+        let valid: Vec<Vec<u8>> = all_variants()
+            .iter()
+            .map(|m| {
+                let mut b = BytesMut::new();
+                encode(m, &mut b).unwrap();
+                b.to_vec()
+            })
+            .collect();
+        for round in 0..3000 {
+            let mut bytes: Vec<u8> = if round % 2 == 0 {
+                // Pure noise behind a plausible length.
+                let n = (rng.next() % 200) as usize;
+                let mut v = (n as u32).to_be_bytes().to_vec();
+                v.extend((0..n).map(|_| rng.next() as u8));
+                v
+            } else {
+                // A valid frame with a few bytes of its payload mutated.
+                let mut v = valid[(rng.next() % valid.len() as u64) as usize].clone();
+                for _ in 0..1 + rng.next() % 4 {
+                    let i = 4 + (rng.next() % (v.len() as u64 - 4)) as usize;
+                    v[i] = rng.next() as u8;
+                }
+                v
+            };
+            if round % 7 == 0 {
+                bytes.extend((0..rng.next() % 16).map(|_| rng.next() as u8));
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            // Whatever comes out, it must be a value or an error, not a panic.
+            for _ in 0..8 {
+                match decode(&mut buf, 4096) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Client sessions on a replica: read-only service with fresh caches.
+//!
+//! - Every write path is refused with `ZODB.POSException.ReadOnlyError` and
+//!   nothing of it reaches the backend (invariant 3). `register(read_only=
+//!   False)` is refused, so ZEO clients with several addresses move on to the
+//!   primary and `read_only_fallback` clients register read-only.
+//! - The backend's `invalidateTransaction(tid, [])` for a replayed
+//!   transaction is rewritten with the oids the applier recorded, and
+//!   `getInvalidations` is answered from that record (invariant 4).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::warn;
+
+use super::applied::{AppliedLog, Invalidations};
+use super::txn::Tid;
+use crate::metrics as m;
+use crate::relay::hooks::PendingCall;
+use crate::relay::{ClientVerdict, ServerVerdict, SessionHooks, SessionInfo};
+use crate::wire::calls::{ClientCall, ServerMsg};
+use crate::wire::error::read_only_error;
+use crate::wire::{Flag, Message, Value};
+
+pub struct ReplicaHooks {
+    applied: Arc<AppliedLog>,
+    allow_pack: bool,
+}
+
+impl ReplicaHooks {
+    pub fn new(applied: Arc<AppliedLog>, allow_pack: bool) -> Self {
+        ReplicaHooks {
+            applied,
+            allow_pack,
+        }
+    }
+}
+
+fn bytes_v(b: &[u8]) -> Value {
+    Value::Bytes(Bytes::copy_from_slice(b))
+}
+
+/// Calls that modify the storage. The async ones (no reply) are swallowed:
+/// their refusal surfaces at the transaction's next sync call (`vote` or
+/// `tpc_finish`), which gets the `ReadOnlyError`.
+fn write_kind(method: &str) -> Option<bool /* sync */> {
+    match method {
+        "new_oids" | "new_oid" | "vote" | "tpc_finish" | "undo" | "pack" => Some(true),
+        "tpc_begin"
+        | "storea"
+        | "restorea"
+        | "checkCurrentSerialInTransaction"
+        | "deleteObject"
+        | "undoa"
+        | "storeBlobStart"
+        | "storeBlobChunk"
+        | "storeBlobEnd"
+        | "storeBlobShared" => Some(false),
+        _ => None,
+    }
+}
+
+impl SessionHooks for ReplicaHooks {
+    fn on_client_message(&mut self, _info: &SessionInfo, msg: &Message) -> ClientVerdict {
+        let method = msg.method.as_str();
+        if method == "register" {
+            return match ClientCall::parse(msg) {
+                Ok(ClientCall::Register {
+                    read_only: false, ..
+                }) => {
+                    m::rejected_write("register");
+                    ClientVerdict::Reply(read_only_error(msg.msgid.clone()))
+                }
+                Ok(_) => ClientVerdict::Forward,
+                Err(e) => ClientVerdict::Close(format!("malformed register: {e}")),
+            };
+        }
+        if method == "tpc_abort" {
+            // Nothing was begun on the backend; acknowledge locally.
+            return if msg.flag == Flag::Sync {
+                ClientVerdict::Reply(Message::reply(msg.msgid.clone(), Value::None))
+            } else {
+                ClientVerdict::Swallow
+            };
+        }
+        if method == "pack" && self.allow_pack {
+            return ClientVerdict::Forward;
+        }
+        if let Some(sync) = write_kind(method) {
+            m::rejected_write(method);
+            return if sync && msg.flag == Flag::Sync {
+                ClientVerdict::Reply(read_only_error(msg.msgid.clone()))
+            } else {
+                ClientVerdict::Swallow
+            };
+        }
+        if method == "getInvalidations" {
+            let Ok(ClientCall::GetInvalidations { tid }) = ClientCall::parse(msg) else {
+                return ClientVerdict::Close("malformed getInvalidations".into());
+            };
+            let Ok(tid): Result<Tid, _> = tid.try_into() else {
+                return ClientVerdict::Close("getInvalidations: tid is not 8 bytes".into());
+            };
+            let result = match self.applied.since(&tid) {
+                Invalidations::TooOld => Value::None,
+                Invalidations::UpToDate => Value::Tuple(vec![bytes_v(&tid), Value::List(vec![])]),
+                Invalidations::Since(newest, oids) => Value::Tuple(vec![
+                    bytes_v(&newest),
+                    Value::List(oids.iter().map(|o| bytes_v(o)).collect()),
+                ]),
+            };
+            return ClientVerdict::Reply(Message::reply(msg.msgid.clone(), result));
+        }
+        ClientVerdict::Forward
+    }
+
+    fn on_server_message(
+        &mut self,
+        info: &SessionInfo,
+        msg: &Message,
+        _answers: Option<&PendingCall>,
+    ) -> ServerVerdict {
+        if msg.method != "invalidateTransaction" {
+            return ServerVerdict::Forward;
+        }
+        let Ok(ServerMsg::InvalidateTransaction { tid, oids }) = ServerMsg::parse(msg) else {
+            return ServerVerdict::Forward;
+        };
+        let Ok(t): Result<Tid, _> = tid.try_into() else {
+            return ServerVerdict::Forward;
+        };
+        match self.applied.oids_of(&t) {
+            Some(logged) => {
+                let mut all: Vec<Value> = logged.iter().map(|o| bytes_v(o)).collect();
+                // Keep anything the backend did report (nothing, for restores).
+                for o in oids {
+                    if !logged.iter().any(|l| l[..] == o[..]) {
+                        all.push(bytes_v(o));
+                    }
+                }
+                ServerVerdict::Replace(vec![Message::async_call(
+                    "invalidateTransaction",
+                    vec![bytes_v(&t), Value::List(all)],
+                )])
+            }
+            None => {
+                // Not applied by us: cannot vouch for its oids. Dropping the
+                // client makes it reconnect, and our getInvalidations answer
+                // (None) clears its cache: never a stale object.
+                warn!(
+                    conn = info.conn_id,
+                    tid = %crate::wire::tid::tid_to_hex(&t),
+                    "invalidation for a transaction the applier did not record; closing client so it revalidates"
+                );
+                ServerVerdict::Close("unrecorded invalidation".into())
+            }
+        }
+    }
+}

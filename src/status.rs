@@ -1,0 +1,124 @@
+//! The node's observable state, for the admin surface.
+//!
+//! Each field group has exactly one writer (named on the field); the admin
+//! HTTP layer and the metrics exporter only read snapshots. A plain RwLock is
+//! enough: writes are a few per transaction, reads a few per scrape.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// State of the replication stream as seen from a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamState {
+    /// Not connected to the upstream (connecting, refused, cut).
+    Disconnected,
+    /// Connected and applying history older than the live stream.
+    CatchingUp,
+    /// Connected and applying transactions as they commit.
+    Live,
+    /// Found a tid or content the primary does not have; applying stopped.
+    Diverged,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamStatus {
+    pub address: String,
+    pub state: StreamState,
+    /// Newest tid the primary reported (transactions or heartbeats), hex.
+    pub primary_last_tid: Option<String>,
+    /// Newest tid applied to this node's backend, hex.
+    pub applied_tid: Option<String>,
+    pub lag_seconds: f64,
+    pub lag_transactions: u64,
+    pub lag_bytes: u64,
+    pub last_error: Option<String>,
+    #[serde(skip)]
+    pub last_contact: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaPeerStatus {
+    pub node: String,
+    pub peer_addr: String,
+    pub state: StreamState,
+    pub sent_tid: Option<String>,
+    pub acked_tid: Option<String>,
+    pub lag_seconds: f64,
+    pub lag_transactions: u64,
+    pub lag_bytes: u64,
+    pub diverged: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub role: Role,
+    pub version: &'static str,
+    pub backend_address: String,
+    /// Writer: the backend monitor.
+    pub backend_up: bool,
+    /// Writer: the backend monitor (primary) or the applier (replica).
+    pub storage_last_tid: Option<String>,
+    pub storage_last_commit_unix: Option<f64>,
+    /// Writer: the replica applier. None on a primary.
+    pub upstream: Option<UpstreamStatus>,
+    /// Writer: the primary feed, one entry per connected or known replica.
+    pub replicas: BTreeMap<String, ReplicaPeerStatus>,
+    #[serde(skip)]
+    pub started: Option<SystemTime>,
+}
+
+pub struct StatusHub {
+    inner: RwLock<NodeStatus>,
+    started: Instant,
+}
+
+impl StatusHub {
+    pub fn new(node: String, role: Role, backend_address: String) -> Self {
+        StatusHub {
+            inner: RwLock::new(NodeStatus {
+                node,
+                role,
+                version: env!("CARGO_PKG_VERSION"),
+                backend_address,
+                backend_up: false,
+                storage_last_tid: None,
+                storage_last_commit_unix: None,
+                upstream: None,
+                replicas: BTreeMap::new(),
+                started: Some(SystemTime::now()),
+            }),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn snapshot(&self) -> NodeStatus {
+        match self.inner.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut NodeStatus)) {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g)
+    }
+
+    pub fn uptime_secs(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+}

@@ -1,0 +1,7 @@
+//! Wire tests against captured traffic and hostile input.
+
+mod captured;
+mod fuzz;
+mod hex;
+mod malformed;
+mod vectors;
