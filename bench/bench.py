@@ -171,8 +171,8 @@ def preflight(ep):
                 c.call('ping')
                 seen[mode] = c.call('lastTransaction')
         except Exception as e:
-            if isinstance(e, TimeoutError):
-                e = TimeoutError('no answer within 10 s')
+            reason = ('no answer within 10 s' if isinstance(e, TimeoutError)
+                      else repr(e))
             where = (f'{ep.proxy.name} on port {ep.proxy_port}'
                      if mode == 'proxied' else
                      f'runzeo on port {ep.server_port}')
@@ -180,7 +180,7 @@ def preflight(ep):
             if mode == 'proxied':
                 extra = f'\n{ep.proxy.name} log:\n{P.tail(ep.proxy.log_path)}'
             raise RuntimeError(f'{ep.encoding}: {where} does not work: '
-                               f'{e!r}{extra}') from e
+                               f'{reason}{extra}') from e
     if seen['direct'] != seen['proxied']:
         raise RuntimeError(f'{ep.encoding}: lastTransaction differs: '
                            f'direct {seen["direct"]!r}, '

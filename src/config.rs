@@ -40,6 +40,103 @@ pub struct Config {
     pub log_level: String,
     pub client: ClientConfig,
     pub backend: BackendConfig,
+    /// Absent: a plain relay (a primary with no replicas).
+    #[serde(default)]
+    pub replication: Option<ReplicationConfig>,
+    /// Absent: no admin HTTP server.
+    #[serde(default)]
+    pub admin: Option<crate::admin::AdminConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleConfig {
+    Primary,
+    Replica,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// "primary" or "replica".
+    pub role: RoleConfig,
+    /// Name shared by all nodes of one replicated database; a replica of
+    /// another cluster is refused.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Primary: address replicas connect to (TLS only).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Replica: the primary proxy's replication address, host:port.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Replica: the node name the upstream's certificate must carry.
+    /// Default: the host part of `upstream`.
+    #[serde(default)]
+    pub upstream_name: Option<String>,
+    /// Primary: node names (certificate DNS name or CN) allowed to connect;
+    /// empty = any certificate signed by the cluster CA.
+    #[serde(default)]
+    pub allowed_peers: Vec<String>,
+    /// Primary: heartbeat on an idle stream after this long.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Replica: a stream silent this long counts as stale (lag grows with
+    /// the clock) and is reconnected.
+    #[serde(default = "default_stale_after_ms")]
+    pub stale_after_ms: u64,
+    /// Replica: forward clients' pack() to the backend (default: refuse).
+    #[serde(default)]
+    pub allow_pack: bool,
+    /// Largest stream message (one transaction with its blobs).
+    #[serde(default = "default_stream_max_bytes")]
+    pub max_message_bytes: usize,
+    /// Primary: per replica, live transactions queued before a slow replica
+    /// falls back to reading history.
+    #[serde(default = "default_live_queue_txns")]
+    pub live_queue_txns: usize,
+    #[serde(default = "default_live_queue_bytes")]
+    pub live_queue_bytes: u64,
+    /// Replica: applied transactions remembered for invalidations and
+    /// getInvalidations answers (older client caches are dropped).
+    #[serde(default = "default_applied_log_txns")]
+    pub applied_log_txns: usize,
+    pub tls: crate::replication::tls::TlsFiles,
+}
+
+fn default_cluster() -> String {
+    "zrelay".to_string()
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    1_000
+}
+fn default_stale_after_ms() -> u64 {
+    5_000
+}
+fn default_stream_max_bytes() -> usize {
+    1024 * 1024 * 1024
+}
+fn default_live_queue_txns() -> usize {
+    10_000
+}
+fn default_live_queue_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_applied_log_txns() -> usize {
+    100_000
+}
+
+impl ReplicationConfig {
+    pub fn upstream_server_name(&self) -> String {
+        if let Some(n) = &self.upstream_name {
+            return n.clone();
+        }
+        let up = self.upstream.as_deref().unwrap_or("");
+        let host = up.rsplit_once(':').map(|(h, _)| h).unwrap_or(up);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +169,13 @@ pub struct BackendConfig {
     pub storages: Vec<String>,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How often the backend is probed for `/health` and `zrelay_backend_up`.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// Timeout of the proxy's own calls to the backend (history reads,
+    /// replays). Generous: a 50 MB transaction takes a while to restore.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +217,12 @@ fn default_storages() -> Vec<String> {
 fn default_connect_timeout_ms() -> u64 {
     2_000
 }
+fn default_probe_interval_ms() -> u64 {
+    1_000
+}
+fn default_call_timeout_ms() -> u64 {
+    120_000
+}
 
 impl ClientConfig {
     pub fn shutdown_grace(&self) -> Duration {
@@ -129,6 +239,12 @@ impl BackendConfig {
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_millis(self.probe_interval_ms)
+    }
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
     }
 }
 
@@ -211,6 +327,68 @@ impl Config {
                     return Err(invalid(
                         "backend.address",
                         format!("unix socket path {} must be absolute", p.display()),
+                    ));
+                }
+            }
+        }
+        if let Some(r) = &self.replication {
+            match r.role {
+                RoleConfig::Primary => {
+                    if r.listen.is_none() {
+                        return Err(invalid(
+                            "replication.listen",
+                            "a primary needs an address for replicas to connect to".into(),
+                        ));
+                    }
+                    if r.upstream.is_some() {
+                        return Err(invalid(
+                            "replication.upstream",
+                            "only a replica has an upstream".into(),
+                        ));
+                    }
+                }
+                RoleConfig::Replica => {
+                    let ok = r
+                        .upstream
+                        .as_deref()
+                        .and_then(|u| u.rsplit_once(':'))
+                        .map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                        .unwrap_or(false);
+                    if !ok {
+                        return Err(invalid(
+                            "replication.upstream",
+                            "a replica needs the primary's replication address as host:port".into(),
+                        ));
+                    }
+                    if r.listen.is_some() {
+                        return Err(invalid(
+                            "replication.listen",
+                            "cascading (a replica feeding replicas) is not supported yet".into(),
+                        ));
+                    }
+                }
+            }
+            if r.max_message_bytes < 1024 * 1024 {
+                return Err(invalid(
+                    "replication.max_message_bytes",
+                    "minimum is 1048576".into(),
+                ));
+            }
+            if r.heartbeat_interval_ms == 0 || r.stale_after_ms <= r.heartbeat_interval_ms {
+                return Err(invalid(
+                    "replication.stale_after_ms",
+                    "must be greater than heartbeat_interval_ms (> 0)".into(),
+                ));
+            }
+            for (key, p) in [
+                ("replication.tls.ca_file", &r.tls.ca_file),
+                ("replication.tls.cert_file", &r.tls.cert_file),
+                ("replication.tls.key_file", &r.tls.key_file),
+            ] {
+                if !p.is_file() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", p.display()),
                     ));
                 }
             }

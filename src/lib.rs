@@ -8,6 +8,7 @@ pub mod admin;
 pub mod certgen;
 pub mod config;
 pub mod metrics;
+pub mod monitor;
 pub mod relay;
 pub mod replication;
 pub mod server;

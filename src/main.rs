@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -23,11 +24,63 @@ enum Command {
     },
     /// Validate a configuration file and exit (0 = valid).
     CheckConfig { file: PathBuf },
+    /// Create a cluster CA in DIR (if absent) and a certificate for each node
+    /// NAME (DIR/NAME.pem, DIR/NAME-key.pem), for replication TLS.
+    Cert {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Show every node's role, state and lag (like `patronictl list`).
+    Status {
+        #[arg(long = "admin", required = true)]
+        admins: Vec<String>,
+    },
+    /// Nagios/SlapOS check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Check {
+        #[arg(long)]
+        admin: String,
+        #[arg(long, default_value = "5s", value_parser = zrelay::admin::cli::parse_duration)]
+        max_lag: Duration,
+        #[arg(long, default_value = "5s", value_parser = zrelay::admin::cli::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn block_on(f: impl std::future::Future<Output = i32>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => ExitCode::from(rt.block_on(f).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("zrelay: start the tokio runtime: {e}");
+            ExitCode::from(3)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Cert { dir, days, names } => {
+            match zrelay::certgen::run_cert_command(&dir, &names, days) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("zrelay cert: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { admins } => block_on(zrelay::admin::cli::status_command(&admins)),
+        Command::Check {
+            admin,
+            max_lag,
+            timeout,
+        } => block_on(zrelay::admin::cli::check_command(&admin, max_lag, timeout)),
         Command::CheckConfig { file } => match zrelay::config::Config::load(&file) {
             Ok(_) => {
                 println!("{}: OK", file.display());

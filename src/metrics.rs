@@ -18,6 +18,17 @@ pub const COMMIT_DURATION: &str = "zrelay_client_commit_duration_seconds";
 pub const BACKEND_UP: &str = "zrelay_backend_up";
 pub const BACKEND_CONNECT_FAILURES: &str = "zrelay_backend_connect_failures_total";
 pub const REJECTED_WRITES: &str = "zrelay_client_rejected_writes_total";
+pub const REPL_CONNECTED: &str = "zrelay_replication_connected";
+pub const REPL_DIVERGED: &str = "zrelay_replication_diverged";
+pub const REPL_SENT_TXNS: &str = "zrelay_replication_sent_transactions_total";
+pub const REPL_SENT_BYTES: &str = "zrelay_replication_sent_bytes_total";
+pub const REPL_APPLIED_TXNS: &str = "zrelay_replication_applied_transactions_total";
+pub const REPL_APPLIED_BYTES: &str = "zrelay_replication_applied_bytes_total";
+pub const REPL_APPLY_DURATION: &str = "zrelay_replication_apply_duration_seconds";
+pub const REPL_PRIMARY_LAST_COMMIT: &str =
+    "zrelay_replication_primary_last_commit_timestamp_seconds";
+pub const REPL_APPLIED_LAST_COMMIT: &str =
+    "zrelay_replication_applied_last_commit_timestamp_seconds";
 pub const BUILD_INFO: &str = "zrelay_build_info";
 
 /// Methods a ZEO 5 server registers (plus `register`); anything else is
@@ -91,7 +102,7 @@ pub fn describe() {
     );
     describe_gauge!(
         BACKEND_UP,
-        "1 if the backend ZEO server accepted the last connection attempt, else 0."
+        "1 if the backend ZEO server greeted the last probe (connect + protocol handshake), else 0."
     );
     describe_counter!(
         BACKEND_CONNECT_FAILURES,
@@ -100,6 +111,47 @@ pub fn describe() {
     describe_counter!(
         REJECTED_WRITES,
         "Write calls refused with ReadOnlyError on a replica, by method."
+    );
+    describe_gauge!(
+        REPL_CONNECTED,
+        "1 while the replication stream is up (on a replica: to its upstream; on a primary: per replica label)."
+    );
+    describe_gauge!(
+        REPL_DIVERGED,
+        "1 if the replica holds history the primary does not have; applying stopped (per replica label on a primary)."
+    );
+    describe_counter!(
+        REPL_SENT_TXNS,
+        "Transactions sent to a replica, by replica."
+    );
+    describe_counter!(
+        REPL_SENT_BYTES,
+        metrics::Unit::Bytes,
+        "Record and blob bytes sent to a replica, by replica."
+    );
+    describe_counter!(
+        REPL_APPLIED_TXNS,
+        "Transactions applied to this replica's backend."
+    );
+    describe_counter!(
+        REPL_APPLIED_BYTES,
+        metrics::Unit::Bytes,
+        "Record and blob bytes applied to this replica's backend."
+    );
+    describe_histogram!(
+        REPL_APPLY_DURATION,
+        metrics::Unit::Seconds,
+        "Time to apply one transaction to the replica's backend (tpc_begin to tpc_finish reply)."
+    );
+    describe_gauge!(
+        REPL_PRIMARY_LAST_COMMIT,
+        metrics::Unit::Seconds,
+        "Commit time (Unix seconds) of the newest transaction on the primary, as last reported."
+    );
+    describe_gauge!(
+        REPL_APPLIED_LAST_COMMIT,
+        metrics::Unit::Seconds,
+        "Commit time (Unix seconds) of the newest transaction applied on this replica."
     );
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -151,4 +203,41 @@ pub fn backend_connect_failed() {
 
 pub fn rejected_write(method: &str) {
     counter!(REJECTED_WRITES, "method" => method_label(method)).increment(1);
+}
+
+pub fn primary_last_commit(unix: f64) {
+    gauge!(REPL_PRIMARY_LAST_COMMIT).set(unix);
+}
+
+pub fn applied_last_commit(unix: f64) {
+    gauge!(REPL_APPLIED_LAST_COMMIT).set(unix);
+}
+
+/// Primary side, per replica (node names are few and operator-chosen).
+pub fn peer_connected(replica: &str, up: bool) {
+    gauge!(REPL_CONNECTED, "replica" => replica.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn peer_diverged(replica: &str, diverged: bool) {
+    gauge!(REPL_DIVERGED, "replica" => replica.to_string()).set(if diverged { 1.0 } else { 0.0 });
+}
+
+pub fn replica_sent(replica: &str, bytes: u64) {
+    counter!(REPL_SENT_TXNS, "replica" => replica.to_string()).increment(1);
+    counter!(REPL_SENT_BYTES, "replica" => replica.to_string()).increment(bytes);
+}
+
+/// Replica side.
+pub fn stream_connected(up: bool) {
+    gauge!(REPL_CONNECTED).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn diverged(d: bool) {
+    gauge!(REPL_DIVERGED).set(if d { 1.0 } else { 0.0 });
+}
+
+pub fn replica_applied(bytes: u64, d: Duration) {
+    counter!(REPL_APPLIED_TXNS).increment(1);
+    counter!(REPL_APPLIED_BYTES).increment(bytes);
+    histogram!(REPL_APPLY_DURATION).record(d.as_secs_f64());
 }

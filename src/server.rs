@@ -1,15 +1,26 @@
-//! Process wiring: logging, metrics recorder, the runtime, listeners and
-//! signal handling. Owns no protocol logic.
+//! Process wiring: logging, metrics recorder, the runtime, listeners, the
+//! role's tasks and signal handling. Owns no protocol logic.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::Config;
+use crate::config::{Config, ReplicationConfig, RoleConfig};
 use crate::relay::listener::{ClientListener, HooksFactory};
 use crate::relay::{PassThrough, SessionHooks, SessionLimits};
+use crate::replication::applied::AppliedLog;
+use crate::replication::applier::Applier;
+use crate::replication::feed::{self, BackendLink, FeedHandle, ListenerConfig};
+use crate::replication::replica::{self, ReplicaConfig};
+use crate::replication::replica_session::ReplicaHooks;
+use crate::replication::sender::SenderConfig;
+use crate::replication::tls;
+use crate::replication::txn::Z64;
+use crate::status::{Role, StatusHub};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -29,11 +40,80 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .set_buckets(&crate::admin::LATENCY_BUCKETS)
         .context("configure histogram buckets")?
         .build_recorder();
-    let _prometheus = recorder.handle();
+    let prometheus = recorder.handle();
     metrics::set_global_recorder(recorder).context("install the metrics recorder")?;
     crate::metrics::describe();
+    tls::describe();
 
+    let role = match cfg.replication.as_ref().map(|r| r.role) {
+        Some(RoleConfig::Replica) => Role::Replica,
+        _ => Role::Primary,
+    };
+    let storage = cfg.backend.storages[0].clone();
+    let status = Arc::new(StatusHub::new(
+        cfg.node_name.clone(),
+        role,
+        cfg.backend.addr().to_string(),
+    ));
     let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    tasks.push(tokio::spawn(crate::monitor::backend_monitor(
+        cfg.backend.addr(),
+        cfg.backend.connect_timeout(),
+        cfg.backend.probe_interval(),
+        status.clone(),
+        shutdown.clone(),
+    )));
+
+    let link = BackendLink {
+        addr: cfg.backend.addr(),
+        storage: storage.clone(),
+        connect_timeout: cfg.backend.connect_timeout(),
+        call_timeout: cfg.backend.call_timeout(),
+        max_message_bytes: cfg.client.max_message_bytes,
+    };
+
+    let hooks: HooksFactory = match &cfg.replication {
+        Some(r) if r.role == RoleConfig::Primary => {
+            start_primary(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+            Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
+        }
+        Some(r) => {
+            let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
+            start_replica(
+                r,
+                &cfg,
+                &link,
+                applied.clone(),
+                &status,
+                &shutdown,
+                &mut tasks,
+            )?;
+            let allow_pack = r.allow_pack;
+            Arc::new(move || {
+                Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
+            })
+        }
+        None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
+    };
+
+    if let Some(a) = &cfg.admin {
+        let l = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("listen for admin HTTP on {}", a.listen))?;
+        info!(listen = %a.listen, "admin HTTP (metrics, health, status)");
+        tasks.push(tokio::spawn(crate::admin::http::serve(
+            l,
+            crate::admin::http::AdminState {
+                status: status.clone(),
+                prometheus: prometheus.clone(),
+                max_replica_lag: a.max_replica_lag(),
+            },
+            shutdown.clone(),
+        )));
+    }
+
     let listener = tokio::net::TcpListener::bind(cfg.client.listen)
         .await
         .with_context(|| format!("listen for clients on {}", cfg.client.listen))?;
@@ -41,6 +121,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         backend = %cfg.backend.addr(),
         node = %cfg.node_name,
+        role = ?role,
         version = env!("CARGO_PKG_VERSION"),
         "zrelay serving ZEO clients"
     );
@@ -51,7 +132,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         backend: cfg.backend.addr(),
         connect_timeout: cfg.backend.connect_timeout(),
     };
-    let hooks: HooksFactory = Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>);
     let clients = ClientListener {
         listener,
         limits,
@@ -67,7 +147,103 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     shutdown.cancel();
     let _ = serving.await;
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     info!("shut down");
+    Ok(())
+}
+
+async fn start_primary(
+    r: &ReplicationConfig,
+    cfg: &Config,
+    link: &BackendLink,
+    status: &Arc<StatusHub>,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
+    let listen = r.listen.context("replication.listen")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen for replicas on {listen}"))?;
+    info!(listen = %listen, cluster = %r.cluster, "replication: primary, accepting replicas over mutual TLS");
+    // Bounded: a replica that falls this far behind the live feed reads
+    // history instead (see SenderState).
+    let (commits, _) = broadcast::channel(1024);
+    let (last_tx, last_rx) = watch::channel(Z64);
+    tasks.push(tokio::spawn(feed::run_feed(
+        link.clone(),
+        commits.clone(),
+        last_tx,
+        status.clone(),
+        shutdown.clone(),
+    )));
+    let lcfg = ListenerConfig {
+        acceptor: tokio_rustls::TlsAcceptor::from(server_cfg),
+        allowed_peers: r.allowed_peers.clone(),
+        sender: SenderConfig {
+            cluster: r.cluster.clone(),
+            storage: link.storage.clone(),
+            primary_node: cfg.node_name.clone(),
+            heartbeat_interval: Duration::from_millis(r.heartbeat_interval_ms),
+            live_queue_limit_txns: r.live_queue_txns,
+            live_queue_limit_bytes: r.live_queue_bytes,
+        },
+        max_message_bytes: r.max_message_bytes,
+        handshake_timeout: Duration::from_secs(10),
+    };
+    tasks.push(tokio::spawn(feed::serve_replicas(
+        listener,
+        lcfg,
+        link.clone(),
+        FeedHandle {
+            commits,
+            last_tid: last_rx,
+        },
+        status.clone(),
+        shutdown.clone(),
+    )));
+    Ok(())
+}
+
+fn start_replica(
+    r: &ReplicationConfig,
+    cfg: &Config,
+    link: &BackendLink,
+    applied: Arc<AppliedLog>,
+    status: &Arc<StatusHub>,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let client_cfg = tls::client_config(&r.tls).context("load replication TLS files")?;
+    let upstream = r.upstream.clone().context("replication.upstream")?;
+    info!(upstream = %upstream, cluster = %r.cluster, "replication: replica, read-only service");
+    let applier = Applier::new(
+        link.addr.clone(),
+        link.storage.clone(),
+        link.connect_timeout,
+        link.call_timeout,
+        r.max_message_bytes,
+        applied,
+    );
+    let rcfg = ReplicaConfig {
+        cluster: r.cluster.clone(),
+        storage: link.storage.clone(),
+        node: cfg.node_name.clone(),
+        upstream_name: r.upstream_server_name(),
+        upstream,
+        connector: tokio_rustls::TlsConnector::from(client_cfg),
+        stale_after: Duration::from_millis(r.stale_after_ms),
+        max_message_bytes: r.max_message_bytes,
+        connect_timeout: link.connect_timeout,
+    };
+    tasks.push(tokio::spawn(replica::run_replica(
+        rcfg,
+        applier,
+        status.clone(),
+        shutdown.clone(),
+    )));
     Ok(())
 }
 

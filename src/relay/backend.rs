@@ -7,8 +7,8 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::BackendAddr;
 
-pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+pub type BoxRead = Box<dyn AsyncRead + Send + Sync + Unpin>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

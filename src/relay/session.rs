@@ -149,12 +149,8 @@ where
     async fn run_inner(&mut self) -> Result<SessionEnd, SessionEnd> {
         let (mut br, mut bw) =
             match backend::connect(&self.limits.backend, self.limits.connect_timeout).await {
-                Ok(halves) => {
-                    m::backend_up(true);
-                    halves
-                }
+                Ok(halves) => halves,
                 Err(e) => {
-                    m::backend_up(false);
                     m::backend_connect_failed();
                     return Err(e.into());
                 }

@@ -2,9 +2,11 @@
 
 pub mod applied;
 pub mod applier;
+pub mod feed;
 pub mod history;
 pub mod protocol;
 pub mod receiver;
+pub mod replica;
 pub mod replica_session;
 pub mod sender;
 pub mod tls;

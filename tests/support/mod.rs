@@ -508,7 +508,8 @@ impl Relay {
             .arg("--config")
             .arg(&self.config)
             .current_dir(self.dir.path())
-            .env("RUST_BACKTRACE", "1");
+            .env("RUST_BACKTRACE", "1")
+            .env("NO_COLOR", "1");
         self.proc = Some(Proc::spawn("zrelay", cmd, &self.log, self.launches));
         let addr = self.addr.clone();
         let proc = self.proc.as_mut().expect("just spawned");

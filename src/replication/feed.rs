@@ -1,0 +1,544 @@
+//! The primary's side: learn every commit in order, read it back from the
+//! backend, and stream it to each connected replica.
+//!
+//! - The *observer* is a ZEO connection registered with the backend; its
+//!   `invalidateTransaction` stream is the total order of every commit,
+//!   including writes that bypassed the proxy (invariant 2).
+//! - For each new tid the feed reads the committed transaction from the
+//!   backend's history (never from what a client sent: resolved conflicts and
+//!   undo differ from it) and publishes it on a bounded broadcast.
+//! - Each replica connection runs a [`SenderState`] (I/O-free) that catches
+//!   up from history and then follows the broadcast with no gap and no
+//!   duplicate; a slow replica overflows back to history reading.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use super::history::{read_txn, HistoryCursor};
+use super::protocol::{self, StreamMsg};
+use super::sender::{SenderConfig, SenderMode, SenderState};
+use super::tls;
+use super::txn::{tid_after, tid_hex, Tid, Txn, Z64};
+use crate::config::BackendAddr;
+use crate::metrics as m;
+use crate::status::{ReplicaPeerStatus, StatusHub, StreamState};
+use crate::wire::calls::ServerMsg;
+use crate::zeoclient::{ZeoConn, ZeoError};
+
+/// How the feed reaches its backend.
+#[derive(Clone)]
+pub struct BackendLink {
+    pub addr: BackendAddr,
+    pub storage: String,
+    pub connect_timeout: Duration,
+    pub call_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl BackendLink {
+    pub async fn open(&self, read_only: bool) -> Result<(ZeoConn, Tid), ZeoError> {
+        let (c, last) = ZeoConn::open(
+            &self.addr,
+            &self.storage,
+            read_only,
+            self.connect_timeout,
+            self.call_timeout,
+            self.max_message_bytes,
+        )
+        .await?;
+        let last: Tid = last[..]
+            .try_into()
+            .map_err(|_| ZeoError::Protocol("register reply is not a tid".into()))?;
+        Ok((c, last))
+    }
+}
+
+/// What replica connections subscribe to.
+#[derive(Clone)]
+pub struct FeedHandle {
+    pub commits: broadcast::Sender<Arc<Txn>>,
+    /// Newest tid known committed on the backend.
+    pub last_tid: watch::Receiver<Tid>,
+}
+
+/// Runs the observer and fetcher until shutdown, reconnecting on errors.
+pub async fn run_feed(
+    link: BackendLink,
+    commits: broadcast::Sender<Arc<Txn>>,
+    last_tid: watch::Sender<Tid>,
+    status: Arc<StatusHub>,
+    shutdown: CancellationToken,
+) {
+    // Newest tid published on `commits` (Z64: nothing published yet).
+    let mut published: Tid = Z64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = feed_once(&link, &commits, &last_tid, &status, &mut published) => r,
+        };
+        if let Err(e) = r {
+            warn!(error = %e, "commit feed lost its backend connection; reconnecting");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn feed_once(
+    link: &BackendLink,
+    commits: &broadcast::Sender<Arc<Txn>>,
+    last_tid: &watch::Sender<Tid>,
+    status: &StatusHub,
+    published: &mut Tid,
+) -> Result<(), ZeoError> {
+    let (mut observer, last) = link.open(true).await?;
+    let (mut reader, _) = link.open(true).await?;
+    if *published == Z64 {
+        // First start: replicas catch up from history; publish from here on.
+        *published = last;
+    } else if last > *published {
+        // Commits made while the observer was away: publish them in order.
+        publish_range(&mut reader, published, last, commits, last_tid, status).await?;
+    }
+    set_last(last_tid, status, last.max(*published));
+    info!(last = %tid_hex(&last), "commit feed observing the backend");
+    loop {
+        let msg = observer.read_message().await?;
+        let Ok(ServerMsg::InvalidateTransaction { tid, .. }) = ServerMsg::parse(&msg) else {
+            continue;
+        };
+        let Ok(tid): Result<Tid, _> = tid.try_into() else {
+            continue;
+        };
+        if tid <= *published {
+            continue;
+        }
+        publish_range(&mut reader, published, tid, commits, last_tid, status).await?;
+    }
+}
+
+/// Reads the committed transactions in `(published, upto]` and publishes
+/// them in order. Reading a range, not one tid, means a missed invalidation
+/// can never become a gap.
+async fn publish_range(
+    reader: &mut ZeoConn,
+    published: &mut Tid,
+    upto: Tid,
+    commits: &broadcast::Sender<Arc<Txn>>,
+    last_tid: &watch::Sender<Tid>,
+    status: &StatusHub,
+) -> Result<(), ZeoError> {
+    let mut cursor = HistoryCursor::open(reader, tid_after(published), Some(upto)).await?;
+    while let Some(txn) = cursor.next(reader).await? {
+        if txn.tid <= *published {
+            continue;
+        }
+        *published = txn.tid;
+        set_last(last_tid, status, txn.tid);
+        // No receivers is fine: nobody is streaming right now.
+        let _ = commits.send(Arc::new(txn));
+    }
+    Ok(())
+}
+
+fn set_last(last_tid: &watch::Sender<Tid>, status: &StatusHub, tid: Tid) {
+    last_tid.send_if_modified(|t| {
+        if tid > *t {
+            *t = tid;
+            true
+        } else {
+            false
+        }
+    });
+    let unix = super::txn::tid_unix_secs(&tid);
+    m::primary_last_commit(unix);
+    status.update(|s| {
+        s.storage_last_tid = Some(tid_hex(&tid));
+        s.storage_last_commit_unix = Some(unix);
+    });
+}
+
+/// Settings of the replication listener on a primary.
+#[derive(Clone)]
+pub struct ListenerConfig {
+    pub acceptor: TlsAcceptor,
+    pub allowed_peers: Vec<String>,
+    pub sender: SenderConfig,
+    pub max_message_bytes: usize,
+    pub handshake_timeout: Duration,
+}
+
+/// Accepts replica connections until shutdown. A refused or failed peer
+/// never affects the others.
+pub async fn serve_replicas(
+    listener: TcpListener,
+    cfg: ListenerConfig,
+    link: BackendLink,
+    feed: FeedHandle,
+    status: Arc<StatusHub>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "replication accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let cfg = cfg.clone();
+        let link = link.clone();
+        let feed = feed.clone();
+        let status = status.clone();
+        let shutdown = shutdown.clone();
+        let span = info_span!("replica_conn", peer = %peer, node = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                let (stream, name) = match tls::accept(
+                    &cfg.acceptor,
+                    tcp,
+                    &cfg.allowed_peers,
+                    cfg.handshake_timeout,
+                )
+                .await
+                {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tls::record_handshake_failure(&e);
+                        warn!(reason = e.reason(), error = %e, "replication peer refused");
+                        return;
+                    }
+                };
+                tracing::Span::current().record("node", name.as_str());
+                info!("replica connected");
+                let r = serve_one(
+                    stream,
+                    &name,
+                    peer.to_string(),
+                    &cfg,
+                    &link,
+                    feed,
+                    &status,
+                    shutdown,
+                )
+                .await;
+                status.update(|s| {
+                    if let Some(p) = s.replicas.get_mut(&name) {
+                        p.state = StreamState::Disconnected;
+                    }
+                });
+                m::peer_connected(&name, false);
+                match r {
+                    Ok(()) => info!("replica stream ended"),
+                    Err(e) => warn!(error = %e, "replica stream ended"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("stream: {0}")]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("stream i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("primary backend: {0}")]
+    Backend(#[from] ZeoError),
+    #[error("replica sent no Hello within {0:?}")]
+    NoHello(Duration),
+    #[error("replica closed the stream")]
+    Closed,
+    #[error("refused replica: {0}")]
+    Refused(String),
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_one<S>(
+    stream: S,
+    name: &str,
+    peer_addr: String,
+    cfg: &ListenerConfig,
+    link: &BackendLink,
+    feed: FeedHandle,
+    status: &StatusHub,
+    shutdown: CancellationToken,
+) -> Result<(), StreamError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    // Subscribe before anything is read from history: every commit from
+    // here on is either in history or in this subscription.
+    let mut live = feed.commits.subscribe();
+    let (mut rh, mut wh) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let max = cfg.max_message_bytes;
+
+    let hello = match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut rh, &mut rbuf, max))
+        .await
+    {
+        Err(_) => return Err(StreamError::NoHello(cfg.handshake_timeout)),
+        Ok(r) => r?,
+    };
+    let StreamMsg::Hello(hello) = hello else {
+        return Err(StreamError::Protocol(protocol::ProtocolError::Unexpected {
+            got: hello.kind(),
+            state: "awaiting_hello",
+        }));
+    };
+    let (mut conn, primary_last) = link.open(true).await?;
+    let digest = if hello.last_tid == Z64 {
+        None
+    } else {
+        read_txn(&mut conn, &hello.last_tid)
+            .await?
+            .map(|t| t.digest())
+    };
+    let mut state = SenderState::new(cfg.sender.clone());
+    let mut wbuf = BytesMut::with_capacity(64 * 1024);
+    let known_last = *feed.last_tid.borrow();
+    match state.on_hello(&hello, primary_last.max(known_last), digest, Instant::now()) {
+        Ok(welcome) => protocol::encode(&welcome, &mut wbuf)?,
+        Err(refusal) => {
+            protocol::encode(&refusal.to_msg(), &mut wbuf)?;
+            wh.write_all(&wbuf).await?;
+            let _ = wh.shutdown().await;
+            if refusal.reason == protocol::RefuseReason::Diverged {
+                m::peer_diverged(name, true);
+                error!(replica = name, message = %refusal.message, "replica has diverged from the primary; not feeding it");
+                status.update(|s| {
+                    s.replicas.insert(
+                        name.to_string(),
+                        ReplicaPeerStatus {
+                            node: name.to_string(),
+                            peer_addr: peer_addr.clone(),
+                            state: StreamState::Diverged,
+                            sent_tid: None,
+                            acked_tid: Some(tid_hex(&hello.last_tid)),
+                            lag_seconds: 0.0,
+                            lag_transactions: 0,
+                            lag_bytes: 0,
+                            diverged: true,
+                        },
+                    );
+                });
+            }
+            return Err(StreamError::Refused(refusal.message));
+        }
+    }
+    wh.write_all(&wbuf).await?;
+    wbuf.clear();
+    m::peer_connected(name, true);
+    m::peer_diverged(name, false);
+    info!(replica = name, from = %tid_hex(&hello.last_tid), "replica accepted; streaming");
+
+    // Acks arrive on their own task so history reading never stalls them.
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Result<Tid, StreamError>>(1024);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_msg(&mut rh, &mut rbuf, max).await;
+            let item = match r {
+                Ok(StreamMsg::Ack { tid }) => Ok(tid),
+                Ok(other) => Err(StreamError::Protocol(protocol::ProtocolError::Unexpected {
+                    got: other.kind(),
+                    state: "streaming",
+                })),
+                Err(e) => Err(e),
+            };
+            let stop = item.is_err();
+            if ack_tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let result = stream_loop(
+        &mut state,
+        &mut wh,
+        &mut wbuf,
+        &mut conn,
+        &mut live,
+        &mut ack_rx,
+        &feed,
+        name,
+        &peer_addr,
+        status,
+        &shutdown,
+    )
+    .await;
+    reader.abort();
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_loop<W: AsyncWrite + Unpin>(
+    state: &mut SenderState,
+    wh: &mut W,
+    wbuf: &mut BytesMut,
+    conn: &mut ZeoConn,
+    live: &mut broadcast::Receiver<Arc<Txn>>,
+    acks: &mut mpsc::Receiver<Result<Tid, StreamError>>,
+    feed: &FeedHandle,
+    name: &str,
+    peer_addr: &str,
+    status: &StatusHub,
+    shutdown: &CancellationToken,
+) -> Result<(), StreamError> {
+    loop {
+        // Catch-up rounds from history.
+        while let Some(after) = state.start_history() {
+            let mut cursor = HistoryCursor::open(conn, tid_after(&after), None).await?;
+            loop {
+                drain_live(state, live);
+                drain_acks(state, acks)?;
+                let Some(txn) = cursor.next(conn).await? else {
+                    break;
+                };
+                let size = txn.size_bytes();
+                if let Some(msg) = state.on_history_txn(Arc::new(txn), Instant::now()) {
+                    protocol::encode(&msg, wbuf)?;
+                    m::replica_sent(name, size);
+                }
+                if wbuf.len() >= 256 * 1024 {
+                    wh.write_all(wbuf).await?;
+                    wbuf.clear();
+                    publish(state, feed, name, peer_addr, status);
+                }
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+            }
+            state.on_history_end();
+        }
+        while let Some(msg) = state.poll_send(Instant::now(), unix_ms()) {
+            if let StreamMsg::Txn { txn, .. } = &msg {
+                m::replica_sent(name, txn.size_bytes());
+            }
+            protocol::encode(&msg, wbuf)?;
+        }
+        if !wbuf.is_empty() {
+            wh.write_all(wbuf).await?;
+            wbuf.clear();
+        }
+        publish(state, feed, name, peer_addr, status);
+        if state.mode() != SenderMode::Live && state.mode() != SenderMode::CatchingUp {
+            return Ok(());
+        }
+        let wake = state
+            .next_wakeup()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = live.recv() => match r {
+                Ok(txn) => state.on_live_txn(txn),
+                Err(broadcast::error::RecvError::Lagged(_)) => state.on_live_lost(),
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            a = acks.recv() => match a {
+                Some(Ok(tid)) => state.on_ack(tid)?,
+                Some(Err(e)) => return Err(e),
+                None => return Err(StreamError::Closed),
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+fn drain_live(state: &mut SenderState, live: &mut broadcast::Receiver<Arc<Txn>>) {
+    loop {
+        match live.try_recv() {
+            Ok(txn) => state.on_live_txn(txn),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => state.on_live_lost(),
+            Err(_) => return,
+        }
+    }
+}
+
+fn drain_acks(
+    state: &mut SenderState,
+    acks: &mut mpsc::Receiver<Result<Tid, StreamError>>,
+) -> Result<(), StreamError> {
+    loop {
+        match acks.try_recv() {
+            Ok(Ok(tid)) => state.on_ack(tid)?,
+            Ok(Err(e)) => return Err(e),
+            Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Err(StreamError::Closed),
+        }
+    }
+}
+
+fn publish(
+    state: &SenderState,
+    feed: &FeedHandle,
+    name: &str,
+    peer_addr: &str,
+    status: &StatusHub,
+) {
+    let primary_last = *feed.last_tid.borrow();
+    let lag = state.lag(primary_last);
+    let st = if state.mode() == SenderMode::Live {
+        StreamState::Live
+    } else {
+        StreamState::CatchingUp
+    };
+    status.update(|s| {
+        s.replicas.insert(
+            name.to_string(),
+            ReplicaPeerStatus {
+                node: name.to_string(),
+                peer_addr: peer_addr.to_string(),
+                state: st,
+                sent_tid: Some(tid_hex(&state.last_sent())),
+                acked_tid: Some(tid_hex(&state.acked())),
+                lag_seconds: lag.seconds,
+                lag_transactions: lag.unacked_txns,
+                lag_bytes: lag.unacked_bytes,
+                diverged: false,
+            },
+        );
+    });
+}
+
+async fn read_msg<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<StreamMsg, StreamError> {
+    loop {
+        if let Some(m) = protocol::decode(buf, max)? {
+            return Ok(m);
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        if r.read_buf(buf).await? == 0 {
+            protocol::check_eof(buf)?;
+            return Err(StreamError::Closed);
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The replica's side: connect to the primary proxy over mutual TLS, send a
+//! Hello with the backend's last tid and its digest, apply each transaction
+//! in order, ack it, and keep the status (lag, stream state) current.
+//!
+//! Decisions (apply, skip a resend, divergence) belong to the I/O-free
+//! [`ReceiverState`]; this task moves bytes and drives the [`Applier`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::applier::{Applier, ApplyError};
+use super::history::read_txn;
+use super::protocol::{self, StreamMsg};
+use super::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
+use super::tls;
+use super::txn::{tid_hex, tid_unix_secs, Tid, Z64};
+use crate::metrics as m;
+use crate::status::{StatusHub, StreamState, UpstreamStatus};
+
+#[derive(Clone)]
+pub struct ReplicaConfig {
+    pub cluster: String,
+    pub storage: String,
+    pub node: String,
+    pub upstream: String,
+    pub upstream_name: String,
+    pub connector: TlsConnector,
+    pub stale_after: Duration,
+    pub max_message_bytes: usize,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("connect to upstream {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("stream: {0}")]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("stream i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("upstream closed the stream")]
+    Closed,
+    #[error("upstream silent for {0:?}")]
+    Silent(Duration),
+    #[error("{0}")]
+    Receiver(#[from] ReceiverError),
+    #[error("apply: {0}")]
+    Apply(#[from] ApplyError),
+    #[error("upstream refused: {0}")]
+    Refused(String),
+}
+
+/// Runs until shutdown. Never returns early on divergence: the replica keeps
+/// serving reads and reporting its state, but applies nothing more.
+pub async fn run_replica(
+    cfg: ReplicaConfig,
+    mut applier: Applier,
+    status: Arc<StatusHub>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut state: Option<ReceiverState> = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        // Learn where the backend really is (after any failure too: a
+        // tpc_finish whose reply was lost may have committed).
+        if state.is_none() {
+            match init_state(&mut applier, &cfg).await {
+                Ok(s) => state = Some(s),
+                Err(e) => {
+                    warn!(error = %e, "replica backend not ready");
+                    set_upstream(&status, &cfg, None, Some(e.to_string()));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        let st = state.as_mut().expect("initialised above");
+        if st.mode() == ReceiverMode::Diverged {
+            // Stay alive for status and lag; apply nothing.
+            publish(&status, &cfg, st, None);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => continue,
+            }
+        }
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = stream_once(&cfg, &mut applier, st, &status, &mut ticker) => r,
+        };
+        let err = r.err().map(|e| e.to_string());
+        match &err {
+            Some(e) if st.mode() == ReceiverMode::Diverged => {
+                error!(error = %e, "replica diverged from the primary: applying stopped; serving read-only");
+                m::diverged(true);
+            }
+            Some(e) => warn!(error = %e, "replication stream down; retrying"),
+            None => {}
+        }
+        st.on_disconnect(Instant::now());
+        m::stream_connected(false);
+        // An apply may have been cut mid-way: re-learn the backend position.
+        if let Err(e) = resync(&mut applier, st).await {
+            warn!(error = %e, "replica backend lost; will re-read its position");
+            state = None;
+        }
+        if let Some(st) = &state {
+            publish(&status, &cfg, st, err);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn init_state(
+    applier: &mut Applier,
+    cfg: &ReplicaConfig,
+) -> Result<ReceiverState, ApplyError> {
+    let last = applier.connect().await?;
+    let digest = digest_of(applier, &last).await?;
+    info!(applied = %tid_hex(&last), "replica backend position");
+    Ok(ReceiverState::new(last, digest, Instant::now()).with_stale_after(cfg.stale_after))
+}
+
+async fn digest_of(applier: &mut Applier, tid: &Tid) -> Result<Option<[u8; 32]>, ApplyError> {
+    if *tid == Z64 {
+        return Ok(None);
+    }
+    let mut reader = applier.reader().await?;
+    Ok(read_txn(&mut reader, tid).await?.map(|t| t.digest()))
+}
+
+/// After a failure: if the backend committed more than the state knows (a
+/// lost tpc_finish reply), record it as applied.
+async fn resync(applier: &mut Applier, st: &mut ReceiverState) -> Result<(), ApplyError> {
+    let last = applier.connect().await?;
+    if last > st.applied() {
+        if let Some(d) = digest_of(applier, &last).await? {
+            st.on_applied(last, d);
+        }
+    }
+    Ok(())
+}
+
+async fn stream_once(
+    cfg: &ReplicaConfig,
+    applier: &mut Applier,
+    st: &mut ReceiverState,
+    status: &StatusHub,
+    ticker: &mut tokio::time::Interval,
+) -> Result<(), RunError> {
+    let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&cfg.upstream))
+        .await
+        .map_err(|_| {
+            RunError::Connect(
+                cfg.upstream.clone(),
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            )
+        })?
+        .map_err(|e| RunError::Connect(cfg.upstream.clone(), e))?;
+    let _ = tcp.set_nodelay(true);
+    let (stream, peer) =
+        match tls::connect(&cfg.connector, tcp, &cfg.upstream_name, cfg.connect_timeout).await {
+            Ok(x) => x,
+            Err(e) => {
+                tls::record_handshake_failure(&e);
+                return Err(e.into());
+            }
+        };
+    let (mut rh, mut wh) = tokio::io::split(stream);
+    let mut wbuf = BytesMut::new();
+    protocol::encode(&st.hello(&cfg.cluster, &cfg.storage, &cfg.node), &mut wbuf)?;
+    wh.write_all(&wbuf).await?;
+    wbuf.clear();
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let mut connected_logged = false;
+    loop {
+        let msg = tokio::select! {
+            r = tokio::time::timeout(cfg.stale_after, read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes)) => match r {
+                Err(_) => return Err(RunError::Silent(cfg.stale_after)),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(m)) => m,
+            },
+            _ = ticker.tick() => {
+                publish(status, cfg, st, None);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        match st.on_message(msg, now).map_err(|e| {
+            if let ReceiverError::Protocol(p) = &e {
+                // A closed connection surfaced by the first read after a
+                // refused TLS client certificate.
+                return RunError::Protocol(p.clone());
+            }
+            RunError::Receiver(e)
+        })? {
+            Incoming::Nothing | Incoming::Skip => {}
+            Incoming::Refused { reason, message } => {
+                return Err(RunError::Refused(format!("{reason}: {message}")));
+            }
+            Incoming::Apply { txn, digest } => {
+                let started = Instant::now();
+                let size = txn.size_bytes();
+                applier.apply(&txn).await?;
+                m::replica_applied(size, started.elapsed());
+                let ack = st.on_applied(txn.tid, digest);
+                protocol::encode(&ack, &mut wbuf)?;
+                // Coalesce acks while more transactions are already buffered.
+                if rbuf.len() < 4 || wbuf.len() > 64 * 1024 {
+                    wh.write_all(&wbuf).await?;
+                    wbuf.clear();
+                }
+            }
+        }
+        if !wbuf.is_empty() && rbuf.len() < 4 {
+            wh.write_all(&wbuf).await?;
+            wbuf.clear();
+        }
+        if !connected_logged && st.mode() != ReceiverMode::Handshaking {
+            connected_logged = true;
+            m::stream_connected(true);
+            m::diverged(false);
+            info!(upstream = %cfg.upstream, primary = %peer, applied = %tid_hex(&st.applied()), "replication stream up");
+        }
+        publish(status, cfg, st, None);
+    }
+}
+
+fn stream_state(mode: ReceiverMode) -> StreamState {
+    match mode {
+        ReceiverMode::Live => StreamState::Live,
+        ReceiverMode::CatchingUp => StreamState::CatchingUp,
+        ReceiverMode::Diverged => StreamState::Diverged,
+        _ => StreamState::Disconnected,
+    }
+}
+
+fn set_upstream(
+    status: &StatusHub,
+    cfg: &ReplicaConfig,
+    st: Option<&ReceiverState>,
+    err: Option<String>,
+) {
+    let now = Instant::now();
+    status.update(|s| {
+        let prev_err = s.upstream.as_ref().and_then(|u| u.last_error.clone());
+        let u = match st {
+            Some(st) => {
+                // The admin layer adds the time since last contact while
+                // disconnected; publish the tid lag only.
+                let lag = st.lag(now);
+                let tid_lag = super::txn::tid_delta_secs(&st.primary_last_tid(), &st.applied());
+                let tid_s = |t: Tid| (t != Z64).then(|| tid_hex(&t));
+                UpstreamStatus {
+                    address: cfg.upstream.clone(),
+                    state: stream_state(st.mode()),
+                    primary_last_tid: tid_s(st.primary_last_tid()),
+                    applied_tid: tid_s(st.applied()),
+                    lag_seconds: tid_lag,
+                    lag_transactions: lag.transactions.unwrap_or(0),
+                    lag_bytes: 0,
+                    last_error: err.or(prev_err),
+                    last_contact: st.last_contact(),
+                }
+            }
+            None => UpstreamStatus {
+                address: cfg.upstream.clone(),
+                state: StreamState::Disconnected,
+                primary_last_tid: None,
+                applied_tid: None,
+                lag_seconds: 0.0,
+                lag_transactions: 0,
+                lag_bytes: 0,
+                last_error: err.or(prev_err),
+                last_contact: None,
+            },
+        };
+        if let Some(st) = st {
+            let applied = st.applied();
+            if applied != Z64 {
+                s.storage_last_tid = Some(tid_hex(&applied));
+                s.storage_last_commit_unix = Some(tid_unix_secs(&applied));
+            }
+        }
+        s.upstream = Some(u);
+    });
+}
+
+fn publish(status: &StatusHub, cfg: &ReplicaConfig, st: &ReceiverState, err: Option<String>) {
+    if st.applied() != Z64 {
+        m::applied_last_commit(tid_unix_secs(&st.applied()));
+    }
+    if st.primary_last_tid() != Z64 {
+        m::primary_last_commit(tid_unix_secs(&st.primary_last_tid()));
+    }
+    set_upstream(status, cfg, Some(st), err);
+}
+
+async fn read_msg<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<StreamMsg, RunError> {
+    loop {
+        if let Some(m) = protocol::decode(buf, max)? {
+            return Ok(m);
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        match r.read_buf(buf).await {
+            Ok(0) => {
+                protocol::check_eof(buf)?;
+                return Err(RunError::Closed);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // TLS alerts (e.g. our certificate refused) come as i/o errors.
+                let t = tls::TlsError::from(e);
+                if matches!(t, tls::TlsError::Io(_)) {
+                    return Err(RunError::Tls(t));
+                }
+                tls::record_handshake_failure(&t);
+                return Err(RunError::Tls(t));
+            }
+        }
+    }
+}
