@@ -13,5 +13,6 @@ pub mod relay;
 pub mod replication;
 pub mod server;
 pub mod status;
+pub mod verify;
 pub mod wire;
 pub mod zeoclient;

@@ -34,6 +34,24 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Compare a primary and a replica transaction by transaction up to the
+    /// replica's last tid (backend or zrelay addresses: host:port or a unix
+    /// socket path). Exit 0 identical, 1 different, 2 could not compare.
+    Verify {
+        #[arg(long)]
+        primary: String,
+        #[arg(long)]
+        replica: String,
+        #[arg(long, default_value = "1")]
+        storage: String,
+        /// Skip fetching and comparing blob files.
+        #[arg(long)]
+        no_blobs: bool,
+        #[arg(long, default_value = "10s", value_parser = zrelay::admin::cli::parse_duration)]
+        timeout: Duration,
+        #[arg(long, default_value_t = 20)]
+        max_differences: usize,
+    },
     /// Show every node's role, state and lag (like `patronictl list`).
     Status {
         #[arg(long = "admin", required = true)]
@@ -75,6 +93,24 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Verify {
+            primary,
+            replica,
+            storage,
+            no_blobs,
+            timeout,
+            max_differences,
+        } => block_on(async move {
+            zrelay::verify::run(&zrelay::verify::VerifyOptions {
+                primary,
+                replica,
+                storage,
+                blobs: !no_blobs,
+                timeout,
+                max_differences: max_differences.max(1),
+            })
+            .await
+        }),
         Command::Status { admins } => block_on(zrelay::admin::cli::status_command(&admins)),
         Command::Check {
             admin,

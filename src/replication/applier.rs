@@ -34,6 +34,10 @@ pub enum ApplyError {
     WrongTid { got: String, want: String },
     #[error("bad extension in stream: {0}")]
     Extension(String),
+    /// Someone else committed to the replica's backend: its history is no
+    /// longer the primary's.
+    #[error("replica backend has a commit the applier did not make: {0}")]
+    Foreign(String),
 }
 
 pub struct Applier {
@@ -46,6 +50,8 @@ pub struct Applier {
     last_tid: Tid,
     applied: Arc<AppliedLog>,
     next_txn_id: i64,
+    /// The transaction whose tpc_finish was sent but not confirmed.
+    in_doubt: Option<Tid>,
 }
 
 fn hex(t: &[u8]) -> String {
@@ -75,12 +81,19 @@ impl Applier {
             last_tid: [0; 8],
             applied,
             next_txn_id: 1,
+            in_doubt: None,
         }
     }
 
     /// The backend's last tid as of the last successful exchange.
     pub fn last_tid(&self) -> Tid {
         self.last_tid
+    }
+
+    /// A transaction whose `tpc_finish` was sent but whose reply never came:
+    /// after reconnecting, the backend's last tid tells whether it committed.
+    pub fn in_doubt(&self) -> Option<Tid> {
+        self.in_doubt
     }
 
     /// (Re)connects and learns the backend's last tid. Always asks the
@@ -147,6 +160,12 @@ impl Applier {
         let txn_id = Value::Int(self.next_txn_id);
         self.next_txn_id += 1;
         let conn = self.conn.as_mut().ok_or(ZeoError::Closed)?;
+        // Pipelined with the transaction: where the backend stands now. Any
+        // commit that did not come from this applier shows up here or as an
+        // invalidation on this connection.
+        conn.pending_async
+            .retain(|m| m.method != "invalidateTransaction");
+        let last_q = conn.queue_call("lastTransaction", vec![])?;
         conn.queue_async(
             "tpc_begin",
             vec![
@@ -201,14 +220,32 @@ impl Applier {
         }
         let vote = conn.queue_call("vote", vec![txn_id.clone()])?;
         conn.flush().await?;
+        let backend_last = conn.wait_reply(&last_q).await?;
         conn.wait_reply(&vote).await?;
+        let foreign = conn
+            .pending_async
+            .iter()
+            .any(|m| m.method == "invalidateTransaction");
+        if backend_last.as_bytes() != Some(&self.last_tid[..]) || foreign {
+            let _ = conn.call("tpc_abort", vec![txn_id]).await;
+            return Err(ApplyError::Foreign(format!(
+                "expected last tid {}, backend has {}",
+                hex(&self.last_tid),
+                match backend_last.as_bytes() {
+                    Some(b) => hex(b),
+                    None => format!("{backend_last:?}"),
+                }
+            )));
+        }
         // Recorded before tpc_finish: the backend broadcasts the (empty)
         // invalidation right after committing, and client sessions look the
         // oids up here.
         self.applied.record(txn.tid, txn.oids());
         let fin = conn.queue_call("tpc_finish", vec![txn_id])?;
+        self.in_doubt = Some(txn.tid);
         conn.flush().await?;
         let got = conn.wait_reply(&fin).await?;
+        self.in_doubt = None;
         let got = got.as_bytes().unwrap_or_default();
         if got != txn.tid {
             return Err(ApplyError::WrongTid {

@@ -417,6 +417,13 @@ impl ReceiverState {
         self.received_digest = self.applied_digest;
     }
 
+    /// The replica's own backend holds something the stream did not bring
+    /// (a commit that bypassed the applier, or a position the stream cannot
+    /// explain): stop applying, for good.
+    pub fn on_local_divergence(&mut self, message: String) -> Divergence {
+        self.diverge(DivergenceKind::Conflict, message)
+    }
+
     fn diverge(&mut self, kind: DivergenceKind, message: String) -> Divergence {
         let d = Divergence { kind, message };
         self.mode = ReceiverMode::Diverged;

@@ -149,12 +149,24 @@ async fn digest_of(applier: &mut Applier, tid: &Tid) -> Result<Option<[u8; 32]>,
 /// After a failure: if the backend committed more than the state knows (a
 /// lost tpc_finish reply), record it as applied.
 async fn resync(applier: &mut Applier, st: &mut ReceiverState) -> Result<(), ApplyError> {
+    let in_doubt = applier.in_doubt();
     let last = applier.connect().await?;
-    if last > st.applied() {
+    if last == st.applied() {
+        return Ok(());
+    }
+    if Some(last) == in_doubt {
+        // The lost tpc_finish did commit.
         if let Some(d) = digest_of(applier, &last).await? {
             st.on_applied(last, d);
         }
+        return Ok(());
     }
+    let d = st.on_local_divergence(format!(
+        "replica backend's last tid is {}, the stream applied up to {}",
+        tid_hex(&last),
+        tid_hex(&st.applied())
+    ));
+    error!(error = %d, "replica backend changed behind the applier: applying stopped");
     Ok(())
 }
 
@@ -218,7 +230,12 @@ async fn stream_once(
             Incoming::Apply { txn, digest } => {
                 let started = Instant::now();
                 let size = txn.size_bytes();
-                applier.apply(&txn).await?;
+                if let Err(e) = applier.apply(&txn).await {
+                    if let ApplyError::Foreign(m) = &e {
+                        st.on_local_divergence(m.clone());
+                    }
+                    return Err(e.into());
+                }
                 m::replica_applied(size, started.elapsed());
                 let ack = st.on_applied(txn.tid, digest);
                 protocol::encode(&ack, &mut wbuf)?;
