@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# make demo: a runzeo + zrelay on loopback, a sample workload through the
-# proxy, then keep running until Ctrl-C.
+# make demo: a primary and a replica on loopback, each a runzeo with a zrelay
+# beside it, replicating over mutual TLS; a sample write on the primary read
+# back from the replica; then keep running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 ZRELAY=$ROOT/target/release/zrelay
 DEMO=${DEMO_DIR:-$ROOT/demo-data}
-CLIENT_PORT=${DEMO_CLIENT_PORT:-8100}
-BACKEND_PORT=${DEMO_BACKEND_PORT:-8200}
+BASE=${DEMO_BASE_PORT:-8100}   # ports BASE..BASE+7 on 127.0.0.1
 
-rm -rf "$DEMO"; mkdir -p "$DEMO/primary"
+P_CLIENT=$BASE;       R_CLIENT=$((BASE+1))
+P_BACKEND=$((BASE+2)); R_BACKEND=$((BASE+3))
+P_ADMIN=$((BASE+4));  R_ADMIN=$((BASE+5))
+P_REPL=$((BASE+6))
+
+rm -rf "$DEMO"; mkdir -p "$DEMO/primary" "$DEMO/replica"
 pids=()
 cleanup() {
   trap - EXIT INT TERM
@@ -20,41 +25,90 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-cat > "$DEMO/primary/zeo.conf" <<CONF
+"$ZRELAY" cert --dir "$DEMO/certs" primary replica >/dev/null
+
+for node in primary replica; do
+  if [ $node = primary ]; then port=$P_BACKEND; else port=$R_BACKEND; fi
+  cat > "$DEMO/$node/zeo.conf" <<CONF
 <zeo>
-  address 127.0.0.1:$BACKEND_PORT
+  address 127.0.0.1:$port
 </zeo>
 <filestorage 1>
-  path $DEMO/primary/Data.fs
-  blob-dir $DEMO/primary/blobs
+  path $DEMO/$node/Data.fs
+  blob-dir $DEMO/$node/blobs
 </filestorage>
 CONF
+done
+
 cat > "$DEMO/primary/zrelay.toml" <<CONF
 node_name = "primary"
 [client]
-listen = "127.0.0.1:$CLIENT_PORT"
+listen = "127.0.0.1:$P_CLIENT"
 [backend]
-address = "127.0.0.1:$BACKEND_PORT"
+address = "127.0.0.1:$P_BACKEND"
+[admin]
+listen = "127.0.0.1:$P_ADMIN"
+[replication]
+role = "primary"
+listen = "127.0.0.1:$P_REPL"
+allowed_peers = ["replica"]
+[replication.tls]
+ca_file = "$DEMO/certs/ca.pem"
+cert_file = "$DEMO/certs/primary.pem"
+key_file = "$DEMO/certs/primary-key.pem"
+CONF
+cat > "$DEMO/replica/zrelay.toml" <<CONF
+node_name = "replica"
+[client]
+listen = "127.0.0.1:$R_CLIENT"
+[backend]
+address = "127.0.0.1:$R_BACKEND"
+[admin]
+listen = "127.0.0.1:$R_ADMIN"
+[replication]
+role = "replica"
+upstream = "127.0.0.1:$P_REPL"
+upstream_name = "primary"
+[replication.tls]
+ca_file = "$DEMO/certs/ca.pem"
+cert_file = "$DEMO/certs/replica.pem"
+key_file = "$DEMO/certs/replica-key.pem"
 CONF
 
-"$ROOT/.venv/bin/runzeo" -C "$DEMO/primary/zeo.conf" >"$DEMO/primary/runzeo.log" 2>&1 &
-pids+=($!)
-"$PY" scripts/wait_port.py 127.0.0.1 "$BACKEND_PORT" 20
-"$ZRELAY" run --config "$DEMO/primary/zrelay.toml" 2>"$DEMO/primary/zrelay.log" &
-pids+=($!)
-"$PY" scripts/wait_port.py 127.0.0.1 "$CLIENT_PORT" 20
+for node in primary replica; do
+  "$ROOT/.venv/bin/runzeo" -C "$DEMO/$node/zeo.conf" >"$DEMO/$node/runzeo.log" 2>&1 &
+  pids+=($!)
+done
+"$PY" scripts/wait_port.py 127.0.0.1 "$P_BACKEND" 20
+"$PY" scripts/wait_port.py 127.0.0.1 "$R_BACKEND" 20
+for node in primary replica; do
+  "$ZRELAY" run --config "$DEMO/$node/zrelay.toml" 2>"$DEMO/$node/zrelay.log" &
+  pids+=($!)
+done
+"$PY" scripts/wait_port.py 127.0.0.1 "$P_CLIENT" 20
+"$PY" scripts/wait_port.py 127.0.0.1 "$R_CLIENT" 20
 
-echo "== sample workload through zrelay (127.0.0.1:$CLIENT_PORT) =="
-"$PY" scripts/demo_workload.py "127.0.0.1:$CLIENT_PORT"
+echo "== write through the primary (127.0.0.1:$P_CLIENT), read back from the replica (127.0.0.1:$R_CLIENT) =="
+"$PY" scripts/demo_workload.py "127.0.0.1:$P_CLIENT" "127.0.0.1:$R_CLIENT"
+echo
+echo "== the cluster as zrelay sees it =="
+"$ZRELAY" status --admin "127.0.0.1:$P_ADMIN" --admin "127.0.0.1:$R_ADMIN" || true
+echo
+echo "== transaction-by-transaction comparison =="
+"$ZRELAY" verify --primary "127.0.0.1:$P_BACKEND" --replica "127.0.0.1:$R_BACKEND" 2>/dev/null || true
 
 cat <<INFO
 
-zrelay is running. Look at:
-  clients connect to   127.0.0.1:$CLIENT_PORT   (ZEO.ClientStorage(('127.0.0.1', $CLIENT_PORT)))
-  backend runzeo       127.0.0.1:$BACKEND_PORT
-  zrelay log           $DEMO/primary/zrelay.log
-  runzeo log           $DEMO/primary/runzeo.log
-  try it:              .venv/bin/python scripts/demo_workload.py 127.0.0.1:$CLIENT_PORT
+The demo cluster is running. Look at:
+  write clients ->  127.0.0.1:$P_CLIENT   ZEO.ClientStorage(('127.0.0.1', $P_CLIENT))
+  read clients  ->  127.0.0.1:$R_CLIENT   ZEO.ClientStorage(('127.0.0.1', $R_CLIENT), read_only=True)
+  metrics          http://127.0.0.1:$P_ADMIN/metrics   http://127.0.0.1:$R_ADMIN/metrics
+  status           http://127.0.0.1:$P_ADMIN/status    http://127.0.0.1:$R_ADMIN/status
+  health (LB)      http://127.0.0.1:$P_ADMIN/primary   http://127.0.0.1:$R_ADMIN/replica?lag=1s
+  cluster table    $ZRELAY status --admin 127.0.0.1:$P_ADMIN --admin 127.0.0.1:$R_ADMIN
+  nagios check     $ZRELAY check --admin 127.0.0.1:$R_ADMIN --max-lag 5s
+  more writes      $PY scripts/demo_workload.py 127.0.0.1:$P_CLIENT 127.0.0.1:$R_CLIENT
+  logs             $DEMO/{primary,replica}/zrelay.log
 
 Ctrl-C to stop.
 INFO

@@ -164,26 +164,33 @@ where
         let hs = self.limits.handshake_timeout;
 
         // The server speaks first: its protocol offer.
-        let offer = read_first_frame(&mut br, &mut bbuf, max, hs)
-            .await
-            .map_err(|e| match e {
-                Side::Io(e) => SessionEnd::BackendIo(e),
-                Side::Closed => SessionEnd::BackendClosed,
-                Side::Protocol(p) => SessionEnd::BackendProtocol(format!("handshake: {p}")),
-            })?;
+        let shutdown = self.shutdown.clone();
+        // Nothing is in flight before the handshakes are done: a shutdown
+        // ends the session at once.
+        let offer = tokio::select! {
+            r = read_first_frame(&mut br, &mut bbuf, max, hs) => r,
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Drained),
+        }
+        .map_err(|e| match e {
+            Side::Io(e) => SessionEnd::BackendIo(e),
+            Side::Closed => SessionEnd::BackendClosed,
+            Side::Protocol(p) => SessionEnd::BackendProtocol(format!("handshake: {p}")),
+        })?;
         write_frames(&mut cw, &[&offer])
             .await
             .map_err(SessionEnd::ClientIo)?;
 
         // The client's answer decides the session's encoding (the server
         // adopts it whatever it offered).
-        let answer = read_first_frame(&mut cr, &mut cbuf, max, hs)
-            .await
-            .map_err(|e| match e {
-                Side::Io(e) => SessionEnd::ClientIo(e),
-                Side::Closed => SessionEnd::ClientClosed,
-                Side::Protocol(p) => SessionEnd::ClientProtocol(format!("handshake: {p}")),
-            })?;
+        let answer = tokio::select! {
+            r = read_first_frame(&mut cr, &mut cbuf, max, hs) => r,
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Drained),
+        }
+        .map_err(|e| match e {
+            Side::Io(e) => SessionEnd::ClientIo(e),
+            Side::Closed => SessionEnd::ClientClosed,
+            Side::Protocol(p) => SessionEnd::ClientProtocol(format!("handshake: {p}")),
+        })?;
         if &answer[..] == b"ruok" {
             write_frames(&mut bw, &[&answer])
                 .await
