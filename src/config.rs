@@ -456,4 +456,59 @@ address = "127.0.0.1:8200"
         let e = parse(&MIN.replace("127.0.0.1:8100", "not an addr")).unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
     }
+
+    #[test]
+    fn example_files_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "ca.pem",
+            "primary.pem",
+            "primary-key.pem",
+            "replica1.pem",
+            "replica1-key.pem",
+        ] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for name in ["zrelay.toml", "primary.toml", "replica.toml"] {
+            let path = root.join(name);
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("/etc/zrelay/tls", &dir.path().display().to_string());
+            Config::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn replication_roles_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        let f = dir.path().join("f").display().to_string();
+        let tls = format!(
+            "[replication.tls]\nca_file = \"{f}\"\ncert_file = \"{f}\"\nkey_file = \"{f}\"\n"
+        );
+        let e = parse(&format!("{MIN}[replication]\nrole = \"replica\"\n{tls}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replication.upstream"), "{e}");
+        let e = parse(&format!("{MIN}[replication]\nrole = \"primary\"\n{tls}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replication.listen"), "{e}");
+        let e = parse(&format!("{MIN}[replication]\nrole = \"leader\"\n{tls}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leader"), "{e}");
+        let ok = parse(&format!(
+            "{MIN}[replication]\nrole = \"replica\"\nupstream = \"127.0.0.1:9\"\n{tls}"
+        ))
+        .unwrap();
+        assert_eq!(ok.replication.unwrap().upstream_server_name(), "127.0.0.1");
+        let e = parse(&format!(
+            "{MIN}[replication]\nrole = \"replica\"\nupstream = \"127.0.0.1:9\"\n[replication.tls]\nca_file = \"/nonexistent\"\ncert_file = \"{f}\"\nkey_file = \"{f}\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ca_file"), "{e}");
+    }
 }

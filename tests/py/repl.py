@@ -1,0 +1,738 @@
+"""Replication helpers for tests/replication.rs: workloads, comparisons and
+checks, run with real ZEO clients against a primary/replica pair.
+
+Usage: repl.py COMMAND ARGS...
+
+ADDR is HOST:PORT or an absolute unix socket path. Each command asserts
+what it sees and exits non-zero with a "FAIL <command>: ..." line on stderr
+when something is wrong; results are printed as key=value words on stdout.
+
+If ZRELAY_EXPECT_PROTOCOL is set (e.g. "M5"), every ClientStorage checks
+that it negotiated that protocol.
+
+Commands:
+  lasttid ADDR                       last=<hex>
+  set ADDR KEY VALUE                 root[KEY]['v'] = VALUE; tid=<hex>
+  workload PROXY BACKEND SMALL BIG_MB
+                                     the mix (see workload()); last=<hex>
+  big ADDR MB                        one transaction of MB megabytes
+  compare DIR1 DIR2                  Data.fs + blobs of two runzeo dirs
+  writer ADDR                        interactive: commit until "stop"
+  fresh-cache PRIMARY REPLICA ADMIN ROUNDS
+  pcache-prime PRIMARY REPLICA VAR KEY
+  pcache-check REPLICA VAR KEY OID WANT
+  refuse-writes REPLICA REPLICA_BACKEND
+"""
+import faulthandler
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import transaction
+from BTrees.Length import Length
+from BTrees.OOBTree import OOBTree
+from persistent.list import PersistentList
+from persistent.mapping import PersistentMapping
+from ZEO.ClientStorage import ClientStorage
+from ZEO.Exceptions import ClientDisconnected
+from ZODB import DB
+from ZODB.blob import Blob
+from ZODB.Connection import TransactionMetaData
+from ZODB.FileStorage import FileIterator
+from ZODB.POSException import ConflictError
+from ZODB.POSException import POSKeyError
+from ZODB.POSException import ReadOnlyError
+from ZODB.utils import p64
+from ZODB.utils import z64
+
+WAIT_TIMEOUT = 15
+COMMANDS = {}
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Failure(msg)
+
+
+def check_eq(got, want, what):
+    if got != want:
+        raise Failure(f'{what}: got {got!r}, want {want!r}')
+
+
+def command(fn):
+    name = fn.__name__.replace('_', '-')
+    COMMANDS['set' if name == 'set-value' else name] = fn
+    return fn
+
+
+def parse_addr(text):
+    if text.startswith('/'):
+        return text
+    host, port = text.rsplit(':', 1)
+    return (host, int(port))
+
+
+def open_storage(addr, **kw):
+    """A ClientStorage with server_sync: tm.begin() pings the server, so
+    every invalidation sent before is processed by then."""
+    kw.setdefault('wait_timeout', WAIT_TIMEOUT)
+    kw.setdefault('server_sync', True)
+    storage = ClientStorage(parse_addr(addr), **kw)
+    want = os.environ.get('ZRELAY_EXPECT_PROTOCOL')
+    if want:
+        check_eq(storage.protocol_version, want.encode(),
+                 'negotiated protocol')
+    return storage
+
+
+def open_db(addr, **kw):
+    return DB(open_storage(addr, **kw))
+
+
+def new_conn(db):
+    tm = transaction.TransactionManager()
+    return tm, db.open(transaction_manager=tm)
+
+
+def commit(tm, note=None, user=None, ext=None):
+    t = tm.get()
+    if note:
+        t.note(note)
+    if user:
+        t.setUser(user)
+    for k, v in (ext or {}).items():
+        t.setExtendedInfo(k, v)
+    tm.commit()
+
+
+def wait_until(cond, what, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            raise Failure(f'timed out after {timeout}s waiting for {what}')
+        time.sleep(0.02)
+
+
+def hx(tid):
+    return tid.hex()
+
+
+def last_tid(addr):
+    st = open_storage(addr, read_only=True)
+    try:
+        return st.lastTransaction()
+    finally:
+        st.close()
+
+
+def read_command():
+    line = sys.stdin.readline()
+    if not line:
+        raise Failure('stdin closed while waiting for a command')
+    return line.strip()
+
+
+# --------------------------------------------------------------- commands
+
+@command
+def lasttid(addr):
+    print(f'last={hx(last_tid(addr))}')
+
+
+@command
+def set_value(addr, key, value):
+    """root[KEY]['v'] = VALUE in one transaction; prints its tid."""
+    db = open_db(addr)
+    try:
+        tm, conn = new_conn(db)
+        root = conn.root()
+        if key not in root:
+            root[key] = PersistentMapping()
+        root[key]['v'] = value
+        commit(tm, f'set {key}={value}', user='setter')
+        print(f'tid={hx(root[key]._p_serial)}')
+    finally:
+        db.close()
+
+
+def big_txn(tm, root, mb, what):
+    """One transaction of about MB megabytes: 1 MB records plus, from 16
+    MB up, one record of a quarter of the size."""
+    chunks = PersistentList()
+    left = mb
+    if mb >= 16:
+        chunks.append(os.urandom(mb // 4 * 1024 * 1024))
+        left -= mb // 4
+    for _ in range(left):
+        chunks.append(PersistentMapping(data=os.urandom(1024 * 1024)))
+    root[what] = chunks
+    commit(tm, f'{what}: {mb} MB')
+    return root[what]._p_serial
+
+
+@command
+def big(addr, mb):
+    db = open_db(addr)
+    try:
+        tm, conn = new_conn(db)
+        started = time.monotonic()
+        tid = big_txn(tm, conn.root(), int(mb), 'big')
+        print(f'tid={hx(tid)} seconds={time.monotonic() - started:.2f}')
+    finally:
+        db.close()
+
+
+@command
+def workload(proxy, backend, small, big_mb):
+    """Through the primary proxy: new objects, updates, a conflict resolved
+    by the server (BTrees.Length), an unresolvable ConflictError, undo,
+    deleteObject, blobs (non-shared blob dir), one big transaction and SMALL
+    small transactions; interleaved with commits made directly on the
+    primary BACKEND (which the proxy never sees)."""
+    small, big_mb = int(small), int(big_mb)
+    db = open_db(proxy, blob_dir=tempfile.mkdtemp(prefix='blobs-w-'),
+                 shared_blob_dir=False)
+    db2 = open_db(proxy)
+    direct = open_db(backend)
+    try:
+        tm, conn = new_conn(db)
+        tm2, conn2 = new_conn(db2)
+        dtm, dconn = new_conn(direct)
+        root = conn.root()
+
+        # new objects, with metadata worth comparing
+        root['tree'] = OOBTree()
+        for i in range(200):
+            root['tree'][i] = PersistentMapping(i=i, s='x' * i)
+        root['counter'] = Length(0)
+        root['m'] = PersistentMapping(v=0)
+        root['dtree'] = OOBTree()
+        commit(tm, 'create ✓ zażółć', user='wörker',
+               ext={'k': 'ünï', 'nested': {'a': (1, 2), 'b': 'ß'}, 'n': 7})
+
+        # updates
+        for i in range(0, 200, 7):
+            root['tree'][i]['s'] = f'updated {i}'
+        commit(tm, 'update')
+
+        # a conflict the server resolves (BTrees.Length)
+        tm2.begin()
+        check_eq(conn2.root()['counter'](), 0, 'counter seen by db2')
+        root['counter'].change(1)
+        commit(tm)
+        conn2.root()['counter'].change(10)
+        commit(tm2, 'resolved by the server')
+        tm.begin()
+        check_eq(root['counter'](), 11, 'counter after resolution')
+
+        # an unresolvable conflict
+        tm2.begin()
+        check_eq(conn2.root()['m']['v'], 0, 'm seen by db2')
+        root['m']['v'] = 1
+        commit(tm)
+        conn2.root()['m']['v'] = 2
+        try:
+            commit(tm2)
+        except ConflictError:
+            tm2.abort()
+        else:
+            raise Failure('conflicting commit succeeded')
+
+        # undo
+        root['u'] = PersistentMapping(v=1)
+        commit(tm, 'u=1')
+        root['u']['v'] = 2
+        commit(tm, 'u=2')
+        log = db.undoLog(0, 5)
+        check_eq(log[0]['description'], 'u=2', 'newest undoLog entry')
+        db.undo(log[0]['id'], tm.get())
+        commit(tm, 'undo u=2')
+        tm.begin()
+        check_eq(root['u']['v'], 1, 'u after undo')
+
+        # deleteObject (ClientStorage API) of an unreachable object
+        root['doomed'] = PersistentMapping(x=1)
+        commit(tm, 'doomed')
+        doomed = root['doomed']
+        oid, serial = doomed._p_oid, doomed._p_serial
+        del root['doomed']
+        commit(tm, 'unlink doomed')
+        st = db.storage
+        t = TransactionMetaData(b'deleter', b'deleteObject', {})
+        st.tpc_begin(t)
+        st.deleteObject(oid, serial, t)
+        st.tpc_vote(t)
+        st.tpc_finish(t)
+        try:
+            st.load(oid)
+        except POSKeyError:
+            pass
+        else:
+            raise Failure('deleted object still loads')
+
+        # blobs
+        root['blob'] = Blob(os.urandom(1536 * 1024 + 7))
+        root['eblob'] = Blob(b'')
+        commit(tm, 'blob v1')
+        with root['blob'].open('w') as f:
+            f.write(os.urandom(256 * 1024 + 3))
+        commit(tm, 'blob v2')
+
+        # one big transaction
+        if big_mb:
+            big_txn(tm, root, big_mb, 'big')
+
+        # many small ones, interleaved with direct commits on the backend
+        for i in range(small):
+            tm.begin()
+            root['tree'][1000 + i] = PersistentMapping(n=i)
+            if i % 10 == 0:
+                root['counter'].change(1)
+            commit(tm, f'small {i}')
+            if i % 50 == 25:
+                dtm.begin()
+                dconn.root()['dtree'][i] = PersistentMapping(direct=i)
+                commit(dtm, f'direct {i}', user='bypass')
+        # the last transaction bypasses the proxy
+        dtm.begin()
+        dconn.root()['dtree']['last'] = 'direct'
+        dconn.root()['counter'].change(100)
+        commit(dtm, 'direct last', ext={'via': 'backend'})
+        last = direct.storage.lastTransaction()
+        tm.begin()
+        check_eq(root['dtree']['last'], 'direct', 'proxy sees direct commit')
+        tm.abort()
+        tm2.abort()
+        print(f'last={hx(last)}')
+    finally:
+        db.close()
+        db2.close()
+        direct.close()
+
+
+def blob_files(d):
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(d):
+        dirnames[:] = [n for n in dirnames if n != 'tmp']
+        for name in filenames:
+            if name.endswith('.blob'):
+                path = os.path.join(dirpath, name)
+                with open(path, 'rb') as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                out[os.path.relpath(path, d)] = digest
+    return out
+
+
+def txn_records(path):
+    """Every transaction of a Data.fs: metadata and records."""
+    out = []
+    it = FileIterator(path)
+    try:
+        for t in it:
+            recs = [(r.oid, r.tid, r.data, r.data_txn) for r in t]
+            out.append((t.tid, t.status, t.user, t.description,
+                        t.extension_bytes, recs))
+    finally:
+        it.close()
+    return out
+
+
+def show_txn(t):
+    tid, status, user, desc, ext, recs = t
+    return (f'tid={hx(tid)} status={status!r} user={user!r} '
+            f'desc={desc[:60]!r} ext={ext[:60]!r} records=' +
+            ', '.join(f'{hx(o)}@{hx(rt)} {len(d) if d else d} '
+                      f'{hx(dt) if dt else dt}' for o, rt, d, dt in recs[:5]))
+
+
+@command
+def compare(dir1, dir2):
+    """Both runzeo dirs hold the same transactions (tid, status, user,
+    description, extension bytes, each record's oid/tid/data/data_txn), in
+    strictly increasing tid order, and the same blob files."""
+    a = txn_records(os.path.join(dir1, 'Data.fs'))
+    b = txn_records(os.path.join(dir2, 'Data.fs'))
+    for name, txns in (('primary', a), ('replica', b)):
+        tids = [t[0] for t in txns]
+        for x, y in zip(tids, tids[1:]):
+            check(x < y, f'{name} tids not strictly increasing: '
+                         f'{hx(x)} then {hx(y)}')
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            what = [n for n, p, q in zip(
+                ('tid', 'status', 'user', 'description', 'extension',
+                 'records'), x, y) if p != q]
+            raise Failure(
+                f'transaction #{i} differs in {what}:\n'
+                f'  primary {show_txn(x)}\n  replica {show_txn(y)}')
+    if len(a) != len(b):
+        ta, tb = {t[0] for t in a}, {t[0] for t in b}
+        raise Failure(
+            f'{len(a)} transactions on the primary, {len(b)} on the replica; '
+            f'missing on the replica: {[hx(t) for t in sorted(ta - tb)][:10]}'
+            f'; extra on the replica: {[hx(t) for t in sorted(tb - ta)][:10]}')
+    ba = blob_files(os.path.join(dir1, 'blobs'))
+    bb = blob_files(os.path.join(dir2, 'blobs'))
+    if ba != bb:
+        diff = sorted(k for k in ba.keys() | bb.keys()
+                      if ba.get(k) != bb.get(k))
+        raise Failure(f'blob files differ: {diff[:10]} '
+                      f'(primary {len(ba)}, replica {len(bb)})')
+    nrec = sum(len(t[5]) for t in a)
+    last = hx(a[-1][0]) if a else '0' * 16
+    print(f'identical txns={len(a)} records={nrec} blobs={len(ba)} '
+          f'last={last}')
+
+
+@command
+def writer(addr):
+    """Commit small transactions until "stop" arrives on stdin, retrying
+    through disconnects (the harness restarts and kills things meanwhile).
+
+    Prints READY after the first commit. "mark" makes it print MARKED once
+    three more commits have succeeded after the command. At "stop" it prints
+    commits=N errors=E last=<hex> (the storage's lastTransaction)."""
+    db = open_db(addr, wait_timeout=60)
+    commands = []
+    lock = threading.Lock()
+
+    def reader():
+        while True:
+            line = sys.stdin.readline()
+            if not line:
+                line = 'stop'
+            with lock:
+                commands.append(line.strip())
+            if line.strip() == 'stop':
+                return
+
+    try:
+        tm, conn = new_conn(db)
+        root = conn.root()
+        root['w'] = OOBTree()
+        root['wcount'] = Length(0)
+        commit(tm, 'writer setup')
+        print('READY', flush=True)
+        threading.Thread(target=reader, daemon=True).start()
+        n = errors = 0
+        marks = []  # commits still needed per pending mark
+        stop = False
+        deadline = time.monotonic() + 100
+        while not stop:
+            check(time.monotonic() < deadline, 'no "stop" within 100s')
+            with lock:
+                for c in commands:
+                    if c == 'mark':
+                        marks.append(3)
+                    elif c == 'stop':
+                        stop = True
+                    else:
+                        raise Failure(f'unknown command {c!r}')
+                commands.clear()
+            try:
+                tm.begin()
+                root['w'][n] = PersistentMapping(n=n, pad='p' * (n % 300))
+                root['wcount'].change(1)
+                commit(tm, f'writer {n}')
+            except (ClientDisconnected, ConflictError, OSError) as e:
+                errors += 1
+                logging.warning('commit %d failed (%s: %s); retrying', n,
+                                type(e).__name__, e)
+                try:
+                    tm.abort()
+                except Exception:
+                    logging.exception('abort failed')
+                time.sleep(0.05)
+                continue
+            except Exception as e:
+                # e.g. a tpc_finish cut by a disconnect: committed or not
+                errors += 1
+                logging.warning('commit %d failed (%s: %s); retrying', n,
+                                type(e).__name__, e)
+                try:
+                    tm.abort()
+                except Exception:
+                    logging.exception('abort failed')
+                time.sleep(0.05)
+                continue
+            n += 1
+            marks = [m - 1 for m in marks]
+            while marks and marks[0] <= 0:
+                marks.pop(0)
+                print('MARKED', flush=True)
+            # pace: leave the CPU to the servers
+            time.sleep(0.002)
+        tm.abort()
+        last = db.storage.lastTransaction()
+        print(f'commits={n} errors={errors} last={hx(last)}', flush=True)
+    finally:
+        db.close()
+
+
+def admin_applied(admin):
+    with urllib.request.urlopen(f'http://{admin}/status', timeout=5) as r:
+        st = json.loads(r.read())
+    t = (st.get('upstream') or {}).get('applied_tid')
+    return bytes.fromhex(t) if t else z64
+
+
+@command
+def fresh_cache(primary, replica, admin, rounds):
+    """A replica client holding an object in its cache sees each commit of
+    the primary at its next transaction once the replica applied it, and
+    never the old value once its lastTransaction (or the replica's applied
+    tid, read before the transaction began) covers the commit."""
+    rounds = int(rounds)
+    pdb = open_db(primary)
+    rdb = open_db(replica, read_only=True)
+    try:
+        ptm, pconn = new_conn(pdb)
+        proot = pconn.root()
+        proot['fresh'] = PersistentMapping(v=0)
+        proot['flist'] = PersistentList([0])
+        commit(ptm, 'fresh 0')
+        t0 = proot['fresh']._p_serial
+        rtm, rconn = new_conn(rdb)
+
+        def replica_has_it():
+            rtm.begin()
+            return 'fresh' in rconn.root()
+        wait_until(replica_has_it, 'the replica to show the first commit')
+        check(rdb.storage.lastTransaction() >= t0, 'replica lastTransaction')
+        check_eq(rconn.root()['fresh']['v'], 0, 'first value')
+        check_eq(list(rconn.root()['flist']), [0], 'first list')
+        waits = []
+        for i in range(1, rounds + 1):
+            ptm.begin()
+            proot['fresh']['v'] = i
+            proot['flist'].append(i)
+            if i % 3 == 0:
+                # more than one object in a transaction
+                proot[f'new{i}'] = PersistentMapping(v=i)
+            commit(ptm, f'fresh {i}')
+            tid = proot['fresh']._p_serial
+            started = time.monotonic()
+            deadline = started + 15
+            while True:
+                applied = admin_applied(admin)
+                rtm.begin()
+                r = rconn.root()
+                v = r['fresh']['v']
+                lst = list(r['flist'])
+                seen = rdb.storage.lastTransaction()
+                if v == i:
+                    check_eq(lst, list(range(i + 1)), f'list at round {i}')
+                    if i % 3 == 0:
+                        check_eq(r[f'new{i}']['v'], i, f'new{i}')
+                    break
+                check_eq(v, i - 1, f'value at round {i}')
+                check(seen < tid,
+                      f'round {i}: stale read: the client\'s lastTransaction '
+                      f'{hx(seen)} covers commit {hx(tid)} but it reads v={v}')
+                check(applied < tid,
+                      f'round {i}: stale read: the replica applied '
+                      f'{hx(applied)} (covering commit {hx(tid)}) before this '
+                      f'transaction began, yet it reads v={v}')
+                check(time.monotonic() < deadline,
+                      f'round {i}: the replica client still reads v={v} '
+                      f'after 15s (applied {hx(applied)}, commit {hx(tid)})')
+                time.sleep(0.01)
+            waits.append(time.monotonic() - started)
+        rtm.abort()
+        ptm.abort()
+        print(f'rounds={rounds} max_wait={max(waits):.3f}')
+    finally:
+        pdb.close()
+        rdb.close()
+
+
+@command
+def pcache_prime(primary, replica, var, key):
+    """Commit root[KEY] = {v: 0} on the primary, load it through a replica
+    client with a persistent cache in VAR, close that client (its cache
+    file stays). Prints oid=<hex>."""
+    pdb = open_db(primary)
+    try:
+        tm, conn = new_conn(pdb)
+        conn.root()[key] = PersistentMapping(v=0)
+        commit(tm, f'prime {key}')
+        oid = conn.root()[key]._p_oid
+    finally:
+        pdb.close()
+    rdb = open_db(replica, read_only=True, client='pc', var=var)
+    try:
+        rtm, rconn = new_conn(rdb)
+
+        def seen():
+            rtm.begin()
+            return key in rconn.root()
+        wait_until(seen, f'the replica to show {key}')
+        check_eq(rconn.root()[key]['v'], 0, 'value through the replica')
+        rtm.abort()
+    finally:
+        rdb.close()
+    print(f'oid={hx(oid)}')
+
+
+@command
+def pcache_check(replica, var, key, oid, want):
+    """The persistent cache in VAR holds an old revision of OID; a client
+    reopening it on the replica must read root[KEY]['v'] == WANT."""
+    from ZEO.cache import ClientCache
+    oid = bytes.fromhex(oid)
+    path = os.path.join(var, 'pc-1.zec')
+    check(os.path.exists(path), f'no cache file {path}')
+    cache = ClientCache(path)
+    try:
+        cached = cache.load(oid)
+        check(cached is not None, 'the cache file lost the object')
+        before = cache.getLastTid()
+    finally:
+        cache.close()
+    rdb = open_db(replica, read_only=True, client='pc', var=var)
+    try:
+        tm, conn = new_conn(rdb)
+        tm.begin()
+        got = conn.root()[key]['v']
+        check_eq(got, want, f'value of {key} after reconnecting with a '
+                            f'cache of {hx(before)}')
+        tm.abort()
+    finally:
+        rdb.close()
+    print(f'cache_tid={hx(before)} value={got}')
+
+
+def expect_read_only_error(what, fn):
+    try:
+        fn()
+    except ReadOnlyError:
+        return
+    except Exception as e:
+        raise Failure(f'{what}: {type(e).__name__}: {e} '
+                      f'instead of ReadOnlyError')
+    raise Failure(f'{what}: no ReadOnlyError')
+
+
+@command
+def refuse_writes(replica, backend):
+    """Every way to write through the replica proxy fails; the replica's
+    backend does not move."""
+    before = last_tid(backend)
+
+    # a writable client never connects
+    started = time.monotonic()
+    try:
+        st = open_storage(replica, read_only=False, wait_timeout=3)
+    except (ClientDisconnected, ReadOnlyError):
+        pass
+    else:
+        st.close()
+        raise Failure('read_only=False client connected to the replica')
+    check(time.monotonic() - started < 30, 'refusal took too long')
+
+    # read_only_fallback degrades to read-only
+    st = open_storage(replica, read_only=False, read_only_fallback=True)
+    try:
+        check(st.isReadOnly(), 'read_only_fallback client is not read-only')
+        db = DB(st)
+        tm, conn = new_conn(db)
+        len(conn.root())  # reads work
+        conn.root()['x'] = 1
+        expect_read_only_error('commit with read_only_fallback', tm.commit)
+        tm.abort()
+        db.close()
+    finally:
+        st.close()
+
+    st = open_storage(replica, read_only=True)
+    try:
+        db = DB(st)
+        tm, conn = new_conn(db)
+        conn.root()['x'] = 1
+        expect_read_only_error('commit with read_only=True', tm.commit)
+        tm.abort()
+        root_oid = z64
+        # raw calls that bypass the client's own read-only checks
+        expect_read_only_error('new_oids', lambda: st._call('new_oids'))
+        expect_read_only_error('new_oids(5)', lambda: st._call('new_oids', 5))
+        data, root_serial = st.load(root_oid)
+
+        def store_and_vote(txn_id, *writes):
+            st._async('tpc_begin', txn_id, b'raw', b'raw write', {}, None,
+                      ' ')
+            for w in writes:
+                st._async(*w)
+            try:
+                st._call('vote', txn_id)
+            finally:
+                st._call('tpc_abort', txn_id)
+
+        expect_read_only_error('tpc_begin/storea/vote', lambda: store_and_vote(
+            1001, ('storea', root_oid, root_serial, data, 1001)))
+        expect_read_only_error('storea of a new oid + vote', lambda: (
+            store_and_vote(1002, ('storea', p64(999999), z64, data, 1002))))
+        expect_read_only_error('deleteObject + vote', lambda: store_and_vote(
+            1003, ('deleteObject', root_oid, root_serial, 1003)))
+        expect_read_only_error('undoa + vote', lambda: store_and_vote(
+            1004, ('undoa', root_serial, 1004)))
+        expect_read_only_error('checkCurrentSerialInTransaction + vote',
+                               lambda: store_and_vote(
+                                   1005, ('checkCurrentSerialInTransaction',
+                                          root_oid, root_serial, 1005)))
+
+        def finish_without_vote():
+            st._async('tpc_begin', 1006, b'', b'', {}, None, ' ')
+            st._async('storea', root_oid, root_serial, data, 1006)
+            try:
+                st._call('tpc_finish', 1006)
+            finally:
+                st._call('tpc_abort', 1006)
+        expect_read_only_error('tpc_finish', finish_without_vote)
+        expect_read_only_error('pack', lambda: st.pack(wait=True))
+        # the session still serves reads
+        check_eq(st.load(root_oid)[1], root_serial, 'root serial after')
+        check_eq(hx(st.lastTransaction()), hx(before),
+                 'lastTransaction seen by the replica client')
+        db.close()
+    finally:
+        st.close()
+    after = last_tid(backend)
+    check_eq(hx(after), hx(before), 'replica backend lastTransaction')
+    print(f'last={hx(after)}')
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(f'usage: {argv[0]} {{{",".join(sorted(COMMANDS))}}} ARGS...',
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format='%(asctime)s %(levelname)s %(name)s '
+                               '%(message)s')
+    faulthandler.dump_traceback_later(float(os.environ.get(
+        'ZRELAY_PY_TIMEOUT', 110)), exit=True)
+    name = argv[1]
+    started = time.monotonic()
+    try:
+        COMMANDS[name](*argv[2:])
+    except Failure as e:
+        print(f'FAIL {name}: {e}', file=sys.stderr, flush=True)
+        return 1
+    print(f'ok {name} {time.monotonic() - started:.2f}s', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv))
