@@ -8,7 +8,7 @@ CARGO ?= cargo
 # machine a few at a time keeps them fast and far from their deadlines.
 TEST_THREADS ?= 4
 
-.PHONY: all build release venv test lint unit demo bench clean
+.PHONY: all build release venv tools test lint demo bench clean
 
 all: build
 
@@ -21,11 +21,14 @@ release:
 venv:
 	@scripts/ensure-venv.sh
 
+tools:
+	@scripts/ensure-tools.sh
+
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: venv lint
+test: venv tools lint
 	$(CARGO) test --all-targets -- --test-threads=$(TEST_THREADS)
 
 demo: venv release

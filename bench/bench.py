@@ -516,7 +516,7 @@ def main(argv=None):
             for key, value in info:
                 f.write(f'- {key}: {value}\n')
             f.write('\n' + body + '\n')
-        log(f'wrote {os.path.relpath(args.out)}')
+        log(f'wrote {args.out}')
     return 0
 
 

@@ -62,6 +62,12 @@ if ! "${apt[@]}" install -y --no-install-recommends prometheus >"$log" 2>&1; the
     exit 1
 fi
 
+# The package enables prometheus.service for the next boot; only promtool
+# is wanted here.
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    "${sudo[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+fi
+
 if ! command -v promtool >/dev/null 2>&1; then
     echo "ensure-tools: installed prometheus but promtool is still not on PATH" >&2
     exit 1

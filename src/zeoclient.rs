@@ -61,6 +61,10 @@ pub struct ZeoConn {
     pub pending_async: VecDeque<Message>,
     /// Replies that arrived for a msgid other than the one awaited.
     early_replies: VecDeque<Message>,
+    /// The server numbers iterators per connection from 0, one number per
+    /// `iterator_start` and `iterator_record_start`. Knowing the next one
+    /// lets history reads be pipelined; every reply is checked against it.
+    pub next_iterator_id: i64,
 }
 
 impl ZeoConn {
@@ -86,6 +90,7 @@ impl ZeoConn {
             call_timeout,
             pending_async: VecDeque::new(),
             early_replies: VecDeque::new(),
+            next_iterator_id: 0,
         };
         let offer = tokio::time::timeout(connect_timeout, c.read_frame())
             .await

@@ -52,6 +52,11 @@ pub struct Applier {
     next_txn_id: i64,
     /// The transaction whose tpc_finish was sent but not confirmed.
     in_doubt: Option<Tid>,
+    /// msgid of that tpc_finish, when its reply is left for later so the
+    /// next transaction can be sent meanwhile (pipelining).
+    pending_finish: Option<Value>,
+    /// Transactions confirmed committed, not yet taken by the caller.
+    confirmed: Vec<Tid>,
 }
 
 fn hex(t: &[u8]) -> String {
@@ -82,6 +87,8 @@ impl Applier {
             applied,
             next_txn_id: 1,
             in_doubt: None,
+            pending_finish: None,
+            confirmed: Vec::new(),
         }
     }
 
@@ -100,6 +107,7 @@ impl Applier {
     /// backend: after a lost connection, a `tpc_finish` may have committed.
     pub async fn connect(&mut self) -> Result<Tid, ApplyError> {
         self.conn = None;
+        self.pending_finish = None;
         let (mut conn, _) = ZeoConn::open(
             &self.addr,
             &self.storage,
@@ -120,6 +128,47 @@ impl Applier {
         Ok(last)
     }
 
+    /// Transactions confirmed committed since the last call, in order.
+    pub fn take_confirmed(&mut self) -> Vec<Tid> {
+        std::mem::take(&mut self.confirmed)
+    }
+
+    /// Whether a `tpc_finish` reply is still to be read.
+    pub fn has_pending(&self) -> bool {
+        self.pending_finish.is_some()
+    }
+
+    /// Reads the reply of a pipelined `tpc_finish`, if any.
+    pub async fn complete(&mut self) -> Result<(), ApplyError> {
+        let r = self.complete_inner().await;
+        if r.is_err() {
+            self.conn = None;
+            self.pending_finish = None;
+        }
+        r
+    }
+
+    async fn complete_inner(&mut self) -> Result<(), ApplyError> {
+        let Some(fin) = self.pending_finish.take() else {
+            return Ok(());
+        };
+        let want = self.in_doubt.unwrap_or(self.last_tid);
+        let conn = self.conn.as_mut().ok_or(ZeoError::Closed)?;
+        conn.flush().await?;
+        let got = conn.wait_reply(&fin).await?;
+        let got = got.as_bytes().unwrap_or_default();
+        if got != want {
+            return Err(ApplyError::WrongTid {
+                got: hex(got),
+                want: hex(&want),
+            });
+        }
+        self.last_tid = want;
+        self.in_doubt = None;
+        self.confirmed.push(want);
+        Ok(())
+    }
+
     /// Opens a connection for reading the replica's own history.
     pub async fn reader(&self) -> Result<ZeoConn, ApplyError> {
         let (conn, _) = ZeoConn::open(
@@ -134,27 +183,32 @@ impl Applier {
         Ok(conn)
     }
 
-    /// Applies one transaction. On error the connection is dropped (the
-    /// backend aborts anything unfinished) and must be re-established with
-    /// `connect`, which re-reads the backend's last tid.
-    pub async fn apply(&mut self, txn: &Txn) -> Result<(), ApplyError> {
+    /// Applies one transaction. With `more_coming`, the reply of its
+    /// `tpc_finish` is read later (by the next `apply` or by `complete`), so
+    /// the next transaction travels while this one finishes; see
+    /// `take_confirmed` for what is known committed. On error the connection
+    /// is dropped (the backend aborts anything unfinished) and must be
+    /// re-established with `connect`, which re-reads the backend's last tid.
+    pub async fn apply(&mut self, txn: &Txn, more_coming: bool) -> Result<(), ApplyError> {
         if self.conn.is_none() {
             self.connect().await?;
         }
-        if txn.tid <= self.last_tid {
+        let expected_last = self.in_doubt.unwrap_or(self.last_tid);
+        if txn.tid <= expected_last {
             return Err(ApplyError::OutOfOrder {
                 tid: hex(&txn.tid),
                 last: hex(&self.last_tid),
             });
         }
-        let r = self.apply_inner(txn).await;
+        let r = self.apply_inner(txn, more_coming).await;
         if r.is_err() {
             self.conn = None;
+            self.pending_finish = None;
         }
         r
     }
 
-    async fn apply_inner(&mut self, txn: &Txn) -> Result<(), ApplyError> {
+    async fn apply_inner(&mut self, txn: &Txn, more_coming: bool) -> Result<(), ApplyError> {
         let ext =
             pickle::decode(&txn.extension).map_err(|e| ApplyError::Extension(e.to_string()))?;
         let txn_id = Value::Int(self.next_txn_id);
@@ -220,6 +274,9 @@ impl Applier {
         }
         let vote = conn.queue_call("vote", vec![txn_id.clone()])?;
         conn.flush().await?;
+        // The previous transaction's finish was sent before this batch.
+        self.complete_inner().await?;
+        let conn = self.conn.as_mut().ok_or(ZeoError::Closed)?;
         let backend_last = conn.wait_reply(&last_q).await?;
         conn.wait_reply(&vote).await?;
         let foreign = conn
@@ -244,16 +301,10 @@ impl Applier {
         let fin = conn.queue_call("tpc_finish", vec![txn_id])?;
         self.in_doubt = Some(txn.tid);
         conn.flush().await?;
-        let got = conn.wait_reply(&fin).await?;
-        self.in_doubt = None;
-        let got = got.as_bytes().unwrap_or_default();
-        if got != txn.tid {
-            return Err(ApplyError::WrongTid {
-                got: hex(got),
-                want: hex(&txn.tid),
-            });
+        self.pending_finish = Some(fin);
+        if !more_coming {
+            self.complete_inner().await?;
         }
-        self.last_tid = txn.tid;
         Ok(())
     }
 }

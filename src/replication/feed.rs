@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use super::history::{read_txn, HistoryCursor};
+use super::history::{fetch_txn, read_txn, HistoryCursor};
 use super::protocol::{self, StreamMsg};
 use super::sender::{SenderConfig, SenderMode, SenderState};
 use super::tls;
@@ -116,7 +116,7 @@ async fn feed_once(
     info!(last = %tid_hex(&last), "commit feed observing the backend");
     loop {
         let msg = observer.read_message().await?;
-        let Ok(ServerMsg::InvalidateTransaction { tid, .. }) = ServerMsg::parse(&msg) else {
+        let Ok(ServerMsg::InvalidateTransaction { tid, oids }) = ServerMsg::parse(&msg) else {
             continue;
         };
         let Ok(tid): Result<Tid, _> = tid.try_into() else {
@@ -125,7 +125,17 @@ async fn feed_once(
         if tid <= *published {
             continue;
         }
-        publish_range(&mut reader, published, tid, commits, last_tid, status).await?;
+        // The observer sees every commit in order, so this is the next one:
+        // read it in one round trip. Anything unexpected falls back to
+        // reading the whole range since the last published tid.
+        match fetch_txn(&mut reader, &tid, oids.len()).await? {
+            Some(txn) => {
+                *published = txn.tid;
+                set_last(last_tid, status, txn.tid);
+                let _ = commits.send(Arc::new(txn));
+            }
+            None => publish_range(&mut reader, published, tid, commits, last_tid, status).await?,
+        }
     }
 }
 

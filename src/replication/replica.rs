@@ -5,6 +5,7 @@
 //! Decisions (apply, skip a resend, divergence) belong to the I/O-free
 //! [`ReceiverState`]; this task moves bytes and drives the [`Applier`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,6 +152,8 @@ async fn digest_of(applier: &mut Applier, tid: &Tid) -> Result<Option<[u8; 32]>,
 async fn resync(applier: &mut Applier, st: &mut ReceiverState) -> Result<(), ApplyError> {
     let in_doubt = applier.in_doubt();
     let last = applier.connect().await?;
+    // Anything confirmed before the failure was acked already or is below
+    // `last`; the backend's position decides.
     if last == st.applied() {
         return Ok(());
     }
@@ -202,6 +205,7 @@ async fn stream_once(
     wbuf.clear();
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut connected_logged = false;
+    let mut inflight: VecDeque<(Tid, [u8; 32], u64, Instant)> = VecDeque::new();
     loop {
         let msg = tokio::select! {
             r = tokio::time::timeout(cfg.stale_after, read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes)) => match r {
@@ -228,25 +232,31 @@ async fn stream_once(
                 return Err(RunError::Refused(format!("{reason}: {message}")));
             }
             Incoming::Apply { txn, digest } => {
-                let started = Instant::now();
-                let size = txn.size_bytes();
-                if let Err(e) = applier.apply(&txn).await {
+                inflight.push_back((txn.tid, digest, txn.size_bytes(), Instant::now()));
+                // Pipeline: if the next message is already here, its
+                // transaction goes out while this one finishes.
+                let more = has_frame(&rbuf);
+                let r = applier.apply(&txn, more).await;
+                confirm(applier, st, &mut inflight, &mut wbuf)?;
+                if let Err(e) = r {
                     if let ApplyError::Foreign(m) = &e {
                         st.on_local_divergence(m.clone());
                     }
                     return Err(e.into());
                 }
-                m::replica_applied(size, started.elapsed());
-                let ack = st.on_applied(txn.tid, digest);
-                protocol::encode(&ack, &mut wbuf)?;
-                // Coalesce acks while more transactions are already buffered.
-                if rbuf.len() < 4 || wbuf.len() > 64 * 1024 {
-                    wh.write_all(&wbuf).await?;
-                    wbuf.clear();
-                }
             }
         }
-        if !wbuf.is_empty() && rbuf.len() < 4 {
+        if !has_frame(&rbuf) {
+            if applier.has_pending() {
+                let r = applier.complete().await;
+                confirm(applier, st, &mut inflight, &mut wbuf)?;
+                r?;
+            }
+            if !wbuf.is_empty() {
+                wh.write_all(&wbuf).await?;
+                wbuf.clear();
+            }
+        } else if wbuf.len() > 64 * 1024 {
             wh.write_all(&wbuf).await?;
             wbuf.clear();
         }
@@ -258,6 +268,31 @@ async fn stream_once(
         }
         publish(status, cfg, st, None);
     }
+}
+
+/// Whether `buf` holds a complete stream frame.
+fn has_frame(buf: &BytesMut) -> bool {
+    buf.len() >= 4 && buf.len() >= 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
+/// Marks what the applier confirmed as applied and queues the acks.
+fn confirm(
+    applier: &mut Applier,
+    st: &mut ReceiverState,
+    inflight: &mut VecDeque<(Tid, [u8; 32], u64, Instant)>,
+    wbuf: &mut BytesMut,
+) -> Result<(), RunError> {
+    for tid in applier.take_confirmed() {
+        while let Some((t, digest, size, started)) = inflight.pop_front() {
+            if t == tid {
+                m::replica_applied(size, started.elapsed());
+                let ack = st.on_applied(tid, digest);
+                protocol::encode(&ack, wbuf)?;
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn stream_state(mode: ReceiverMode) -> StreamState {
@@ -349,13 +384,15 @@ async fn read_msg<R: AsyncRead + Unpin>(
             }
             Ok(_) => {}
             Err(e) => {
-                // TLS alerts (e.g. our certificate refused) come as i/o errors.
-                let t = tls::TlsError::from(e);
-                if matches!(t, tls::TlsError::Io(_)) {
-                    return Err(RunError::Tls(t));
-                }
-                tls::record_handshake_failure(&t);
-                return Err(RunError::Tls(t));
+                // TLS alerts (e.g. our certificate refused) come as i/o
+                // errors wrapping a rustls error; anything else is plain i/o.
+                return match tls::TlsError::from(e) {
+                    tls::TlsError::Io(e) => Err(RunError::Io(e)),
+                    t => {
+                        tls::record_handshake_failure(&t);
+                        Err(RunError::Tls(t))
+                    }
+                };
             }
         }
     }

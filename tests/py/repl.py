@@ -18,7 +18,7 @@ Commands:
   big ADDR MB                        one transaction of MB megabytes
   compare DIR1 DIR2                  Data.fs + blobs of two runzeo dirs
   writer ADDR                        interactive: commit until "stop"
-  fresh-cache PRIMARY REPLICA ADMIN ROUNDS
+  fresh-cache PRIMARY PRIMARY_BACKEND REPLICA ADMIN ROUNDS
   pcache-prime PRIMARY REPLICA VAR KEY
   pcache-check REPLICA VAR KEY OID WANT
   refuse-writes REPLICA REPLICA_BACKEND
@@ -195,6 +195,22 @@ def big(addr, mb):
 
 
 @command
+def blobs(addr, n):
+    """One transaction creating N blobs (a non-shared blob dir)."""
+    db = open_db(addr, blob_dir=tempfile.mkdtemp(prefix='blobs-b-'),
+                 shared_blob_dir=False)
+    try:
+        tm, conn = new_conn(db)
+        root = conn.root()
+        for i in range(int(n)):
+            root[f'blob{i}'] = Blob(os.urandom(100_000 + i))
+        commit(tm, f'{n} blobs')
+        print(f'tid={hx(db.storage.lastTransaction())}')
+    finally:
+        db.close()
+
+
+@command
 def workload(proxy, backend, small, big_mb):
     """Through the primary proxy: new objects, updates, a conflict resolved
     by the server (BTrees.Length), an unresolvable ConflictError, undo,
@@ -282,10 +298,11 @@ def workload(proxy, backend, small, big_mb):
         else:
             raise Failure('deleted object still loads')
 
-        # blobs
+        # blobs, one per transaction (two in one: see the `blobs` command)
         root['blob'] = Blob(os.urandom(1536 * 1024 + 7))
-        root['eblob'] = Blob(b'')
         commit(tm, 'blob v1')
+        root['eblob'] = Blob(b'')
+        commit(tm, 'empty blob')
         with root['blob'].open('w') as f:
             f.write(os.urandom(256 * 1024 + 3))
         commit(tm, 'blob v2')
@@ -303,7 +320,7 @@ def workload(proxy, backend, small, big_mb):
             commit(tm, f'small {i}')
             if i % 50 == 25:
                 dtm.begin()
-                dconn.root()['dtree'][i] = PersistentMapping(direct=i)
+                dconn.root()['dtree'][f'd{i}'] = PersistentMapping(direct=i)
                 commit(dtm, f'direct {i}', user='bypass')
         # the last transaction bypasses the proxy
         dtm.begin()
@@ -489,73 +506,142 @@ def admin_applied(admin):
 
 
 @command
-def fresh_cache(primary, replica, admin, rounds):
-    """A replica client holding an object in its cache sees each commit of
+def fresh_cache(primary, backend, replica, admin, rounds):
+    """A replica client holding objects in its cache sees each commit of
     the primary at its next transaction once the replica applied it, and
-    never the old value once its lastTransaction (or the replica's applied
-    tid, read before the transaction began) covers the commit."""
+    never an old value once its lastTransaction or the replica's applied
+    tid, read before the transaction began, covers the commit. Commits:
+    ROUNDS plain updates through the PRIMARY proxy, a conflict the server
+    resolves, a commit made directly on the primary BACKEND, an undo."""
     rounds = int(rounds)
     pdb = open_db(primary)
+    pdb2 = open_db(primary)
+    ddb = open_db(backend)
     rdb = open_db(replica, read_only=True)
+    waits = []
     try:
         ptm, pconn = new_conn(pdb)
+        ptm2, pconn2 = new_conn(pdb2)
+        dtm, dconn = new_conn(ddb)
         proot = pconn.root()
         proot['fresh'] = PersistentMapping(v=0)
         proot['flist'] = PersistentList([0])
+        proot['fcount'] = Length(0)
         commit(ptm, 'fresh 0')
         t0 = proot['fresh']._p_serial
         rtm, rconn = new_conn(rdb)
+        seen_inv = []
+        orig_inv = rdb.storage.invalidateTransaction
+
+        def record_inv(tid, oids):
+            seen_inv.append((hx(tid), sorted(hx(o) for o in oids)))
+            del seen_inv[:-4]
+            return orig_inv(tid, oids)
+        rdb.storage.invalidateTransaction = record_inv
 
         def replica_has_it():
             rtm.begin()
             return 'fresh' in rconn.root()
         wait_until(replica_has_it, 'the replica to show the first commit')
         check(rdb.storage.lastTransaction() >= t0, 'replica lastTransaction')
-        check_eq(rconn.root()['fresh']['v'], 0, 'first value')
-        check_eq(list(rconn.root()['flist']), [0], 'first list')
-        waits = []
+
+        def state(r):
+            return (r['fresh']['v'], list(r['flist']), r['fcount']())
+
+        def diagnose(got):
+            """On a stale read: what a fresh client of the replica reads,
+            and the invalidations the stale client received."""
+            fdb = open_db(replica, read_only=True)
+            try:
+                ftm, fconn = new_conn(fdb)
+                fresh = state(fconn.root())
+                ftm.abort()
+            finally:
+                fdb.close()
+            r = rconn.root()
+            oids = {n: hx(r[n]._p_oid) for n in ('fresh', 'flist', 'fcount')}
+            print(f'STALE client reads {got}; a fresh replica client reads '
+                  f'{fresh}; oids {oids}; invalidations {seen_inv}',
+                  file=sys.stderr, flush=True)
+
+        def expect(what, tid, want):
+            """Poll the replica client until it reads `want`; never an old
+            state once the commit `tid` is covered."""
+            started = time.monotonic()
+            deadline = started + 15
+            while True:
+                # Both read before the transaction begins: its snapshot
+                # covers them (server_sync), later invalidations do not
+                # count.
+                applied = admin_applied(admin)
+                seen = rdb.storage.lastTransaction()
+                rtm.begin()
+                got = state(rconn.root())
+                if got == want:
+                    break
+                if seen >= tid or applied >= tid:
+                    diagnose(got)
+                check(seen < tid,
+                      f'{what}: stale read: the client\'s lastTransaction '
+                      f'{hx(seen)} covers commit {hx(tid)} but it reads '
+                      f'{got}, want {want}')
+                check(applied < tid,
+                      f'{what}: stale read: the replica applied {hx(applied)} '
+                      f'(covering commit {hx(tid)}) before this transaction '
+                      f'began, yet it reads {got}, want {want}')
+                check(time.monotonic() < deadline,
+                      f'{what}: the replica client still reads {got} after '
+                      f'15s, want {want} (applied {hx(applied)}, commit '
+                      f'{hx(tid)})')
+                time.sleep(0.01)
+            waits.append(time.monotonic() - started)
+
+        expect('initial', t0, (0, [0], 0))
         for i in range(1, rounds + 1):
             ptm.begin()
             proot['fresh']['v'] = i
             proot['flist'].append(i)
             if i % 3 == 0:
-                # more than one object in a transaction
+                # more than one new object in a transaction
                 proot[f'new{i}'] = PersistentMapping(v=i)
             commit(ptm, f'fresh {i}')
-            tid = proot['fresh']._p_serial
-            started = time.monotonic()
-            deadline = started + 15
-            while True:
-                applied = admin_applied(admin)
-                rtm.begin()
-                r = rconn.root()
-                v = r['fresh']['v']
-                lst = list(r['flist'])
-                seen = rdb.storage.lastTransaction()
-                if v == i:
-                    check_eq(lst, list(range(i + 1)), f'list at round {i}')
-                    if i % 3 == 0:
-                        check_eq(r[f'new{i}']['v'], i, f'new{i}')
-                    break
-                check_eq(v, i - 1, f'value at round {i}')
-                check(seen < tid,
-                      f'round {i}: stale read: the client\'s lastTransaction '
-                      f'{hx(seen)} covers commit {hx(tid)} but it reads v={v}')
-                check(applied < tid,
-                      f'round {i}: stale read: the replica applied '
-                      f'{hx(applied)} (covering commit {hx(tid)}) before this '
-                      f'transaction began, yet it reads v={v}')
-                check(time.monotonic() < deadline,
-                      f'round {i}: the replica client still reads v={v} '
-                      f'after 15s (applied {hx(applied)}, commit {hx(tid)})')
-                time.sleep(0.01)
-            waits.append(time.monotonic() - started)
-        rtm.abort()
-        ptm.abort()
-        print(f'rounds={rounds} max_wait={max(waits):.3f}')
+            expect(f'round {i}', proot['fresh']._p_serial,
+                   (i, list(range(i + 1)), 0))
+            if i % 3 == 0:
+                check_eq(rconn.root()[f'new{i}']['v'], i, f'new{i}')
+        v, lst = rounds, list(range(rounds + 1))
+
+        # a conflict resolved by the server: data no client sent
+        ptm2.begin()
+        pconn2.root()['fcount']()
+        ptm.begin()
+        proot['fcount'].change(1)
+        commit(ptm, 'count +1')
+        pconn2.root()['fcount'].change(10)
+        commit(ptm2, 'count +10, resolved')
+        expect('resolved conflict', pdb2.storage.lastTransaction(),
+               (v, lst, 11))
+
+        # a commit that bypasses the proxy
+        dtm.begin()
+        dconn.root()['fresh']['v'] = 'direct'
+        commit(dtm, 'direct')
+        direct_tid = ddb.storage.lastTransaction()
+        expect('direct commit', direct_tid, ('direct', lst, 11))
+
+        # undo it through the proxy: records the client never sent
+        ptm.begin()
+        log = pdb.undoLog(0, 5)
+        check_eq(log[0]['description'], 'direct', 'newest undoLog entry')
+        pdb.undo(log[0]['id'], ptm.get())
+        commit(ptm, 'undo direct')
+        expect('undo', pdb.storage.lastTransaction(), (v, lst, 11))
+        for tm in (rtm, ptm, ptm2, dtm):
+            tm.abort()
+        print(f'steps={len(waits)} max_wait={max(waits):.3f}')
     finally:
-        pdb.close()
-        rdb.close()
+        for db in (pdb, pdb2, ddb, rdb):
+            db.close()
 
 
 @command
@@ -685,6 +771,8 @@ def refuse_writes(replica, backend):
             store_and_vote(1002, ('storea', p64(999999), z64, data, 1002))))
         expect_read_only_error('deleteObject + vote', lambda: store_and_vote(
             1003, ('deleteObject', root_oid, root_serial, 1003)))
+        expect_read_only_error('restorea + vote', lambda: store_and_vote(
+            1007, ('restorea', root_oid, root_serial, data, None, 1007)))
         expect_read_only_error('undoa + vote', lambda: store_and_vote(
             1004, ('undoa', root_serial, 1004)))
         expect_read_only_error('checkCurrentSerialInTransaction + vote',

@@ -10,7 +10,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -205,7 +205,7 @@ impl Node {
             ),
         };
         let config = format!(
-            "node_name = {name:?}\nlog_level = \"info,zrelay=debug\"\n\n\
+            "node_name = {name:?}\nlog_level = \"info,zrelay=debug,zrelay::monitor=info\"\n\n\
              [client]\nlisten = \"{client}\"\n\n\
              [backend]\naddress = \"{backend}\"\n{backend_extra}\n\n\
              [admin]\nlisten = \"{admin}\"\n{admin_extra}\n\n\
@@ -278,7 +278,11 @@ impl Node {
     /// Start (again) on the same ports; waits until the client and admin
     /// ports accept.
     pub fn start(&mut self) {
-        assert!(!self.is_running(), "zrelay {} is already running", self.name);
+        assert!(
+            !self.is_running(),
+            "zrelay {} is already running",
+            self.name
+        );
         self.launches += 1;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_zrelay"));
         cmd.arg("run")
@@ -605,6 +609,3 @@ pub fn sha256_file(path: &Path) -> String {
 pub fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
-
-#[allow(dead_code)]
-fn _output_is_used(_: Output) {}

@@ -189,3 +189,4 @@ impl Enc {
         }
     }
 }
+pub mod cluster;
