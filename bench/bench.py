@@ -471,6 +471,7 @@ def main(argv=None):
     other = P.OtherLoad(lambda: [os.getpid()] + [p.pid for p in pool.procs]
                         + [p.pid for p in procs.procs])
     tmp = tempfile.mkdtemp(prefix='zrelay-bench-')
+    failed = False
     try:
         log(f'starting runzeo ×{len(encodings)} and {proxy_label} ×'
             f'{len(encodings)} in {tmp}')
@@ -499,11 +500,14 @@ def main(argv=None):
         body = render(table, verdicts,
                       proxy_lines(endpoints, proxy_label, cpu), other_cores,
                       settings, args, time.monotonic() - T0)
+    except BaseException:
+        failed = True
+        raise
     finally:
         pool.close()
         procs.stop_all()
-        if args.keep:
-            log(f'kept {tmp}')
+        if args.keep or failed:
+            log(f'kept {tmp} (data and logs)')
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 

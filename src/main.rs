@@ -52,6 +52,18 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         max_differences: usize,
     },
+    /// Benchmark helper: read SOURCE's whole history into memory, replay it
+    /// into the empty backend TARGET with the replica's pipelined applier, and
+    /// print JSON timings (the ceiling for catch-up through the stream).
+    #[command(hide = true)]
+    BenchRestore {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value = "1")]
+        storage: String,
+    },
     /// Show every node's role, state and lag (like `patronictl list`).
     Status {
         #[arg(long = "admin", required = true)]
@@ -110,6 +122,19 @@ fn main() -> ExitCode {
                 max_differences: max_differences.max(1),
             })
             .await
+        }),
+        Command::BenchRestore {
+            source,
+            target,
+            storage,
+        } => block_on(async move {
+            match zrelay::replication::restore_bench::run(&source, &target, &storage).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("zrelay bench-restore: {e:#}");
+                    1
+                }
+            }
         }),
         Command::Status { admins } => block_on(zrelay::admin::cli::status_command(&admins)),
         Command::Check {

@@ -8,6 +8,7 @@ pub mod protocol;
 pub mod receiver;
 pub mod replica;
 pub mod replica_session;
+pub mod restore_bench;
 pub mod sender;
 pub mod tls;
 pub mod txn;

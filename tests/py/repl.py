@@ -16,6 +16,8 @@ Commands:
   workload PROXY BACKEND SMALL BIG_MB
                                      the mix (see workload()); last=<hex>
   big ADDR MB                        one transaction of MB megabytes
+  blobs ADDR N                       one transaction creating N blobs
+  pack ADDR                          pack as of now
   compare DIR1 DIR2                  Data.fs + blobs of two runzeo dirs
   writer ADDR                        interactive: commit until "stop"
   fresh-cache PRIMARY PRIMARY_BACKEND REPLICA ADMIN ROUNDS
@@ -163,6 +165,20 @@ def set_value(addr, key, value):
         root[key]['v'] = value
         commit(tm, f'set {key}={value}', user='setter')
         print(f'tid={hx(root[key]._p_serial)}')
+    finally:
+        db.close()
+
+
+@command
+def pack(addr):
+    """Pack the storage as of now (after the clock passed its last tid)."""
+    from ZODB.TimeStamp import TimeStamp
+    db = open_db(addr)
+    try:
+        t = TimeStamp(db.storage.lastTransaction()).timeTime()
+        wait_until(lambda: time.time() > t + 0.01, 'clock past last tid')
+        db.pack()
+        print(f'packed last={hx(db.storage.lastTransaction())}')
     finally:
         db.close()
 
