@@ -7,7 +7,10 @@ One run starts, all on 127.0.0.1 and in a temporary directory:
   pickle (``Z5``), one msgpack (``M5``, ``<zeo> msgpack true </zeo>``);
 * a zrelay in front of each (``--self-test``: a trivial Python forwarder
   instead, to exercise the proxied path without a zrelay build);
-* four worker processes for the ZODB clients.
+* four worker processes for the ZODB clients;
+* with ``--baseline``, also ``bench/baseline_relay.c`` (built with cc), a
+  minimal poll() relay in front of each server: its column shows what any
+  same-host proxy costs on this machine, so zrelay's own share is visible.
 
 It then runs every workload ``--runs`` times per encoding, alternating
 direct and proxied (and which of the two goes first), and prints a markdown
@@ -51,7 +54,7 @@ import zeoraw            # noqa: E402
 HOST = P.HOST
 WORKLOADS = ('load', 'ping', 'commit1', 'commit4', 'bulk')
 ENCODINGS = ('pickle', 'msgpack')
-MODES = ('direct', 'proxied')
+MODES = ('direct', 'proxied')          # + 'baseline' with --baseline
 N_WORKERS = 4
 
 # Targets the proxy is held to.
@@ -117,12 +120,28 @@ class Endpoint:
         self.proxy = None
         self.proxy_port = None
         self.proxy_rss_start = {}
+        self.baseline = None
+        self.baseline_port = None
 
     def port(self, mode):
-        return self.server_port if mode == 'direct' else self.proxy_port
+        return {'direct': self.server_port, 'proxied': self.proxy_port,
+                'baseline': self.baseline_port}[mode]
+
+
+def build_baseline_relay(tmp):
+    """Compile bench/baseline_relay.c; return the binary's path."""
+    cc = shutil.which(os.environ.get('CC', 'cc'))
+    if not cc:
+        raise RuntimeError('--baseline needs a C compiler (cc, or $CC)')
+    out = os.path.join(tmp, 'baseline_relay')
+    subprocess.run([cc, '-O2', '-o', out,
+                    os.path.join(HERE, 'baseline_relay.c')],
+                   check=True, timeout=120)
+    return out
 
 
 def start_topology(procs, tmp, args, encodings):
+    baseline_bin = build_baseline_relay(tmp) if args.baseline else None
     endpoints = []
     for enc in encodings:
         ep = Endpoint(enc)
@@ -151,18 +170,25 @@ def start_topology(procs, tmp, args, encodings):
             name = f'zrelay-{ep.encoding}'
         ep.proxy = procs.spawn(name, argv, os.path.join(d, f'{name}.log'), cwd=d)
         ep.proxy.wait_port(ep.proxy_port)
+        if baseline_bin:
+            ep.baseline_port = P.free_port()
+            ep.baseline = procs.spawn(
+                f'baseline-relay-{ep.encoding}',
+                [baseline_bin, str(ep.baseline_port), str(ep.server_port)],
+                os.path.join(d, 'baseline-relay.log'), cwd=d)
+            ep.baseline.wait_port(ep.baseline_port)
     return endpoints
 
 
 PREFLIGHT_SESSIONS = 3
 
 
-def preflight(ep):
+def preflight(ep, modes):
     """Both paths answer, and the proxied one reaches the same storage with
     the expected encoding, in several sessions in a row."""
     want = b'Z5' if ep.encoding == 'pickle' else b'M5'
     seen = {}
-    for mode in MODES + ('proxied',) * (PREFLIGHT_SESSIONS - 1):
+    for mode in modes + ('proxied',) * (PREFLIGHT_SESSIONS - 1):
         try:
             with zeoraw.connect(HOST, ep.port(mode)) as c:
                 if c.protocol != want:
@@ -173,18 +199,18 @@ def preflight(ep):
         except Exception as e:
             reason = ('no answer within 10 s' if isinstance(e, TimeoutError)
                       else repr(e))
-            where = (f'{ep.proxy.name} on port {ep.proxy_port}'
-                     if mode == 'proxied' else
-                     f'runzeo on port {ep.server_port}')
+            where = {'direct': f'runzeo on port {ep.server_port}',
+                     'proxied': f'{ep.proxy.name} on port {ep.proxy_port}',
+                     'baseline': f'baseline relay on port {ep.baseline_port}',
+                     }[mode]
             extra = ''
             if mode == 'proxied':
                 extra = f'\n{ep.proxy.name} log:\n{P.tail(ep.proxy.log_path)}'
             raise RuntimeError(f'{ep.encoding}: {where} does not work: '
                                f'{reason}{extra}') from e
-    if seen['direct'] != seen['proxied']:
-        raise RuntimeError(f'{ep.encoding}: lastTransaction differs: '
-                           f'direct {seen["direct"]!r}, '
-                           f'proxied {seen["proxied"]!r}')
+    if len(set(seen.values())) != 1:
+        raise RuntimeError(f'{ep.encoding}: lastTransaction differs between '
+                           f'paths: {seen!r}')
 
 
 # ------------------------------------------------------------ measuring ----
@@ -214,7 +240,7 @@ def measure(workload, port, settings, pool, oids):
     return out
 
 
-def run_all(endpoints, settings, pool, oids, workloads, other):
+def run_all(endpoints, settings, pool, oids, workloads, other, modes):
     """Run everything; return ``(samples, other_cores)``.
 
     ``samples[(workload, encoding, metric, mode)]`` is the list of per-run
@@ -227,7 +253,10 @@ def run_all(endpoints, settings, pool, oids, workloads, other):
         before = other.sample()
         for ep in endpoints:
             for r in range(settings.runs):
-                order = MODES if r % 2 == 0 else MODES[::-1]
+                # Rotate which mode goes first: with two modes this
+                # alternates direct-proxied / proxied-direct.
+                k = r % len(modes)
+                order = modes[k:] + modes[:k]
                 for mode in order:
                     res = measure(workload, ep.port(mode), settings, pool,
                                   oids[ep.encoding])
@@ -237,7 +266,7 @@ def run_all(endpoints, settings, pool, oids, workloads, other):
                         ).append(value)
                     main = METRICS[workload][0]
                     log(f'{workload:8} {ep.encoding:7} run {r + 1}/'
-                        f'{settings.runs} {mode:7} {main[0]} '
+                        f'{settings.runs} {mode:8} {main[0]} '
                         f'{res[main[0]]:9.1f} {main[1]:5} (n={res["n"]})')
         other_cores[workload] = other.cores(before, other.sample())
         log(f'{workload}: other processes used '
@@ -263,42 +292,61 @@ def spread(values):
     return (max(values) - min(values)) / m * 100.0 if m else float('nan')
 
 
-def build_table(samples, workloads, encodings, proxy_label):
-    lines = [
-        f'| workload | enc | metric | direct | {proxy_label} | ratio | added '
-        f'| target | spread |',
-        '|---|---|---|---:|---:|---:|---:|---|---:|',
-    ]
+def _added_us(direct, other, unit):
+    return (other - direct) * (1000.0 if unit == 'ms' else 1.0)
+
+
+def build_table(samples, workloads, encodings, proxy_label, baseline):
+    """Markdown table of medians; returns ``(table, verdicts)``."""
+    head = ['workload', 'enc', 'metric', 'direct', proxy_label, 'ratio',
+            'added', 'target']
+    align = ['---', '---', '---', '---:', '---:', '---:', '---:', '---']
+    if baseline:
+        head += ['C relay', 'C relay vs direct']
+        align += ['---:', '---:']
+    head.append('spread')
+    align.append('---:')
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(align) + '|']
     verdicts = []
     for workload in workloads:
         for enc in encodings:
             for metric, unit, higher_better in METRICS[workload]:
-                d = samples.get((workload, enc, metric, 'direct'))
-                p = samples.get((workload, enc, metric, 'proxied'))
+                runs = {mode: samples.get((workload, enc, metric, mode))
+                        for mode in ('direct', 'proxied', 'baseline')}
+                d, p = runs['direct'], runs['proxied']
                 if not d or not p:
                     continue
                 dm, pm = statistics.median(d), statistics.median(p)
                 ratio = pm / dm if dm else float('nan')
                 added = target = ''
                 if not higher_better:
-                    us = (pm - dm) * (1000.0 if unit == 'ms' else 1.0)
+                    us = _added_us(dm, pm, unit)
                     added = f'{us:+.1f} µs'
                 if metric == 'p50' and workload in ('load', 'ping'):
                     ok = us <= TARGET_ADDED_US
-                    target = f'≤ +{TARGET_ADDED_US:.0f} µs: ' \
-                             f'{"met" if ok else "MISSED"}'
+                    target = (f'≤ +{TARGET_ADDED_US:.0f} µs: '
+                              f'{"met" if ok else "MISSED"}')
                     verdicts.append((f'{workload} {enc} added p50', ok))
                 elif higher_better:
                     ok = ratio >= TARGET_THROUGHPUT_RATIO
-                    target = f'≥ {TARGET_THROUGHPUT_RATIO:.2f}×: ' \
-                             f'{"met" if ok else "MISSED"}'
+                    target = (f'≥ {TARGET_THROUGHPUT_RATIO:.2f}×: '
+                              f'{"met" if ok else "MISSED"}')
                     verdicts.append((f'{workload} {enc} throughput', ok))
-                sp = max(spread(d), spread(p))
                 label = metric if metric == unit else f'{metric} ({unit})'
-                lines.append(
-                    f'| {TITLES[workload]} | {enc} | {label} '
-                    f'| {fmt(dm, unit)} | {fmt(pm, unit)} | {ratio:.3f} '
-                    f'| {added} | {target} | {sp:.0f}% |')
+                cells = [TITLES[workload], enc, label, fmt(dm, unit),
+                         fmt(pm, unit), f'{ratio:.3f}', added, target]
+                spread_of = [d, p]
+                b = runs['baseline']
+                if baseline and b:
+                    bm = statistics.median(b)
+                    cells.append(fmt(bm, unit))
+                    cells.append(f'{bm / dm:.3f}×' if higher_better else
+                                 f'{_added_us(dm, bm, unit):+.1f} µs')
+                    spread_of.append(b)
+                elif baseline:
+                    cells += ['', '']
+                cells.append(f'{max(spread(x) for x in spread_of):.0f}%')
+                lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines), verdicts
 
 
@@ -381,7 +429,9 @@ def render(table, verdicts, proxy_lines_, other_cores, settings, args,
     summary = f'Targets met: {met}/{len(verdicts)}'
     if missed:
         summary += ' (missed: ' + ', '.join(missed) + ')'
-    params = (f'{settings.runs} runs per mode, alternating direct/proxied; '
+    order = ('rotating direct/proxied/baseline' if args.baseline
+             else 'alternating direct/proxied')
+    params = (f'{settings.runs} runs per mode, {order}; '
               f'{settings.n_objects} distinct objects loaded per load run, '
               f'{settings.n_pings} pings per run, '
               f'{settings.commit_seconds:g} s per commit run'
@@ -392,7 +442,7 @@ def render(table, verdicts, proxy_lines_, other_cores, settings, args,
         summary, '',
         *proxy_lines_,
         f'- CPU used by other processes on the machine meanwhile, in cores '
-        f'(of {os.cpu_count()}): {other}', '',
+        f'(of {len(os.sched_getaffinity(0))}): {other}', '',
         f'Medians over runs. ratio = proxied / direct; added = proxied − '
         f'direct; spread = largest (max − min) / median of either column. '
         f'{params}. Total {wall:.0f} s.',
@@ -428,6 +478,10 @@ def parse_args(argv=None):
     ap.add_argument('--zrelay-log-level', default='warn', metavar='LEVEL',
                     help='zrelay log_level (default warn); its log is in the '
                          'temporary directory, see --keep')
+    ap.add_argument('--baseline', action='store_true',
+                    help='also measure through bench/baseline_relay.c (built '
+                         'with cc), a minimal relay: what any same-host '
+                         'proxy costs on this machine')
     ap.add_argument('--self-test', action='store_true',
                     help='put a trivial Python forwarder where zrelay goes, '
                          'to check the script without a zrelay build')
@@ -462,6 +516,7 @@ def main(argv=None):
     workloads = [w for w in WORKLOADS if not args.only or w in args.only]
     encodings = ENCODINGS if args.encoding == 'both' else (args.encoding,)
     proxy_label = 'forwarder' if args.self_test else 'zrelay'
+    modes = MODES + (('baseline',) if args.baseline else ())
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
 
@@ -478,7 +533,7 @@ def main(argv=None):
         endpoints = start_topology(procs, tmp, args, encodings)
         oids = {}
         for ep in endpoints:
-            preflight(ep)
+            preflight(ep, modes)
             ep.proxy_rss_start = ep.proxy.status()
             log(f'{ep.encoding}: populating {settings.n_objects} objects')
             oids[ep.encoding] = pool.populate(
@@ -488,19 +543,20 @@ def main(argv=None):
             other.wait_quiet(args.wait_idle, log=log)
         cpu0 = {ep.encoding: ep.proxy.cpu_seconds() for ep in endpoints}
         samples, other_cores = run_all(endpoints, settings, pool, oids,
-                                       workloads, other)
+                                       workloads, other, modes)
         cpu = {ep.encoding: ep.proxy.cpu_seconds() - cpu0[ep.encoding]
                for ep in endpoints}
         for ep in endpoints:
             if not ep.proxy.alive():
                 raise RuntimeError(f'{ep.proxy.name} died during the run; log:'
                                    f'\n{P.tail(ep.proxy.log_path)}')
-        table, verdicts = build_table(samples, workloads, encodings, proxy_label)
+        table, verdicts = build_table(samples, workloads, encodings,
+                                      proxy_label, args.baseline)
         info = machine_info(args)
         body = render(table, verdicts,
                       proxy_lines(endpoints, proxy_label, cpu), other_cores,
                       settings, args, time.monotonic() - T0)
-    except BaseException:
+    except Exception:           # not on Ctrl-C: then just clean up
         failed = True
         raise
     finally:

@@ -169,8 +169,10 @@ async fn start_primary(
         .with_context(|| format!("listen for replicas on {listen}"))?;
     info!(listen = %listen, cluster = %r.cluster, "replication: primary, accepting replicas over mutual TLS");
     // Bounded: a replica that falls this far behind the live feed reads
-    // history instead (see SenderState).
-    let (commits, _) = broadcast::channel(1024);
+    // history instead (see SenderState). Each sender drains it into its own
+    // byte-limited queue, so this only has to absorb a burst while a sender
+    // is busy writing; it holds at most this many transactions.
+    let (commits, _) = broadcast::channel(256);
     let (last_tx, last_rx) = watch::channel(Z64);
     tasks.push(tokio::spawn(feed::run_feed(
         link.clone(),

@@ -49,6 +49,10 @@ fn assert_converged(c: &mut Cluster) -> String {
     let st = c.replica.status();
     assert_eq!(st["upstream"]["applied_tid"], last.as_str(), "{st}");
     assert_eq!(st["upstream"]["state"], "live", "{st}");
+    // The primary's newest tid reaches the replica with the stream.
+    wait_until(SYNC, "replica lag 0 once caught up", || {
+        c.replica.status()["lag_seconds"] == 0.0
+    });
     c.assert_healthy();
     last
 }
@@ -95,20 +99,46 @@ fn workload_mix_msgpack() {
     workload_mix(Enc::Msgpack, "500", "8");
 }
 
-/// The size: one 50 MB transaction (a 12 MB record and 1 MB ones).
+/// The size: one 50 MB transaction (a 12 MB record and 1 MB ones),
+/// committed while another client keeps committing small ones.
 #[test]
 fn big_transaction_50mb() {
     let mut c = Cluster::start(Enc::Msgpack);
+    let mut w = c.py(&["writer", &c.primary.addr().to_string()]).spawn();
+    w.expect_line("READY", Duration::from_secs(60));
     let out = c.run_py(&["big", &c.primary.addr().to_string(), "50"]);
     eprintln!("{out}");
     let tid = value_of(&out, "tid").to_string();
     let started = Instant::now();
-    c.wait_applied(&tid, Duration::from_secs(60));
+    mark(&mut w);
+    w.send_line("stop");
+    w.finish();
+    let last = c.wait_in_sync(Duration::from_secs(60));
     eprintln!(
-        "50 MB transaction applied {:?} after commit",
+        "50 MB transaction {tid} and all up to {last} applied {:?} after the commit",
         started.elapsed()
     );
     assert_converged(&mut c);
+}
+
+/// Transaction metadata that only survives if it is copied byte for byte:
+/// extensions with many value types (floats, big ints, bytes, tuples,
+/// frozensets, 30 kB strings, 300 keys), non-UTF-8 user and description.
+fn unusual_metadata(enc: Enc) {
+    let mut c = Cluster::start(enc);
+    let out = c.run_py(&["metadata", &c.primary.addr().to_string()]);
+    c.wait_applied(value_of(&out, "tid"), SYNC);
+    assert_converged(&mut c);
+}
+
+#[test]
+fn unusual_metadata_pickle() {
+    unusual_metadata(Enc::Pickle);
+}
+
+#[test]
+fn unusual_metadata_msgpack() {
+    unusual_metadata(Enc::Msgpack);
 }
 
 // ------------------------------------------------ 2. fresh caches
@@ -276,6 +306,26 @@ fn fault_replica_backend_restart() {
 }
 
 #[test]
+fn fault_primary_backend_kill9() {
+    fault_while_writing(Enc::Pickle, |c, w| {
+        c.pzeo.kill();
+        c.pzeo.start_again();
+        mark(w);
+    });
+}
+
+#[test]
+#[ignore = "zrelay bug: a replica whose runzeo was killed between vote and finish trusts the restarted backend's lastTransaction, which FileStorage sets to the truncated, never committed tid; the replica sends no digest and the primary refuses it as diverged (intermittent here; deterministic in replica_backend_crash_mid_commit)"]
+fn fault_replica_backend_kill9() {
+    fault_while_writing(Enc::Msgpack, |c, w| {
+        c.rzeo.kill();
+        mark(w);
+        c.rzeo.start_again();
+        mark(w);
+    });
+}
+
+#[test]
 fn fault_stream_cut_kill9() {
     fault_while_writing(Enc::Msgpack, |c, w| {
         c.replica.kill();
@@ -283,6 +333,33 @@ fn fault_stream_cut_kill9() {
         c.replica.start();
         mark(w);
     });
+}
+
+/// The replica's runzeo dies between vote and finish of a transaction it
+/// applies (made deterministic by writing the state such a crash leaves:
+/// the transaction appended with the checkpoint status 'c'). On restart
+/// FileStorage truncates it, but its `lastTransaction()` reports the
+/// truncated tid. The replica must apply that transaction again, not
+/// believe it has it.
+#[test]
+#[ignore = "zrelay bug: after a replica backend crash mid-commit, FileStorage's lastTransaction() names the truncated tid; zrelay trusts it, finds no such transaction (\"replica sent no digest for its last tid\") and is refused as diverged forever"]
+fn replica_backend_crash_mid_commit() {
+    let mut c = Cluster::start(Enc::Pickle);
+    let p = c.primary.addr().to_string();
+    c.run_py(&["set", &p, "k", "1"]);
+    c.wait_in_sync(SYNC);
+    c.rzeo.stop();
+    let out = c.run_py(&["set", &p, "k", "2"]);
+    let tid = value_of(&out, "tid").to_string();
+    c.run_py(&[
+        "crash-tail",
+        &c.pzeo.dir().display().to_string(),
+        &c.rzeo.dir().display().to_string(),
+        &tid,
+    ]);
+    c.rzeo.start_again();
+    c.run_py(&["set", &p, "k", "3"]);
+    assert_converged(&mut c);
 }
 
 /// A replica started after the primary has history catches up from it,
@@ -567,23 +644,28 @@ fn two_blobs_in_one_transaction() {
 
 // ------------------------------------------------ pack on the primary
 
-/// The primary packs away the record the replica's last transaction wrote
-/// while the replica proxy is down; the replica must still be recognised
-/// (not diverged) and catch up.
+/// The primary packs away records of the replica's last transaction while
+/// the replica proxy is down; the replica has not diverged: it must be
+/// recognised and catch up. First one of two records of that transaction
+/// goes (the transaction differs), then all of it (the primary no longer
+/// has the transaction).
 #[test]
+#[ignore = "zrelay bug: after a pack on the primary, a replica whose last transaction lost records to the pack is refused as diverged (\"transaction … differs\" / \"the primary has no transaction …\") and never replicates again"]
 fn primary_pack_while_replica_down() {
     let mut c = Cluster::start(Enc::Pickle);
     let p = c.primary.addr().to_string();
-    c.run_py(&["set", &p, "k", "1"]);
-    c.run_py(&["set", &p, "k", "2"]);
-    c.wait_in_sync(SYNC);
-    c.replica.stop();
-    let out = c.run_py(&["set", &p, "k", "3"]);
-    let newest = value_of(&out, "tid").to_string();
-    c.run_py(&["pack", &p]);
-    c.replica.start();
-    c.wait_applied(&newest, SYNC);
-    let st = c.replica.status();
-    assert_eq!(st["upstream"]["state"], "live", "{st}");
+    // (the replica's last transaction, a later one on the primary)
+    for (last, newer) in [("a,b", "a"), ("a", "a")] {
+        c.run_py(&["set", &p, last, "1"]);
+        c.wait_in_sync(SYNC);
+        c.replica.stop();
+        let out = c.run_py(&["set", &p, newer, "2"]);
+        let newest = value_of(&out, "tid").to_string();
+        c.run_py(&["pack", &p]);
+        c.replica.start();
+        c.wait_applied(&newest, SYNC);
+        let st = c.replica.status();
+        assert_eq!(st["upstream"]["state"], "live", "{st}");
+    }
     c.assert_healthy();
 }

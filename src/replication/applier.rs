@@ -50,6 +50,10 @@ pub struct Applier {
     last_tid: Tid,
     applied: Arc<AppliedLog>,
     next_txn_id: i64,
+    /// What the backend's `lastTransaction` is expected to answer. Normally
+    /// `last_tid`; after a crash mid-commit FileStorage may report the tid of
+    /// the transaction it truncated away (see `set_real_last`).
+    reported_last: Tid,
     /// The transaction whose tpc_finish was sent but not confirmed.
     in_doubt: Option<Tid>,
     /// msgid of that tpc_finish, when its reply is left for later so the
@@ -86,6 +90,7 @@ impl Applier {
             last_tid: [0; 8],
             applied,
             next_txn_id: 1,
+            reported_last: [0; 8],
             in_doubt: None,
             pending_finish: None,
             confirmed: Vec::new(),
@@ -108,6 +113,9 @@ impl Applier {
     pub async fn connect(&mut self) -> Result<Tid, ApplyError> {
         self.conn = None;
         self.pending_finish = None;
+        // Whatever was in doubt is settled by the position read below (the
+        // caller looks at `in_doubt()` before reconnecting).
+        self.in_doubt = None;
         let (mut conn, _) = ZeoConn::open(
             &self.addr,
             &self.storage,
@@ -123,9 +131,19 @@ impl Applier {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| ZeoError::Protocol("lastTransaction is not a tid".into()))?;
         self.last_tid = last;
+        self.reported_last = last;
         self.applied.start_at(last);
         self.conn = Some(conn);
         Ok(last)
+    }
+
+    /// The newest transaction the backend really holds is `real`, older than
+    /// what `lastTransaction` reported (a commit cut by a crash between vote
+    /// and finish leaves its tid behind in FileStorage's memory). Order is
+    /// kept against `real`; the stale report is tolerated until the next
+    /// commit replaces it.
+    pub fn set_real_last(&mut self, real: Tid) {
+        self.last_tid = real;
     }
 
     /// Transactions confirmed committed since the last call, in order.
@@ -164,6 +182,7 @@ impl Applier {
             });
         }
         self.last_tid = want;
+        self.reported_last = want;
         self.in_doubt = None;
         self.confirmed.push(want);
         Ok(())
@@ -197,7 +216,7 @@ impl Applier {
         if txn.tid <= expected_last {
             return Err(ApplyError::OutOfOrder {
                 tid: hex(&txn.tid),
-                last: hex(&self.last_tid),
+                last: hex(&expected_last),
             });
         }
         let r = self.apply_inner(txn, more_coming).await;
@@ -231,46 +250,50 @@ impl Applier {
                 Value::Str(txn.status.clone()),
             ],
         )?;
-        for rec in &txn.records {
-            if let Some(blob) = &rec.blob {
-                // A blob needs a store (restorea carries no file), which
-                // checks the oid's current serial on the replica.
-                conn.flush().await?;
-                let serial = match conn
-                    .call("loadBefore", vec![bv(&rec.oid), bv(&MAXTID)])
-                    .await
-                {
-                    Ok(Value::Tuple(v)) if v.len() == 3 => v[1]
-                        .as_bytes()
-                        .map(Bytes::copy_from_slice)
-                        .unwrap_or_else(|| Bytes::from_static(&[0; 8])),
-                    Ok(_) => Bytes::from_static(&[0; 8]),
-                    Err(ZeoError::Remote { class, .. }) if class.ends_with("POSKeyError") => {
-                        Bytes::from_static(&[0; 8])
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                conn.queue_async("storeBlobStart", vec![])?;
-                for chunk in blob.chunks(BLOB_CHUNK) {
-                    conn.queue_async("storeBlobChunk", vec![bv(chunk)])?;
+        // The server applies restores in order, then blob stores popped from
+        // the end of its blob log (ZEOStorage._vote). Restores first and blob
+        // stores in reverse reproduce the primary's record order, where
+        // ClientStorage's blob records likewise come last.
+        for rec in txn.records.iter().filter(|r| r.blob.is_none()) {
+            conn.queue_async(
+                "restorea",
+                vec![
+                    bv(&rec.oid),
+                    bv(&txn.tid),
+                    rec.data.as_ref().map(|d| bv(d)).unwrap_or(Value::None),
+                    rec.data_txn.as_ref().map(|d| bv(d)).unwrap_or(Value::None),
+                    txn_id.clone(),
+                ],
+            )?;
+        }
+        for rec in txn.records.iter().rev() {
+            let Some(blob) = &rec.blob else { continue };
+            // A blob needs a store (restorea carries no file), which checks
+            // the oid's current serial on the replica.
+            conn.flush().await?;
+            let serial = match conn
+                .call("loadBefore", vec![bv(&rec.oid), bv(&MAXTID)])
+                .await
+            {
+                Ok(Value::Tuple(v)) if v.len() == 3 => v[1]
+                    .as_bytes()
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_else(|| Bytes::from_static(&[0; 8])),
+                Ok(_) => Bytes::from_static(&[0; 8]),
+                Err(ZeoError::Remote { class, .. }) if class.ends_with("POSKeyError") => {
+                    Bytes::from_static(&[0; 8])
                 }
-                let data = rec.data.as_ref().map(|d| bv(d)).unwrap_or(Value::None);
-                conn.queue_async(
-                    "storeBlobEnd",
-                    vec![bv(&rec.oid), Value::Bytes(serial), data, txn_id.clone()],
-                )?;
-            } else {
-                conn.queue_async(
-                    "restorea",
-                    vec![
-                        bv(&rec.oid),
-                        bv(&txn.tid),
-                        rec.data.as_ref().map(|d| bv(d)).unwrap_or(Value::None),
-                        rec.data_txn.as_ref().map(|d| bv(d)).unwrap_or(Value::None),
-                        txn_id.clone(),
-                    ],
-                )?;
+                Err(e) => return Err(e.into()),
+            };
+            conn.queue_async("storeBlobStart", vec![])?;
+            for chunk in blob.chunks(BLOB_CHUNK) {
+                conn.queue_async("storeBlobChunk", vec![bv(chunk)])?;
             }
+            let data = rec.data.as_ref().map(|d| bv(d)).unwrap_or(Value::None);
+            conn.queue_async(
+                "storeBlobEnd",
+                vec![bv(&rec.oid), Value::Bytes(serial), data, txn_id.clone()],
+            )?;
         }
         let vote = conn.queue_call("vote", vec![txn_id.clone()])?;
         conn.flush().await?;
@@ -283,11 +306,11 @@ impl Applier {
             .pending_async
             .iter()
             .any(|m| m.method == "invalidateTransaction");
-        if backend_last.as_bytes() != Some(&self.last_tid[..]) || foreign {
+        if backend_last.as_bytes() != Some(&self.reported_last[..]) || foreign {
             let _ = conn.call("tpc_abort", vec![txn_id]).await;
             return Err(ApplyError::Foreign(format!(
                 "expected last tid {}, backend has {}",
-                hex(&self.last_tid),
+                hex(&self.reported_last),
                 match backend_last.as_bytes() {
                     Some(b) => hex(b),
                     None => format!("{backend_last:?}"),

@@ -133,10 +133,53 @@ async fn init_state(
     applier: &mut Applier,
     cfg: &ReplicaConfig,
 ) -> Result<ReceiverState, ApplyError> {
-    let last = applier.connect().await?;
-    let digest = digest_of(applier, &last).await?;
+    let reported = applier.connect().await?;
+    let (last, digest) = newest_readable(applier, reported).await?;
+    if last != reported {
+        warn!(
+            reported = %tid_hex(&reported),
+            newest = %tid_hex(&last),
+            "replica backend reports a last tid it does not hold (a commit cut by a crash); resuming from its newest transaction"
+        );
+        applier.set_real_last(last);
+    }
     info!(applied = %tid_hex(&last), "replica backend position");
     Ok(ReceiverState::new(last, digest, Instant::now()).with_stale_after(cfg.stale_after))
+}
+
+/// The newest transaction the backend holds at or before `reported`, with
+/// its digest. Normally `reported` itself; otherwise found by reading
+/// history in widening windows before it.
+async fn newest_readable(
+    applier: &mut Applier,
+    reported: Tid,
+) -> Result<(Tid, Option<[u8; 32]>), ApplyError> {
+    if reported == Z64 {
+        return Ok((Z64, None));
+    }
+    if let Some(d) = digest_of(applier, &reported).await? {
+        return Ok((reported, Some(d)));
+    }
+    let mut reader = applier.reader().await?;
+    let at = super::txn::tid_unix_secs(&reported);
+    for window in [60.0, 3600.0, 86400.0 * 31.0, f64::INFINITY] {
+        let start = if window.is_finite() {
+            super::txn::tid_from_unix_secs(at - window)
+        } else {
+            Z64
+        };
+        let mut cursor =
+            super::history::HistoryCursor::open(&mut reader, start, Some(reported)).await?;
+        cursor.with_blobs = false;
+        let mut newest = None;
+        while let Some(t) = cursor.next(&mut reader).await? {
+            newest = Some((t.tid, t.digest()));
+        }
+        if let Some((tid, d)) = newest {
+            return Ok((tid, Some(d)));
+        }
+    }
+    Ok((Z64, None))
 }
 
 async fn digest_of(applier: &mut Applier, tid: &Tid) -> Result<Option<[u8; 32]>, ApplyError> {
@@ -151,15 +194,24 @@ async fn digest_of(applier: &mut Applier, tid: &Tid) -> Result<Option<[u8; 32]>,
 /// lost tpc_finish reply), record it as applied.
 async fn resync(applier: &mut Applier, st: &mut ReceiverState) -> Result<(), ApplyError> {
     let in_doubt = applier.in_doubt();
-    let last = applier.connect().await?;
-    // Anything confirmed before the failure was acked already or is below
-    // `last`; the backend's position decides.
+    let reported = applier.connect().await?;
+    // Anything confirmed before the failure was acked already; the
+    // backend's position decides the rest.
+    let (last, digest) = newest_readable(applier, reported).await?;
+    if last != reported {
+        warn!(
+            reported = %tid_hex(&reported),
+            newest = %tid_hex(&last),
+            "replica backend reports a last tid it does not hold (a commit cut by a crash)"
+        );
+        applier.set_real_last(last);
+    }
     if last == st.applied() {
         return Ok(());
     }
     if Some(last) == in_doubt {
         // The lost tpc_finish did commit.
-        if let Some(d) = digest_of(applier, &last).await? {
+        if let Some(d) = digest {
             st.on_applied(last, d);
         }
         return Ok(());

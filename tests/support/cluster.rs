@@ -527,18 +527,23 @@ impl Cluster {
     /// Wait until the replica has applied `tid` (hex) as its newest
     /// transaction.
     pub fn wait_applied(&self, tid: &str, timeout: Duration) {
-        let mut seen = None;
-        wait_for(timeout, &format!("replica to apply {tid}"), || {
+        let deadline = Instant::now() + timeout;
+        loop {
             let st = try_http_get(self.replica.admin(), "/status")
                 .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok());
             let applied = st
                 .as_ref()
-                .and_then(|s| s["upstream"]["applied_tid"].as_str().map(str::to_string));
-            if applied.as_deref() != seen.as_deref() {
-                seen.clone_from(&applied);
+                .and_then(|s| s["upstream"]["applied_tid"].as_str());
+            if applied == Some(tid) {
+                return;
             }
-            (applied.as_deref() == Some(tid)).then_some(())
-        });
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?}: replica to apply {tid}; its last /status: {}",
+                st.map_or_else(|| "<no answer>".to_string(), |s| s.to_string())
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Ask the primary backend for its last tid, wait until the replica
@@ -603,9 +608,4 @@ pub fn sha256_file(path: &Path) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Time left until `deadline` (zero when passed).
-pub fn left(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
 }
