@@ -38,6 +38,10 @@ pub struct Config {
     /// tracing env-filter directive, e.g. "info" or "zrelay=debug,info".
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Runtime threads. 1 (default): everything on one thread, the lowest
+    /// latency per hop; more only helps with many busy sessions.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
     pub client: ClientConfig,
     pub backend: BackendConfig,
     /// Absent: a plain relay (a primary with no replicas).
@@ -195,6 +199,9 @@ impl std::fmt::Display for BackendAddr {
 
 fn default_node_name() -> String {
     std::env::var("HOSTNAME").unwrap_or_else(|_| "zrelay".to_string())
+}
+fn default_worker_threads() -> usize {
+    1
 }
 fn default_log_level() -> String {
     "info".to_string()

@@ -27,11 +27,21 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log_level))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("zrelay")
-        .build()
-        .context("start the tokio runtime")?;
+    // One worker thread by default: a session's hops then never cross
+    // threads (no futex wake-ups between the I/O driver and the task), which
+    // is what costs latency on a small host shared with the ZEO server.
+    let runtime = if cfg.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.worker_threads)
+            .enable_all()
+            .thread_name("zrelay")
+            .build()
+    }
+    .context("start the tokio runtime")?;
     runtime.block_on(serve(cfg))
 }
 

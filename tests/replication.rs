@@ -315,7 +315,6 @@ fn fault_primary_backend_kill9() {
 }
 
 #[test]
-#[ignore = "zrelay bug: a replica whose runzeo was killed between vote and finish trusts the restarted backend's lastTransaction, which FileStorage sets to the truncated, never committed tid; the replica sends no digest and the primary refuses it as diverged (intermittent here; deterministic in replica_backend_crash_mid_commit)"]
 fn fault_replica_backend_kill9() {
     fault_while_writing(Enc::Msgpack, |c, w| {
         c.rzeo.kill();
@@ -342,7 +341,6 @@ fn fault_stream_cut_kill9() {
 /// truncated tid. The replica must apply that transaction again, not
 /// believe it has it.
 #[test]
-#[ignore = "zrelay bug: after a replica backend crash mid-commit, FileStorage's lastTransaction() names the truncated tid; zrelay trusts it, finds no such transaction (\"replica sent no digest for its last tid\") and is refused as diverged forever"]
 fn replica_backend_crash_mid_commit() {
     let mut c = Cluster::start(Enc::Pickle);
     let p = c.primary.addr().to_string();
@@ -628,7 +626,6 @@ fn lag_figures() {
 /// restarts (its Hello carries the digest of that last transaction) and
 /// replication goes on.
 #[test]
-#[ignore = "zrelay bug: a transaction storing two blobs is applied with its records in another order (the replica's ZEO server runs storeBlobEnd stores after all restorea, popping them from the end), so Data.fs differs and a replica restarted after it is refused as diverged"]
 fn two_blobs_in_one_transaction() {
     let mut c = Cluster::start(Enc::Pickle);
     let out = c.run_py(&["blobs", &c.primary.addr().to_string(), "2"]);
@@ -650,7 +647,7 @@ fn two_blobs_in_one_transaction() {
 /// goes (the transaction differs), then all of it (the primary no longer
 /// has the transaction).
 #[test]
-#[ignore = "zrelay bug: after a pack on the primary, a replica whose last transaction lost records to the pack is refused as diverged (\"transaction … differs\" / \"the primary has no transaction …\") and never replicates again"]
+#[ignore = "zrelay bug: after a pack on the primary removes every record of the replica's last transaction, the primary refuses the replica as diverged (\"the primary has no transaction …\") and it never replicates again"]
 fn primary_pack_while_replica_down() {
     let mut c = Cluster::start(Enc::Pickle);
     let p = c.primary.addr().to_string();
