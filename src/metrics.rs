@@ -241,3 +241,24 @@ pub fn replica_applied(bytes: u64, d: Duration) {
     counter!(REPL_APPLIED_BYTES).increment(bytes);
     histogram!(REPL_APPLY_DURATION).record(d.as_secs_f64());
 }
+
+/// Registers the series that exist from the start with their zero values,
+/// so dashboards and `increase()` alerts see them before the first event.
+pub fn init_series(replica: bool, replication: bool) {
+    counter!(BACKEND_CONNECT_FAILURES).increment(0);
+    counter!(CONNECTIONS_ACCEPTED).increment(0);
+    for kind in ["read-write", "read-only"] {
+        gauge!(SESSIONS, "kind" => kind).increment(0.0);
+    }
+    if replica {
+        counter!(REPL_APPLIED_TXNS).increment(0);
+        counter!(REPL_APPLIED_BYTES).increment(0);
+        gauge!(REPL_CONNECTED).set(0.0);
+        gauge!(REPL_DIVERGED).set(0.0);
+    }
+    if replication {
+        for reason in crate::replication::tls::REASONS {
+            counter!(crate::replication::tls::HANDSHAKE_FAILURES, "reason" => *reason).increment(0);
+        }
+    }
+}

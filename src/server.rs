@@ -59,6 +59,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some(RoleConfig::Replica) => Role::Replica,
         _ => Role::Primary,
     };
+    crate::metrics::init_series(role == Role::Replica, cfg.replication.is_some());
     let storage = cfg.backend.storages[0].clone();
     let status = Arc::new(StatusHub::new(
         cfg.node_name.clone(),
