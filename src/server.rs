@@ -71,6 +71,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     tasks.push(tokio::spawn(crate::monitor::backend_monitor(
         cfg.backend.addr(),
+        cfg.backend.storages[0].clone(),
         cfg.backend.connect_timeout(),
         cfg.backend.probe_interval(),
         status.clone(),

@@ -647,7 +647,6 @@ fn two_blobs_in_one_transaction() {
 /// goes (the transaction differs), then all of it (the primary no longer
 /// has the transaction).
 #[test]
-#[ignore = "zrelay bug: after a pack on the primary removes every record of the replica's last transaction, the primary refuses the replica as diverged (\"the primary has no transaction …\") and it never replicates again"]
 fn primary_pack_while_replica_down() {
     let mut c = Cluster::start(Enc::Pickle);
     let p = c.primary.addr().to_string();

@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use super::history::{fetch_txn, read_txn, HistoryCursor};
+use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
 use super::protocol::{self, StreamMsg};
 use super::sender::{SenderConfig, SenderMode, SenderState};
 use super::tls;
@@ -257,6 +257,11 @@ pub async fn serve_replicas(
                 m::peer_connected(&name, false);
                 match r {
                     Ok(()) => info!("replica stream ended"),
+                    // A replica going away (restart, shutdown) is routine.
+                    Err(StreamError::Closed) => info!("replica closed the stream"),
+                    Err(StreamError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        info!("replica closed the stream")
+                    }
                     Err(e) => warn!(error = %e, "replica stream ended"),
                 }
             }
@@ -325,9 +330,21 @@ where
     let digest = if hello.last_tid == Z64 {
         None
     } else {
-        read_txn(&mut conn, &hello.last_tid)
-            .await?
-            .map(|t| t.digest())
+        match read_txn(&mut conn, &hello.last_tid).await? {
+            Some(t) => Some(t.digest()),
+            // A pack on the primary may have removed the replica's last
+            // transaction (all its records were superseded): the replica is
+            // then a correct, less packed copy; stream what comes after.
+            None if packed_away(&mut conn, &hello.last_tid).await? => {
+                warn!(
+                    replica = name,
+                    tid = %tid_hex(&hello.last_tid),
+                    "the replica's last transaction was removed by a pack here; resuming after it"
+                );
+                hello.last_digest
+            }
+            None => None,
+        }
     };
     let mut state = SenderState::new(cfg.sender.clone());
     let mut wbuf = BytesMut::with_capacity(64 * 1024);

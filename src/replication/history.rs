@@ -81,6 +81,15 @@ impl HistoryCursor {
         })
     }
 
+    /// Frees the server-side iterator of a cursor not read to its end (an
+    /// async call: nothing to wait for).
+    pub fn close(self, conn: &mut ZeoConn) -> Result<(), ZeoError> {
+        if !self.done {
+            conn.queue_async("iterator_gc", vec![Value::List(vec![Value::Int(self.iid)])])?;
+        }
+        Ok(())
+    }
+
     /// The next transaction, or None at the end of the range (as the storage
     /// stood when it was read). Two round trips: the header, then the
     /// record iterator with a batch of record reads.
@@ -406,4 +415,18 @@ pub async fn read_txn(conn: &mut ZeoConn, tid: &Tid) -> Result<Option<Txn>, ZeoE
         let _ = c.next(conn).await?;
     }
     Ok(t.filter(|t| &t.tid == tid))
+}
+
+/// Whether the transaction `tid`, absent from this storage, lies in a region
+/// removed by a pack: the first transaction after it carries the packed
+/// status "p" (a pack marks every transaction it keeps before the pack time),
+/// so `tid` is older than the pack time and a pack dropped it with all its
+/// records.
+pub async fn packed_away(conn: &mut ZeoConn, tid: &Tid) -> Result<bool, ZeoError> {
+    let mut c = HistoryCursor::open(conn, super::txn::tid_after(tid), None).await?;
+    c.with_blobs = false;
+    let next = c.next(conn).await?;
+    c.close(conn)?;
+    conn.flush().await?;
+    Ok(next.map(|t| t.status == "p").unwrap_or(false))
 }
