@@ -68,7 +68,9 @@ pub struct ReplicationConfig {
     /// another cluster is refused.
     #[serde(default = "default_cluster")]
     pub cluster: String,
-    /// Primary: address replicas connect to (TLS only).
+    /// Address replicas connect to (TLS only). Required on a primary; on a
+    /// replica it makes the replica feed further replicas (cascading) from
+    /// its own backend.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
     /// Replica: the primary proxy's replication address, host:port.
@@ -365,12 +367,6 @@ impl Config {
                         return Err(invalid(
                             "replication.upstream",
                             "a replica needs the primary's replication address as host:port".into(),
-                        ));
-                    }
-                    if r.listen.is_some() {
-                        return Err(invalid(
-                            "replication.listen",
-                            "cascading (a replica feeding replicas) is not supported yet".into(),
                         ));
                     }
                 }

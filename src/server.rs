@@ -102,6 +102,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 &shutdown,
                 &mut tasks,
             )?;
+            if r.listen.is_some() {
+                // Cascading: what this replica's backend commits (the
+                // applier's replays, in tid order) is fed downstream exactly
+                // as a primary feeds its replicas.
+                start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+            }
             let allow_pack = r.allow_pack;
             Arc::new(move || {
                 Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
@@ -174,23 +180,37 @@ async fn start_primary(
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
+    start_feed(r, cfg, link, status, shutdown, tasks).await
+}
+
+/// The commit feed and the replication listener: on a primary, and on a
+/// replica that feeds further replicas.
+async fn start_feed(
+    r: &ReplicationConfig,
+    cfg: &Config,
+    link: &BackendLink,
+    status: &Arc<StatusHub>,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
     let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
     let listen = r.listen.context("replication.listen")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listen for replicas on {listen}"))?;
-    info!(listen = %listen, cluster = %r.cluster, "replication: primary, accepting replicas over mutual TLS");
+    info!(listen = %listen, cluster = %r.cluster, "replication: accepting replicas over mutual TLS");
     // Bounded: a replica that falls this far behind the live feed reads
     // history instead (see SenderState). Each sender drains it into its own
     // byte-limited queue, so this only has to absorb a burst while a sender
     // is busy writing; it holds at most this many transactions.
     let (commits, _) = broadcast::channel(256);
     let (last_tx, last_rx) = watch::channel(Z64);
+    let report = (r.role == RoleConfig::Primary).then(|| status.clone());
     tasks.push(tokio::spawn(feed::run_feed(
         link.clone(),
         commits.clone(),
         last_tx,
-        status.clone(),
+        report,
         shutdown.clone(),
     )));
     let lcfg = ListenerConfig {

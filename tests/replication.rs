@@ -9,11 +9,12 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use support::cluster::{
-    metric_value, repl_py, value_of, wait_until, Certs, Cluster, ClusterOpts, TlsFiles,
+    metric_value, repl_py, value_of, wait_until, Certs, Cluster, ClusterOpts, Node, NodeRole,
+    NodeSpec, TlsFiles,
 };
 use support::{Enc, PyChild, Zeo};
 // Unused here; importing them keeps support/mod.rs's re-export from being
@@ -664,4 +665,70 @@ fn primary_pack_while_replica_down() {
         assert_eq!(st["upstream"]["state"], "live", "{st}");
     }
     c.assert_healthy();
+}
+
+// ------------------------------------------------ 8. cascading
+
+/// primary → replica → replica2: the middle replica feeds a further replica
+/// from its own backend; all three end identical.
+#[test]
+fn cascading_replica_feeds_another() {
+    let mut opts = ClusterOpts::new(Enc::Pickle);
+    let mid_repl = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    opts.replica_replication = format!("listen = \"{mid_repl}\"\n");
+    opts.extra_certs = vec!["replica2".into()];
+    let c = Cluster::with(opts);
+    let zeo2 = Zeo::start(Enc::Pickle, support::ZeoOpts::default());
+    let mut leaf = Node::prepare(&NodeSpec {
+        name: "replica2".into(),
+        backend: zeo2.addr().clone(),
+        role: NodeRole::Replica {
+            upstream: mid_repl,
+            upstream_name: "replica".into(),
+        },
+        tls: c.certs.tls("replica2"),
+        backend_extra: "probe_interval_ms = 200".into(),
+        admin_extra: String::new(),
+        replication_extra: String::new(),
+    });
+    leaf.start();
+    let out = c.run_py(&[
+        "workload",
+        &c.primary.addr().to_string(),
+        &c.pzeo.addr().to_string(),
+        "50",
+        "1",
+    ]);
+    let last = value_of(&out, "last").to_string();
+    c.wait_applied(&last, SYNC);
+    wait_until(SYNC, "replica2 applies the primary's last tid", || {
+        leaf.applied_tid().as_deref() == Some(last.as_str())
+    });
+    assert_eq!(leaf.upstream_state(), "live");
+    let (code, text) = {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zrelay"))
+            .args([
+                "verify",
+                "--primary",
+                &c.pzeo.addr().to_string(),
+                "--replica",
+                &zeo2.addr().to_string(),
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.starts_with("OK"), "{text}");
+    // The middle replica reports its downstream in /status.
+    let st = c.replica.status();
+    assert_eq!(
+        st["replicas"]["replica2"]["acked_tid"],
+        last.as_str(),
+        "{st}"
+    );
+    leaf.assert_healthy();
 }

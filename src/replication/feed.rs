@@ -70,11 +70,13 @@ pub struct FeedHandle {
 }
 
 /// Runs the observer and fetcher until shutdown, reconnecting on errors.
+/// `status`: the hub to report the backend's last commit to, on a primary
+/// (on a cascading replica the replica task reports it).
 pub async fn run_feed(
     link: BackendLink,
     commits: broadcast::Sender<Arc<Txn>>,
     last_tid: watch::Sender<Tid>,
-    status: Arc<StatusHub>,
+    status: Option<Arc<StatusHub>>,
     shutdown: CancellationToken,
 ) {
     // Newest tid published on `commits` (Z64: nothing published yet).
@@ -83,7 +85,7 @@ pub async fn run_feed(
     loop {
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = feed_once(&link, &commits, &last_tid, &status, &mut published) => r,
+            r = feed_once(&link, &commits, &last_tid, status.as_deref(), &mut published) => r,
         };
         if let Err(e) = r {
             warn!(error = %e, "commit feed lost its backend connection; reconnecting");
@@ -100,7 +102,7 @@ async fn feed_once(
     link: &BackendLink,
     commits: &broadcast::Sender<Arc<Txn>>,
     last_tid: &watch::Sender<Tid>,
-    status: &StatusHub,
+    status: Option<&StatusHub>,
     published: &mut Tid,
 ) -> Result<(), ZeoError> {
     let (mut observer, last) = link.open(true).await?;
@@ -148,7 +150,7 @@ async fn publish_range(
     upto: Tid,
     commits: &broadcast::Sender<Arc<Txn>>,
     last_tid: &watch::Sender<Tid>,
-    status: &StatusHub,
+    status: Option<&StatusHub>,
 ) -> Result<(), ZeoError> {
     let mut cursor = HistoryCursor::open(reader, tid_after(published), Some(upto)).await?;
     while let Some(txn) = cursor.next(reader).await? {
@@ -163,7 +165,7 @@ async fn publish_range(
     Ok(())
 }
 
-fn set_last(last_tid: &watch::Sender<Tid>, status: &StatusHub, tid: Tid) {
+fn set_last(last_tid: &watch::Sender<Tid>, status: Option<&StatusHub>, tid: Tid) {
     last_tid.send_if_modified(|t| {
         if tid > *t {
             *t = tid;
@@ -172,6 +174,9 @@ fn set_last(last_tid: &watch::Sender<Tid>, status: &StatusHub, tid: Tid) {
             false
         }
     });
+    let Some(status) = status else {
+        return;
+    };
     let unix = super::txn::tid_unix_secs(&tid);
     m::primary_last_commit(unix);
     status.update(|s| {
