@@ -9,15 +9,10 @@
 
 use bytes::Bytes;
 
+pub use super::txn::tid_after;
 use super::txn::{tid_hex, Oid, Record, Tid, Txn};
 use crate::wire::{pickle, Value};
 use crate::zeoclient::{ZeoConn, ZeoError};
-
-/// Adds one to a tid (8-byte big-endian): the first tid after `t`.
-pub fn tid_after(t: &Tid) -> Tid {
-    let v = u64::from_be_bytes(*t).saturating_add(1);
-    v.to_be_bytes()
-}
 
 pub fn to_tid(b: &[u8]) -> Option<Tid> {
     b.try_into().ok()
@@ -423,7 +418,7 @@ pub async fn read_txn(conn: &mut ZeoConn, tid: &Tid) -> Result<Option<Txn>, ZeoE
 /// so `tid` is older than the pack time and a pack dropped it with all its
 /// records.
 pub async fn packed_away(conn: &mut ZeoConn, tid: &Tid) -> Result<bool, ZeoError> {
-    let mut c = HistoryCursor::open(conn, super::txn::tid_after(tid), None).await?;
+    let mut c = HistoryCursor::open(conn, tid_after(tid), None).await?;
     c.with_blobs = false;
     let next = c.next(conn).await?;
     c.close(conn)?;

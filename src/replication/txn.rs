@@ -137,37 +137,13 @@ pub fn tid_after(tid: &Tid) -> Tid {
 
 /// Hex form for logs and errors.
 pub fn tid_hex(tid: &Tid) -> String {
-    tid.iter().map(|b| format!("{b:02x}")).collect()
+    crate::wire::tid::tid_to_hex(tid)
 }
 
-/// Days from 1970-01-01 to y-m-d (proleptic Gregorian; linear in `d`, so an
-/// out-of-range day such as Feb 31 counts on into March like ZODB does).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// (year, month, day) of a day count since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// Whole minutes since the Unix epoch encoded in the tid's high word.
+/// Whole minutes since the Unix epoch encoded in the tid's high word (an
+/// out-of-range day such as Feb 31 counts on into March, as in ZODB).
 fn tid_unix_minutes(tid: &Tid) -> i64 {
+    use crate::wire::tid::days_from_civil;
     let a = i64::from(u32::from_be_bytes([tid[0], tid[1], tid[2], tid[3]]));
     let minute = a % 60;
     let hour = a / 60 % 24;
@@ -199,7 +175,7 @@ pub fn tid_from_unix_secs(t: f64) -> Tid {
     let sec = t.rem_euclid(60.0);
     let minutes = ((t - sec) / 60.0).round() as i64;
     let (days, in_day) = (minutes.div_euclid(1440), minutes.rem_euclid(1440));
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = crate::wire::tid::civil_from_days(days);
     let a = ((((y - 1900) * 12 + m - 1) * 31 + d - 1) * 24) * 60 + in_day;
     if !(0..=i64::from(u32::MAX)).contains(&a) {
         return if a < 0 { Z64 } else { [0xff; 8] };

@@ -93,8 +93,8 @@ fn days_before_year(year: i64) -> i64 {
 }
 
 /// (year, month, day) of a day count since 1970-01-01 (H. Hinnant's
-/// algorithm, proleptic Gregorian).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
+/// algorithm, proleptic Gregorian). The one calendar routine of the crate.
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -105,4 +105,17 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// Days since 1970-01-01 of a (year, month, day), proleptic Gregorian; the
+/// inverse of [`civil_from_days`]. Linear in `d`, so an out-of-range day
+/// (Feb 31) counts on into the next month, as ZODB's TimeStamp does.
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
