@@ -56,57 +56,16 @@ from ZODB.POSException import ReadOnlyError
 from ZODB.utils import p64
 from ZODB.utils import z64
 
-WAIT_TIMEOUT = 15
+from zclient import (Failure, check, check_eq, new_conn, open_db,
+                     open_storage, parse_addr, run, wait_until)
+
 COMMANDS = {}
-
-
-class Failure(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Failure(msg)
-
-
-def check_eq(got, want, what):
-    if got != want:
-        raise Failure(f'{what}: got {got!r}, want {want!r}')
 
 
 def command(fn):
     name = fn.__name__.replace('_', '-')
     COMMANDS['set' if name == 'set-value' else name] = fn
     return fn
-
-
-def parse_addr(text):
-    if text.startswith('/'):
-        return text
-    host, port = text.rsplit(':', 1)
-    return (host, int(port))
-
-
-def open_storage(addr, **kw):
-    """A ClientStorage with server_sync: tm.begin() pings the server, so
-    every invalidation sent before is processed by then."""
-    kw.setdefault('wait_timeout', WAIT_TIMEOUT)
-    kw.setdefault('server_sync', True)
-    storage = ClientStorage(parse_addr(addr), **kw)
-    want = os.environ.get('ZRELAY_EXPECT_PROTOCOL')
-    if want:
-        check_eq(storage.protocol_version, want.encode(),
-                 'negotiated protocol')
-    return storage
-
-
-def open_db(addr, **kw):
-    return DB(open_storage(addr, **kw))
-
-
-def new_conn(db):
-    tm = transaction.TransactionManager()
-    return tm, db.open(transaction_manager=tm)
 
 
 def commit(tm, note=None, user=None, ext=None):
@@ -118,16 +77,6 @@ def commit(tm, note=None, user=None, ext=None):
     for k, v in (ext or {}).items():
         t.setExtendedInfo(k, v)
     tm.commit()
-
-
-def wait_until(cond, what, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            raise Failure(f'timed out after {timeout}s waiting for {what}')
-        time.sleep(0.02)
 
 
 def hx(tid):
@@ -892,24 +841,7 @@ def refuse_writes(replica, backend):
 
 
 def main(argv):
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        print(f'usage: {argv[0]} {{{",".join(sorted(COMMANDS))}}} ARGS...',
-              file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format='%(asctime)s %(levelname)s %(name)s '
-                               '%(message)s')
-    faulthandler.dump_traceback_later(float(os.environ.get(
-        'ZRELAY_PY_TIMEOUT', 110)), exit=True)
-    name = argv[1]
-    started = time.monotonic()
-    try:
-        COMMANDS[name](*argv[2:])
-    except Failure as e:
-        print(f'FAIL {name}: {e}', file=sys.stderr, flush=True)
-        return 1
-    print(f'ok {name} {time.monotonic() - started:.2f}s', flush=True)
-    return 0
+    return run(COMMANDS, argv)
 
 
 if __name__ == '__main__':

@@ -40,22 +40,10 @@ from ZODB.POSException import ReadConflictError
 from ZODB.utils import p64
 from zodbpickle import pickle as zpickle
 
-WAIT_TIMEOUT = 10
+from zclient import (Failure, check, check_eq, new_conn, open_db,
+                     open_storage, parse_addr, run, wait_until)
+
 SCENARIOS = {}
-
-
-class Failure(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Failure(msg)
-
-
-def check_eq(got, want, what):
-    if got != want:
-        raise Failure(f'{what}: got {got!r}, want {want!r}')
 
 
 def scenario(fn):
@@ -63,51 +51,10 @@ def scenario(fn):
     return fn
 
 
-def parse_addr(text):
-    if text.startswith('/'):
-        return text
-    host, port = text.rsplit(':', 1)
-    return (host, int(port))
-
-
-def open_storage(addr, **kw):
-    """A ClientStorage; server_sync unless told otherwise, so that
-    tm.begin() pings the server and sees every commit that finished before
-    (without it, invalidations arrive asynchronously)."""
-    kw.setdefault('wait_timeout', WAIT_TIMEOUT)
-    kw.setdefault('server_sync', True)
-    storage = ClientStorage(addr, **kw)
-    want = os.environ.get('ZRELAY_EXPECT_PROTOCOL')
-    if want:
-        check_eq(storage.protocol_version, want.encode(),
-                 'negotiated protocol')
-    return storage
-
-
-def open_db(addr, **kw):
-    return DB(open_storage(addr, **kw))
-
-
-def new_conn(db):
-    """A connection with its own transaction manager (several per thread)."""
-    tm = transaction.TransactionManager()
-    return tm, db.open(transaction_manager=tm)
-
-
 def commit(tm, note=None):
     if note:
         tm.get().note(note)
     tm.commit()
-
-
-def wait_until(cond, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            raise Failure(f'timed out after {timeout}s waiting for {what}')
-        time.sleep(0.02)
 
 
 def state_of(data):
@@ -762,26 +709,8 @@ def garbage_neighbour(addr):
 
 
 def main(argv):
-    if len(argv) < 3 or argv[1] not in SCENARIOS:
-        print(f'usage: {argv[0]} {{{",".join(sorted(SCENARIOS))}}} '
-              f'ADDR [ADDR2]', file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format='%(asctime)s %(levelname)s %(name)s '
-                               '%(message)s')
-    # dump every thread's stack before the harness's own timeout kills us
-    faulthandler.dump_traceback_later(float(os.environ.get(
-        'ZRELAY_PY_TIMEOUT', 110)), exit=True)
-    name = argv[1]
-    addrs = [parse_addr(a) for a in argv[2:]]
-    started = time.monotonic()
-    try:
-        SCENARIOS[name](*addrs)
-    except Failure as e:
-        print(f'FAIL {name}: {e}', file=sys.stderr, flush=True)
-        return 1
-    print(f'ok {name} {time.monotonic() - started:.2f}s', flush=True)
-    return 0
+    return run(SCENARIOS, argv, usage='ADDR [ADDR2]', min_args=1,
+               convert=parse_addr)
 
 
 if __name__ == '__main__':

@@ -284,13 +284,7 @@ impl Node {
             self.name
         );
         self.launches += 1;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zrelay"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .current_dir(self.dir.path())
-            .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1");
+        let cmd = super::relay::zrelay_run(&self.config, self.dir.path());
         let what = format!("zrelay {}", self.name);
         self.proc = Some(Proc::spawn(&what, cmd, &self.log, self.launches));
         let (client, admin, log) = (self.client.clone(), self.admin, self.log.clone());

@@ -106,13 +106,7 @@ impl Relay {
     pub fn start_again(&mut self) {
         assert!(!self.is_running(), "zrelay is already running");
         self.launches += 1;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zrelay"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .current_dir(self.dir.path())
-            .env("RUST_BACKTRACE", "1")
-            .env("NO_COLOR", "1");
+        let cmd = zrelay_run(&self.config, self.dir.path());
         self.proc = Some(Proc::spawn("zrelay", cmd, &self.log, self.launches));
         let addr = self.addr.clone();
         let proc = self.proc.as_mut().expect("just spawned");
@@ -175,4 +169,16 @@ impl Drop for Relay {
             print_tail(&format!("zrelay at {}", self.addr), &self.log);
         }
     }
+}
+
+/// `zrelay run --config CONFIG` in DIR, with backtraces and plain logs.
+pub fn zrelay_run(config: &std::path::Path, dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zrelay"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "1")
+        .env("NO_COLOR", "1");
+    cmd
 }

@@ -1,0 +1,850 @@
+#!/usr/bin/env python3
+"""Replication benchmark: lag and catch-up of a zrelay primary/replica pair.
+
+Everything runs on 127.0.0.1 in a temporary directory (removed at the end):
+
+* ``zrelay cert`` makes a CA and the certificates of ``primary`` and
+  ``replica``;
+* two unmodified ``runzeo`` servers (FileStorage, pickle ``Z5``), a primary
+  zrelay in front of one (``[replication] role = "primary"``) and a replica
+  zrelay in front of the other (``role = "replica"``), streaming over TLS 1.3
+  with mutual authentication;
+* client processes from ``bench/repl_clients.py``: raw ZEO 5 writers and one
+  watcher that registers read-only on the replica zrelay *and* on the primary
+  zrelay and timestamps every ``invalidateTransaction`` it receives.
+
+Measured:
+
+1. **Lag at a steady rate** (default 100 txn/s, one writer): for each commit,
+   lag = arrival of its invalidation at a client of the REPLICA − return of
+   ``tpc_finish`` at the writer (both CLOCK_MONOTONIC). The same for a second
+   client of the PRIMARY is the baseline: what a client of the primary itself
+   sees.
+2. **Lag at the highest rate** the primary sustains: 1 and 4 writers
+   committing as fast as they can.
+3. **Catch-up**: a fresh primary is filled with ~20,000 transactions of
+   ~2.5 KB (~50 MB) by a pipelined raw writer, then an empty replica is
+   started and timed until its applied tid equals the primary's last. The
+   ceiling is ``zrelay bench-restore`` (the replica's pipelined applier
+   replaying the same history, read into memory first, into a fresh empty
+   runzeo). Catch-up and ceiling rounds alternate.
+
+Prints a markdown report (also written to ``bench/repl-results-latest.md``);
+progress goes to stderr. A benchmark, not a test: it fails only if something
+does not work. Every loop is bounded in count and time; every child process
+is stopped by its PID at the end, also on errors, Ctrl-C and SIGTERM.
+"""
+import argparse
+import datetime
+import http.client
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import procs as P        # noqa: E402
+import zeoraw            # noqa: E402
+
+HOST = P.HOST
+CLIENTS = os.path.join(HERE, 'repl_clients.py')
+
+# Targets (from the issue).
+TARGET_LAG_P99_MS = 1.4          # replica client lag p99 at 100 txn/s
+TARGET_CATCHUP_TXN_S = 4000.0    # what the ZRS storage wrapper reaches
+TARGET_CATCHUP_RATIO = 0.80      # of the replica backend's own capacity
+
+T0 = time.monotonic()
+
+
+def log(msg):
+    print(f'[{time.monotonic() - T0:6.1f}s] {msg}', file=sys.stderr, flush=True)
+
+
+class Settings:
+    def __init__(self, args):
+        q = args.quick
+        self.rate = args.rate
+        self.lag_seconds = args.lag_seconds or (3.0 if q else 20.0)
+        self.max_seconds = args.max_seconds or (2.0 if q else 8.0)
+        self.pop_txns = args.txns or (2000 if q else 20000)
+        self.pop_bytes = args.txn_bytes
+        self.rounds = args.rounds or (1 if q else 2)
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float('nan')
+    k = math.ceil(q / 100.0 * len(sorted_values)) - 1
+    return sorted_values[max(0, min(len(sorted_values) - 1, k))]
+
+
+# ------------------------------------------------------------ processes ----
+
+class Child:
+    """A repl_clients.py process driven over stdin/stdout JSON lines."""
+
+    def __init__(self, registry, name, argv, log_path):
+        self.name = name
+        self.log_path = log_path
+        err = open(log_path, 'ab')
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, CLIENTS] + argv, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+                preexec_fn=P._die_with_parent)
+        finally:
+            err.close()
+        registry.append(self)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.popen.stdout, selectors.EVENT_READ)
+
+    def expect(self, key, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sel.select(left):
+                raise RuntimeError(f'{self.name}: no {key!r} within '
+                                   f'{timeout:.0f}s; log {self.log_path}:\n'
+                                   f'{P.tail(self.log_path)}')
+            line = self.popen.stdout.readline()
+            if not line:
+                self.popen.wait(5)
+                raise RuntimeError(f'{self.name} exited with '
+                                   f'{self.popen.returncode}:\n'
+                                   f'{P.tail(self.log_path)}')
+            msg = json.loads(line)
+            if key in msg:
+                return msg[key]
+
+    def send(self, line):
+        self.popen.stdin.write(line.encode() + b'\n')
+        self.popen.stdin.flush()
+
+    def finish(self, timeout=10.0):
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self):
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+            except ProcessLookupError:
+                pass
+        for f in (self.popen.stdin, self.popen.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def http_get(port, path, timeout=2.0):
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request('GET', path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def status(port):
+    return json.loads(http_get(port, '/status')[1])
+
+
+def metrics(port):
+    """``{name{labels}: value}`` from /metrics (comments skipped)."""
+    out = {}
+    for line in http_get(port, '/metrics')[1].splitlines():
+        if not line or line.startswith('#'):
+            continue
+        key, _, value = line.rpartition(' ')
+        try:
+            out[key] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def metric_delta(before, after, name):
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+class Node:
+    """One runzeo and (optionally) the zrelay beside it."""
+
+    def __init__(self, name, d):
+        self.name = name
+        self.dir = d
+        self.zeo = self.zrelay = None
+        self.zeo_port = self.client_port = self.admin_port = None
+        self.repl_port = None
+
+    def procs(self):
+        return [p for p in (self.zeo, self.zrelay) if p is not None]
+
+
+def start_runzeo(procs, node):
+    os.makedirs(node.dir, exist_ok=True)
+    node.zeo_port = P.free_port()
+    conf = os.path.join(node.dir, 'zeo.conf')
+    P.runzeo_conf(conf, node.zeo_port, node.dir, msgpack=False)
+    node.zeo = procs.spawn(f'runzeo-{node.name}',
+                           [sys.executable, '-m', 'ZEO.runzeo', '-C', conf],
+                           os.path.join(node.dir, 'runzeo.out'), cwd=node.dir)
+    node.zeo.wait_port(node.zeo_port)
+
+
+def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True):
+    node.client_port = P.free_port()
+    node.admin_port = P.free_port()
+    lines = [f'node_name = "{node.name}"',
+             f'log_level = "{args.zrelay_log_level}"',
+             '[client]', f'listen = "{HOST}:{node.client_port}"',
+             '[backend]', f'address = "{HOST}:{node.zeo_port}"',
+             '[admin]', f'listen = "{HOST}:{node.admin_port}"',
+             '[replication]', f'role = "{role}"']
+    if role == 'primary':
+        node.repl_port = P.free_port()
+        lines += [f'listen = "{HOST}:{node.repl_port}"',
+                  'allowed_peers = ["replica"]']
+    else:
+        lines += [f'upstream = "{HOST}:{upstream}"',
+                  'upstream_name = "primary"']
+    lines += ['[replication.tls]',
+              f'ca_file = "{certs}/ca.pem"',
+              f'cert_file = "{certs}/{role}.pem"',
+              f'key_file = "{certs}/{role}-key.pem"']
+    conf = os.path.join(node.dir, 'zrelay.toml')
+    with open(conf, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    node.zrelay = procs.spawn(f'zrelay-{node.name}',
+                              [args.zrelay, 'run', '--config', conf],
+                              os.path.join(node.dir, 'zrelay.log'),
+                              cwd=node.dir)
+    if wait:
+        node.zrelay.wait_port(node.client_port)
+        node.zrelay.wait_port(node.admin_port)
+
+
+def wait_live(replica, want_tid=None, timeout=60.0):
+    """Wait until the replica's stream is live (and has applied want_tid)."""
+    deadline = time.monotonic() + timeout
+    st = None
+    while time.monotonic() < deadline:
+        try:
+            st = status(replica.admin_port)
+            up = st.get('upstream') or {}
+            if up.get('state') == 'live' and (
+                    want_tid is None or up.get('applied_tid') == want_tid):
+                return st
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f'replica not live within {timeout:.0f}s; last status '
+                       f'{st!r:.500}; log:\n{P.tail(replica.zrelay.log_path)}')
+
+
+def stop_node(procs, node):
+    for p in reversed(node.procs()):
+        procs.stop(p)
+
+
+def start_pair(procs, args, tmp, certs, tag):
+    primary = Node('primary', os.path.join(tmp, f'{tag}-primary'))
+    replica = Node('replica', os.path.join(tmp, f'{tag}-replica'))
+    start_runzeo(procs, primary)
+    start_runzeo(procs, replica)
+    start_zrelay(procs, args, primary, certs, 'primary')
+    start_zrelay(procs, args, replica, certs, 'replica',
+                 upstream=primary.repl_port)
+    wait_live(replica)
+    return primary, replica
+
+
+# ------------------------------------------------------------------ lag ----
+
+class CpuMeter:
+    """CPU time (in cores) used by named processes between start and stop."""
+
+    def __init__(self, named_pids):
+        self.named = named_pids          # {name: pid}
+        self.a = None
+
+    def start(self):
+        self.t = time.monotonic()
+        self.a = {n: P.pid_cpu_seconds(p) for n, p in self.named.items()}
+        self.busy = P.system_busy_seconds()
+
+    def stop(self):
+        dt = time.monotonic() - self.t
+        cores = {n: (P.pid_cpu_seconds(p) - self.a[n]) / dt
+                 for n, p in self.named.items()}
+        ours = sum(cores.values())
+        other = max(0.0, (P.system_busy_seconds() - self.busy) / dt - ours)
+        return cores, other
+
+
+def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
+            seconds, warmup=20):
+    """One lag measurement; returns a result dict."""
+    watcher = Child(registry, f'watcher-{label}',
+                    ['watcher', '--watch', f'replica={replica.client_port}',
+                     '--watch', f'primary={primary.client_port}'],
+                    os.path.join(tmp, f'watcher-{label}.log'))
+    watcher.expect('ready', 60)
+    writers = []
+    for w in range(n_writers):
+        argv = ['writer', '--port', str(primary.client_port),
+                '--seconds', str(seconds), '--warmup', str(warmup),
+                '--max-txns', str(int(max(rate, 5000) * seconds * 2) + 10)]
+        if rate:
+            argv += ['--rate', str(rate)]
+        writers.append(Child(registry, f'writer{w}-{label}', argv,
+                             os.path.join(tmp, f'writer{w}-{label}.log')))
+    for wr in writers:
+        wr.expect('ready', 60)
+    wait_live(replica)      # the warm-up commits are applied
+    pids = {'primary runzeo': primary.zeo.pid,
+            'primary zrelay': primary.zrelay.pid,
+            'replica runzeo': replica.zeo.pid,
+            'replica zrelay': replica.zrelay.pid,
+            'writers': None, 'watcher': watcher.popen.pid}
+    meter = CpuMeter({k: v for k, v in pids.items() if v})
+    w_meters = [CpuMeter({'w': wr.popen.pid}) for wr in writers]
+    m_rep0 = metrics(replica.admin_port)
+    m_pri0 = metrics(primary.admin_port)
+    meter.start()
+    for m in w_meters:
+        m.start()
+    for wr in writers:
+        wr.send('go')
+    results = [wr.expect('result', seconds + 120) for wr in writers]
+    cpu, other = meter.stop()
+    cpu['writers'] = sum(m.stop()[0]['w'] for m in w_meters)
+    for wr in writers:
+        wr.finish()
+    last = max(t for r in results for t in r['tids'])
+    watcher.send(f'stop {last} 120')
+    seen = watcher.expect('result', 180)
+    watcher.finish()
+    m_rep1 = metrics(replica.admin_port)
+    m_pri1 = metrics(primary.admin_port)
+
+    finish = {}
+    latency = []
+    for r in results:
+        finish.update(zip(r['tids'], r['finish_ns']))
+        latency.extend(r['latency_ns'])
+    first_ns = min(r['first_ns'] for r in results)
+    last_ns = max(r['last_ns'] for r in results)
+    n = len(finish)
+    out = {'label': label, 'writers': n_writers, 'rate': rate, 'txns': n,
+           'txn_s': n / ((last_ns - first_ns) / 1e9),
+           'commit_p50_ms': percentile(sorted(latency), 50) / 1e6,
+           'commit_p99_ms': percentile(sorted(latency), 99) / 1e6,
+           'cpu': cpu, 'other_cores': other}
+    arrivals = {}
+    for src in ('replica', 'primary'):
+        arr = {}
+        with_oids = 0
+        for tid, t, n_oids in seen[src]:
+            if tid in finish and tid not in arr:
+                arr[tid] = t
+                with_oids += n_oids > 0
+        arrivals[src] = arr
+        lags = sorted((arr[tid] - f) / 1e6 for tid, f in finish.items()
+                      if tid in arr)
+        out[src] = {'p50': percentile(lags, 50), 'p99': percentile(lags, 99),
+                    'max': lags[-1] if lags else float('nan'),
+                    'n': len(lags), 'missing': n - len(lags),
+                    'with_oids': with_oids,
+                    'last_arrival_ns': max(arr.values()) if arr else 0}
+    both = sorted((arrivals['replica'][t] - arrivals['primary'][t]) / 1e6
+                  for t in finish
+                  if t in arrivals['replica'] and t in arrivals['primary'])
+    out['hop'] = {'p50': percentile(both, 50), 'p99': percentile(both, 99)}
+    out['drain_ms'] = (out['replica']['last_arrival_ns'] - last_ns) / 1e6
+    name = 'zrelay_replication_apply_duration_seconds'
+    cnt = metric_delta(m_rep0, m_rep1, name + '_count')
+    out['apply_mean_ms'] = (metric_delta(m_rep0, m_rep1, name + '_sum')
+                            / cnt * 1e3) if cnt else float('nan')
+    out['applied'] = metric_delta(
+        m_rep0, m_rep1, 'zrelay_replication_applied_transactions_total')
+    name = 'zrelay_client_commit_duration_seconds'
+    cnt = metric_delta(m_pri0, m_pri1, name + '_count')
+    out['proxy_commit_mean_ms'] = (metric_delta(m_pri0, m_pri1, name + '_sum')
+                                   / cnt * 1e3) if cnt else float('nan')
+    rep = out['replica']
+    log(f'{label}: {n} txns, {out["txn_s"]:.0f} txn/s; replica lag p50 '
+        f'{rep["p50"]:.2f} p99 {rep["p99"]:.2f} max {rep["max"]:.2f} ms '
+        f'(missing {rep["missing"]}); primary client p50 '
+        f'{out["primary"]["p50"]:.2f} ms; cpu '
+        + ', '.join(f'{k} {v:.2f}' for k, v in cpu.items())
+        + f'; other {other:.2f}')
+    if rep['missing'] or out['primary']['missing']:
+        raise RuntimeError(f'{label}: invalidations missing: replica '
+                           f'{rep["missing"]}, primary '
+                           f'{out["primary"]["missing"]} of {n}')
+    return out
+
+
+# ------------------------------------------------------------- catch-up ----
+
+def catchup(procs, registry, args, settings, tmp, certs):
+    primary = Node('primary', os.path.join(tmp, 'cu-primary'))
+    start_runzeo(procs, primary)
+    pop = Child(registry, 'populate',
+                ['populate', '--port', str(primary.zeo_port),
+                 '--txns', str(settings.pop_txns),
+                 '--bytes', str(settings.pop_bytes), '--max-seconds', '300'],
+                os.path.join(tmp, 'populate.log'))
+    pop.expect('ready', 120)
+    log(f'populating the primary backend: {settings.pop_txns} transactions '
+        f'of ~{settings.pop_bytes} bytes (pipelined, directly on runzeo)')
+    pop.send('go')
+    populated = pop.expect('result', 330)
+    pop.finish()
+    last = populated['last_tid']
+    log(f'populated {populated["txns"]} txns, {populated["bytes"] / 1e6:.1f} '
+        f'MB in {populated["seconds"]:.1f} s '
+        f'({populated["txns"] / populated["seconds"]:.0f} txn/s); last tid '
+        f'{last}')
+    start_zrelay(procs, args, primary, certs, 'primary')
+    data_fs = os.path.getsize(os.path.join(primary.dir, 'Data.fs'))
+
+    rounds = []
+    for r in range(settings.rounds):
+        # Catch-up through the stream.
+        replica = Node('replica', os.path.join(tmp, f'cu-replica{r}'))
+        start_runzeo(procs, replica)
+        meter_pids = {'primary runzeo': primary.zeo.pid,
+                      'primary zrelay': primary.zrelay.pid,
+                      'replica runzeo': replica.zeo.pid}
+        t_spawn = time.monotonic()
+        busy0 = P.system_busy_seconds()
+        cpu0 = {n: P.pid_cpu_seconds(p) for n, p in meter_pids.items()}
+        start_zrelay(procs, args, replica, certs, 'replica',
+                     upstream=primary.repl_port, wait=False)
+        meter_pids['replica zrelay'] = replica.zrelay.pid
+        cpu0['replica zrelay'] = 0.0
+        t_first = None
+        deadline = t_spawn + args.catchup_timeout
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f'catch-up not done in '
+                                   f'{args.catchup_timeout:.0f}s; log:\n'
+                                   f'{P.tail(replica.zrelay.log_path)}')
+            if not replica.zrelay.alive():
+                raise RuntimeError(f'replica zrelay died; log:\n'
+                                   f'{P.tail(replica.zrelay.log_path)}')
+            try:
+                st = status(replica.admin_port) \
+                    if P.listening(replica.admin_port or 0) else None
+            except (OSError, ValueError):
+                st = None
+            up = (st or {}).get('upstream') or {}
+            applied = up.get('applied_tid')
+            if applied and t_first is None:
+                t_first = time.monotonic()
+            if applied == last:
+                t_done = time.monotonic()
+                break
+            time.sleep(0.02)
+        dt = t_done - t_spawn
+        cores = {n: (P.pid_cpu_seconds(p) - cpu0[n]) / dt
+                 for n, p in meter_pids.items()}
+        other = max(0.0, (P.system_busy_seconds() - busy0) / dt
+                    - sum(cores.values()))
+        m = metrics(replica.admin_port)
+        n_applied = m.get('zrelay_replication_applied_transactions_total', 0)
+        b_applied = m.get('zrelay_replication_applied_bytes_total', 0)
+        apply_mean = (m.get('zrelay_replication_apply_duration_seconds_sum', 0)
+                      / n_applied * 1e3) if n_applied else float('nan')
+        res = {'seconds': dt, 'txns': n_applied, 'bytes': b_applied,
+               'txn_s': n_applied / dt, 'MB_s': b_applied / dt / 1e6,
+               'first_applied_s': (t_first - t_spawn) if t_first else None,
+               'apply_mean_ms': apply_mean, 'cpu': cores,
+               'other_cores': other}
+        log(f'catch-up round {r + 1}: {n_applied:.0f} txns in {dt:.2f} s = '
+            f'{res["txn_s"]:.0f} txn/s, {res["MB_s"]:.1f} MB/s; cpu '
+            + ', '.join(f'{k} {v:.2f}' for k, v in cores.items())
+            + f'; other {other:.2f}')
+        if n_applied != populated['txns']:
+            log(f'note: replica applied {n_applied:.0f} transactions, the '
+                f'primary has {populated["txns"]}')
+        stop_node(procs, replica)
+        shutil.rmtree(replica.dir, ignore_errors=True)
+
+        # The ceiling: bench-restore into a fresh empty runzeo.
+        target = Node('target', os.path.join(tmp, f'cu-target{r}'))
+        start_runzeo(procs, target)
+        out_path = os.path.join(tmp, f'bench-restore{r}.out')
+        br = procs.spawn('bench-restore',
+                         [args.zrelay, 'bench-restore',
+                          '--source', f'{HOST}:{primary.zeo_port}',
+                          '--target', f'{HOST}:{target.zeo_port}'],
+                         out_path, cwd=tmp)
+        busy0 = P.system_busy_seconds()
+        t_br = time.monotonic()
+        zeo_cpu0 = (P.pid_cpu_seconds(primary.zeo.pid),
+                    P.pid_cpu_seconds(target.zeo.pid))
+        try:
+            rc = br.popen.wait(args.catchup_timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError('bench-restore did not finish in '
+                               f'{args.catchup_timeout:.0f}s')
+        wall = time.monotonic() - t_br
+        br_cpu = P.pid_cpu_seconds(br.pid)  # gone: nan; use the zeo ones
+        zeo_cpu = (P.pid_cpu_seconds(primary.zeo.pid) - zeo_cpu0[0],
+                   P.pid_cpu_seconds(target.zeo.pid) - zeo_cpu0[1])
+        del br_cpu
+        procs.stop(br)
+        text = open(out_path, errors='replace').read()
+        if rc != 0:
+            raise RuntimeError(f'bench-restore failed ({rc}):\n{text[-2000:]}')
+        line = [ln for ln in text.splitlines() if ln.startswith('{')][-1]
+        ceil = json.loads(line)
+        ceil['MB_s'] = ceil['bytes'] / ceil['apply_seconds'] / 1e6
+        ceil['target_runzeo_cores'] = zeo_cpu[1] / max(ceil['apply_seconds'],
+                                                       1e-9)
+        ceil['wall'] = wall
+        log(f'bench-restore round {r + 1}: read {ceil["read_txn_per_sec"]:.0f}'
+            f' txn/s, apply {ceil["apply_txn_per_sec"]:.0f} txn/s '
+            f'({ceil["MB_s"]:.1f} MB/s); target runzeo ~'
+            f'{ceil["target_runzeo_cores"]:.2f} cores while applying')
+        stop_node(procs, target)
+        shutil.rmtree(target.dir, ignore_errors=True)
+        rounds.append((res, ceil))
+    stop_node(procs, primary)
+    return populated, data_fs, rounds
+
+
+# ------------------------------------------------------------- reporting ----
+
+def f2(v):
+    return '–' if v != v else f'{v:.2f}'
+
+
+def fnum(v):
+    return '–' if v != v else (f'{v:.0f}' if abs(v) >= 100 else f'{v:.1f}')
+
+
+def render(lag_results, cu, settings, args, wall, waited_note):
+    out = []
+    out.append('### Replication lag (invalidation arrival − writer\'s '
+               '`tpc_finish` return)')
+    out.append('')
+    out.append('| load | commits | primary txn/s | commit p50 / p99 (ms) | '
+               'client of the primary p50 / p99 / max (ms) | '
+               'client of the replica p50 / p99 / max (ms) | '
+               'replica − primary client p50 / p99 (ms) | replica apply, '
+               'mean (ms) | target |')
+    out.append('|---|---:|---:|---:|---:|---:|---:|---:|---|')
+    verdicts = []
+    for r in lag_results:
+        load = (f'{r["rate"]:g} txn/s, 1 writer' if r['rate']
+                else f'max rate, {r["writers"]} writer'
+                + ('s' if r['writers'] > 1 else ''))
+        target = ''
+        if r['rate']:
+            ok = r['replica']['p99'] <= TARGET_LAG_P99_MS
+            target = (f'replica p99 ≤ {TARGET_LAG_P99_MS} ms: '
+                      f'{"met" if ok else "MISSED"}')
+            verdicts.append(ok)
+        p, q = r['primary'], r['replica']
+        out.append(
+            f'| {load} | {r["txns"]} | {fnum(r["txn_s"])} | '
+            f'{f2(r["commit_p50_ms"])} / {f2(r["commit_p99_ms"])} | '
+            f'{f2(p["p50"])} / {f2(p["p99"])} / {f2(p["max"])} | '
+            f'{f2(q["p50"])} / {f2(q["p99"])} / {f2(q["max"])} | '
+            f'{f2(r["hop"]["p50"])} / {f2(r["hop"]["p99"])} | '
+            f'{f2(r["apply_mean_ms"])} | {target} |')
+    out.append('')
+    out.append('CPU used during each lag run, in cores (of '
+               f'{len(os.sched_getaffinity(0))}):')
+    out.append('')
+    names = list(lag_results[0]['cpu'].keys()) if lag_results else []
+    out.append('| load | ' + ' | '.join(names) + ' | other processes | '
+               'replica drained after last commit (ms) |')
+    out.append('|---|' + '---:|' * (len(names) + 2))
+    for r in lag_results:
+        load = (f'{r["rate"]:g} txn/s' if r['rate']
+                else f'max, {r["writers"]} writer(s)')
+        out.append(f'| {load} | '
+                   + ' | '.join(f2(r['cpu'][n]) for n in names)
+                   + f' | {f2(r["other_cores"])} | {fnum(r["drain_ms"])} |')
+    out.append('')
+
+    populated, data_fs, rounds = cu
+    out.append(f'### Catch-up of an empty replica ({populated["txns"]} '
+               f'transactions, {populated["bytes"] / 1e6:.1f} MB of records, '
+               f'Data.fs {data_fs / 1e6:.1f} MB)')
+    out.append('')
+    out.append('| round | catch-up s | catch-up txn/s | catch-up MB/s | '
+               'ceiling (bench-restore apply) txn/s | ceiling MB/s | '
+               'catch-up / ceiling |')
+    out.append('|---|---:|---:|---:|---:|---:|---:|')
+    ratios, rates, ceils = [], [], []
+    for i, (res, ceil) in enumerate(rounds):
+        ratio = res['txn_s'] / ceil['apply_txn_per_sec']
+        ratios.append(ratio)
+        rates.append(res['txn_s'])
+        ceils.append(ceil['apply_txn_per_sec'])
+        out.append(f'| {i + 1} | {res["seconds"]:.2f} | {res["txn_s"]:.0f} | '
+                   f'{res["MB_s"]:.1f} | {ceil["apply_txn_per_sec"]:.0f} | '
+                   f'{ceil["MB_s"]:.1f} | {ratio * 100:.0f} % |')
+    med_rate = statistics.median(rates)
+    med_ratio = statistics.median(ratios)
+    ok1 = med_rate >= TARGET_CATCHUP_TXN_S
+    ok2 = med_ratio >= TARGET_CATCHUP_RATIO
+    verdicts += [ok1, ok2]
+    out.append(f'| **median** | | **{med_rate:.0f}** | | '
+               f'**{statistics.median(ceils):.0f}** | | '
+               f'**{med_ratio * 100:.0f} %** |')
+    out.append('')
+    out.append(f'- catch-up ≥ {TARGET_CATCHUP_TXN_S:.0f} txn/s: '
+               f'**{"met" if ok1 else "MISSED"}** ({med_rate:.0f}); '
+               f'≥ {TARGET_CATCHUP_RATIO * 100:.0f} % of the replica '
+               f'backend\'s own capacity: **{"met" if ok2 else "MISSED"}** '
+               f'({med_ratio * 100:.0f} %)')
+    for i, (res, ceil) in enumerate(rounds):
+        out.append(
+            f'- round {i + 1}: catch-up CPU in cores: '
+            + ', '.join(f'{k} {v:.2f}' for k, v in res['cpu'].items())
+            + f', other processes {res["other_cores"]:.2f}; replica apply '
+            f'mean {f2(res["apply_mean_ms"])} ms/txn; first transaction '
+            f'applied {res["first_applied_s"] or float("nan"):.2f} s after '
+            f'the replica zrelay was spawned. bench-restore: history read at '
+            f'{ceil["read_txn_per_sec"]:.0f} txn/s, applied at '
+            f'{ceil["apply_txn_per_sec"]:.0f} txn/s with the target runzeo '
+            f'at {ceil["target_runzeo_cores"]:.2f} cores')
+    out.append('')
+    met = sum(verdicts)
+    out.append(f'Targets met: {met}/{len(verdicts)}')
+    out.append('')
+    out.append(
+        f'Settings: lag run {settings.lag_seconds:g} s at '
+        f'{settings.rate:g} txn/s, max-rate runs {settings.max_seconds:g} s '
+        f'each, catch-up history {settings.pop_txns} × ~'
+        f'{settings.pop_bytes} B, {settings.rounds} catch-up/ceiling '
+        f'round(s)' + ('; --quick (a smoke run, not numbers)' if args.quick
+                       else '') + f'. Total {wall:.0f} s.' + waited_note)
+    return '\n'.join(out)
+
+
+def git_rev():
+    try:
+        rev = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short',
+                              'HEAD'], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain',
+                                '--untracked-files=no'],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + (' (dirty)' if dirty.stdout.strip()
+                                     else '')
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def machine_info(args):
+    cpu = 'unknown'
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def ver(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return 'not installed'
+    try:
+        zv = subprocess.run([args.zrelay, '--version'], capture_output=True,
+                            text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        zv = 'unknown'
+    return [
+        ('date', datetime.datetime.now().astimezone()
+         .strftime('%Y-%m-%d %H:%M %Z')),
+        ('nproc', str(len(os.sched_getaffinity(0)))),
+        ('CPU', cpu),
+        ('kernel', f'{platform.system()} {platform.release()}'),
+        ('Python', platform.python_version()),
+        ('ZEO / ZODB', f'{ver("ZEO")} / {ver("ZODB")}'),
+        ('zrelay', f'{zv}, git {git_rev()}, '
+                   f'{os.path.relpath(args.zrelay, REPO)}'),
+    ]
+
+
+# ------------------------------------------------------------------ main ----
+
+def other_bench_running():
+    try:
+        out = subprocess.run(['pgrep', '-f', 'bench/bench.py'],
+                             capture_output=True, text=True, timeout=10)
+        return [int(p) for p in out.stdout.split()
+                if int(p) != os.getpid()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+
+
+def wait_for_other_bench(seconds):
+    """Wait (bounded) until no bench/bench.py runs; return a note."""
+    if not seconds or not other_bench_running():
+        return ''
+    deadline = time.monotonic() + seconds
+    log(f'bench/bench.py is running; waiting up to {seconds:.0f} s for it')
+    while time.monotonic() < deadline:
+        time.sleep(10)
+        if not other_bench_running():
+            log('bench/bench.py finished')
+            return ''
+    log('bench/bench.py still running; measuring anyway')
+    return (f' bench/bench.py was still running after a {seconds:.0f} s '
+            f'wait: measured anyway, alongside it.')
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description='Replication benchmark: lag and catch-up of a zrelay '
+                    'primary/replica pair (see docs/benchmarks.md).')
+    ap.add_argument('--zrelay', default=os.path.join(REPO, 'target', 'release',
+                                                     'zrelay'))
+    ap.add_argument('--quick', action='store_true',
+                    help='small counts and short runs: a smoke run (~40 s)')
+    ap.add_argument('--rate', type=float, default=100.0,
+                    help='steady commit rate of the lag run (default 100)')
+    ap.add_argument('--lag-seconds', type=float, default=0,
+                    help='duration of the steady-rate run (default 20)')
+    ap.add_argument('--max-seconds', type=float, default=0,
+                    help='duration of each max-rate run (default 8)')
+    ap.add_argument('--txns', type=int, default=0,
+                    help='catch-up history: transactions (default 20000)')
+    ap.add_argument('--txn-bytes', type=int, default=2500,
+                    help='catch-up history: record bytes per transaction')
+    ap.add_argument('--rounds', type=int, default=0,
+                    help='catch-up + ceiling rounds (default 2)')
+    ap.add_argument('--catchup-timeout', type=float, default=300.0)
+    ap.add_argument('--only', choices=('lag', 'catchup'), default=None)
+    ap.add_argument('--wait-other-bench', type=float, default=0,
+                    metavar='SECONDS',
+                    help='first wait up to SECONDS while bench/bench.py runs')
+    ap.add_argument('--zrelay-log-level', default='warn')
+    ap.add_argument('--out', default=os.path.join(HERE,
+                                                  'repl-results-latest.md'))
+    ap.add_argument('--keep', action='store_true',
+                    help='keep the temporary directory (data and logs)')
+    args = ap.parse_args(argv)
+    args.zrelay = os.path.abspath(args.zrelay)
+    if not os.access(args.zrelay, os.X_OK):
+        ap.error(f'no zrelay binary at {args.zrelay} (cargo build --release)')
+    return args
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings = Settings(args)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    waited_note = wait_for_other_bench(args.wait_other_bench)
+    if other_bench_running():
+        waited_note = waited_note or (' bench/bench.py was running at the '
+                                      'start: numbers taken alongside it.')
+    procs = P.Procs()
+    registry = []
+    tmp = tempfile.mkdtemp(prefix='zrelay-repl-bench-')
+    failed = False
+    lag_results = []
+    cu = None
+    try:
+        certs = os.path.join(tmp, 'certs')
+        subprocess.run([args.zrelay, 'cert', '--dir', certs, 'primary',
+                        'replica'], check=True, capture_output=True,
+                       timeout=60)
+        if args.only in (None, 'lag'):
+            log(f'starting primary + replica (runzeo + zrelay each) in {tmp}')
+            primary, replica = start_pair(procs, args, tmp, certs, 'lag')
+            lag_results.append(lag_run(registry, tmp, primary, replica,
+                                       'steady', 1, settings.rate,
+                                       settings.lag_seconds))
+            for n in (1, 4):
+                lag_results.append(lag_run(registry, tmp, primary, replica,
+                                           f'max{n}', n, 0,
+                                           settings.max_seconds))
+            for node in (replica, primary):
+                if not node.zrelay.alive():
+                    raise RuntimeError(f'{node.zrelay.name} died')
+                stop_node(procs, node)
+        if args.only in (None, 'catchup'):
+            cu = catchup(procs, registry, args, settings, tmp, certs)
+        info = machine_info(args)
+    except Exception:
+        failed = True
+        raise
+    finally:
+        for ch in registry:
+            ch.kill()
+        procs.stop_all()
+        if args.keep or failed:
+            log(f'kept {tmp} (data and logs)')
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if not lag_results or cu is None:
+        print(json.dumps({'lag': lag_results, 'catchup': cu}, indent=1,
+                         default=str))
+        return 0
+    body = render(lag_results, cu, settings, args, time.monotonic() - T0,
+                  waited_note)
+    print(body)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write('# zrelay replication benchmark: latest results\n\n')
+            f.write('Written by `bench/repl_bench.py`; method in '
+                    '`docs/benchmarks.md` (Replication).\n\n')
+            for key, value in info:
+                f.write(f'- {key}: {value}\n')
+            f.write('\n' + body + '\n')
+        log(f'wrote {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print('repl_bench: interrupted', file=sys.stderr)
+        sys.exit(130)
+    except (RuntimeError, OSError, zeoraw.ProtocolError, zeoraw.ServerError,
+            subprocess.CalledProcessError) as e:
+        print(f'repl_bench: error: {e}', file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,95 @@
+"""Helpers shared by the test scripts: checks that fail with a message, and
+real ZODB clients (ClientStorage/DB) opened the way the tests need them."""
+import faulthandler
+import logging
+import os
+import sys
+import time
+
+import transaction
+from ZEO.ClientStorage import ClientStorage
+from ZODB import DB
+
+WAIT_TIMEOUT = 15
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Failure(msg)
+
+
+def check_eq(got, want, what):
+    if got != want:
+        raise Failure(f'{what}: got {got!r}, want {want!r}')
+
+
+def parse_addr(text):
+    """'host:port' -> (host, port); an absolute path is a unix socket."""
+    if not isinstance(text, str) or text.startswith('/'):
+        return text
+    host, port = text.rsplit(':', 1)
+    return (host, int(port))
+
+
+def open_storage(addr, **kw):
+    """A ClientStorage with server_sync unless told otherwise: tm.begin()
+    pings the server, so every invalidation sent before is processed by then
+    (without it, invalidations arrive asynchronously). With
+    ZRELAY_EXPECT_PROTOCOL set, checks the negotiated protocol."""
+    kw.setdefault('wait_timeout', WAIT_TIMEOUT)
+    kw.setdefault('server_sync', True)
+    storage = ClientStorage(parse_addr(addr), **kw)
+    want = os.environ.get('ZRELAY_EXPECT_PROTOCOL')
+    if want:
+        check_eq(storage.protocol_version, want.encode(),
+                 'negotiated protocol')
+    return storage
+
+
+def open_db(addr, **kw):
+    return DB(open_storage(addr, **kw))
+
+
+def new_conn(db):
+    """A connection with its own transaction manager (several per thread)."""
+    tm = transaction.TransactionManager()
+    return tm, db.open(transaction_manager=tm)
+
+
+def wait_until(cond, what, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            raise Failure(f'timed out after {timeout}s waiting for {what}')
+        time.sleep(0.02)
+
+
+def run(commands, argv, usage='ARGS...', min_args=0, convert=lambda a: a):
+    """Runs `commands[argv[1]](*argv[2:])` as a test script: exit 0 and an
+    'ok' line, or exit 1 and 'FAIL name: reason' for a Failure. Every
+    thread's stack is dumped before the harness's own timeout would kill
+    the script."""
+    if len(argv) < 2 + min_args or argv[1] not in commands:
+        print(f'usage: {argv[0]} {{{",".join(sorted(commands))}}} {usage}',
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format='%(asctime)s %(levelname)s %(name)s '
+                               '%(message)s')
+    faulthandler.dump_traceback_later(float(os.environ.get(
+        'ZRELAY_PY_TIMEOUT', 110)), exit=True)
+    name = argv[1]
+    started = time.monotonic()
+    try:
+        commands[name](*[convert(a) for a in argv[2:]])
+    except Failure as e:
+        print(f'FAIL {name}: {e}', file=sys.stderr, flush=True)
+        return 1
+    print(f'ok {name} {time.monotonic() - started:.2f}s', flush=True)
+    return 0
