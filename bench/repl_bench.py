@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Replication benchmark: lag and catch-up of a zrelay primary/replica pair.
 
-Everything runs on 127.0.0.1 in a temporary directory (removed at the end):
+Everything runs on 127.0.0.1 in temporary directories (removed at the end):
 
 * ``zrelay cert`` makes a CA and the certificates of ``primary`` and
   ``replica``;
@@ -13,21 +13,26 @@ Everything runs on 127.0.0.1 in a temporary directory (removed at the end):
   watcher that registers read-only on the replica zrelay *and* on the primary
   zrelay and timestamps every ``invalidateTransaction`` it receives.
 
-Measured:
+Measured once with the FileStorages on disk (a temporary directory) and once
+in tmpfs (``/dev/shm``, no fsync cost), see ``--storage``:
 
+0. **Floors**: one writer straight on a bare runzeo (at the steady rate and
+   flat out), and flat out through the primary zrelay with no replica
+   connected.
 1. **Lag at a steady rate** (default 100 txn/s, one writer): for each commit,
    lag = arrival of its invalidation at a client of the REPLICA − return of
-   ``tpc_finish`` at the writer (both CLOCK_MONOTONIC). The same for a second
+   ``tpc_finish`` at the writer (both CLOCK_MONOTONIC). The same for a
    client of the PRIMARY is the baseline: what a client of the primary itself
    sees.
 2. **Lag at the highest rate** the primary sustains: 1 and 4 writers
    committing as fast as they can.
-3. **Catch-up**: a fresh primary is filled with ~20,000 transactions of
-   ~2.5 KB (~50 MB) by a pipelined raw writer, then an empty replica is
-   started and timed until its applied tid equals the primary's last. The
-   ceiling is ``zrelay bench-restore`` (the replica's pipelined applier
-   replaying the same history, read into memory first, into a fresh empty
-   runzeo). Catch-up and ceiling rounds alternate.
+3. **Catch-up**: a history of ~20,000 transactions of ~2.5 KB (~50 MB) is
+   written once by a fixture straight into a FileStorage and copied; a
+   primary is started on it, then an empty replica, timed until its applied
+   tid equals the primary's last. The ceiling is ``zrelay bench-restore``
+   (the replica's pipelined applier replaying the same history, read into
+   memory first, into a fresh empty runzeo). Catch-up and ceiling rounds
+   alternate.
 
 Prints a markdown report (also written to ``bench/repl-results-latest.md``);
 progress goes to stderr. A benchmark, not a test: it fails only if something
@@ -77,8 +82,9 @@ class Settings:
     def __init__(self, args):
         q = args.quick
         self.rate = args.rate
-        self.lag_seconds = args.lag_seconds or (3.0 if q else 20.0)
-        self.max_seconds = args.max_seconds or (2.0 if q else 8.0)
+        self.lag_seconds = args.lag_seconds or (3.0 if q else 15.0)
+        self.max_seconds = args.max_seconds or (2.0 if q else 5.0)
+        self.bare_seconds = 2.0 if q else 5.0
         self.pop_txns = args.txns or (2000 if q else 20000)
         self.pop_bytes = args.txn_bytes
         self.rounds = args.rounds or (1 if q else 2)
@@ -269,16 +275,22 @@ def stop_node(procs, node):
         procs.stop(p)
 
 
-def start_pair(procs, args, tmp, certs, tag):
+def start_pair(procs, registry, args, settings, tmp, certs, tag):
+    """Primary, then (after one max-rate run with no replica connected, to
+    see what the primary role costs by itself) the replica."""
     primary = Node('primary', os.path.join(tmp, f'{tag}-primary'))
     replica = Node('replica', os.path.join(tmp, f'{tag}-replica'))
     start_runzeo(procs, primary)
     start_runzeo(procs, replica)
     start_zrelay(procs, args, primary, certs, 'primary')
+    alone = writer_run(registry, tmp, 'primary, no replica connected',
+                       primary.client_port, 0, settings.max_seconds, primary)
     start_zrelay(procs, args, replica, certs, 'replica',
                  upstream=primary.repl_port)
-    wait_live(replica)
-    return primary, replica
+    with zeoraw.connect(HOST, primary.zeo_port) as c:
+        last = c.call('lastTransaction').hex()
+    wait_live(replica, want_tid=last)
+    return primary, replica, alone
 
 
 # ------------------------------------------------------------------ lag ----
@@ -408,29 +420,98 @@ def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
     return out
 
 
+def writer_run(registry, tmp, label, port, rate, seconds, node):
+    """One writer on *port*; commit latency and CPU per commit of *node*'s
+    runzeo (and zrelay, if it has one)."""
+    wr = Child(registry, f'writer-{label}',
+               ['writer', '--port', str(port), '--seconds', str(seconds),
+                '--max-txns', str(int(max(rate, 5000) * seconds * 2))]
+               + (['--rate', str(rate)] if rate else []),
+               os.path.join(tmp, 'writer-' + ''.join(
+                   ch if ch.isalnum() else '_' for ch in label) + '.log'))
+    wr.expect('ready', 60)
+    c0 = node.zeo.cpu_seconds()
+    z0 = node.zrelay.cpu_seconds() if node.zrelay else 0.0
+    wr.send('go')
+    r = wr.expect('result', seconds + 60)
+    cpu = node.zeo.cpu_seconds() - c0
+    zcpu = (node.zrelay.cpu_seconds() - z0) if node.zrelay else float('nan')
+    wr.finish()
+    n = len(r['tids'])
+    lat = sorted(r['latency_ns'])
+    res = {'label': label, 'rate': rate, 'txns': n,
+           'txn_s': n / r['elapsed'],
+           'p50': percentile(lat, 50) / 1e6,
+           'p99': percentile(lat, 99) / 1e6,
+           'cpu_ms_per_txn': cpu / max(n, 1) * 1e3,
+           'zrelay_ms_per_txn': zcpu / max(n, 1) * 1e3}
+    log(f'{label}, {"%g txn/s" % rate if rate else "max rate"}: '
+        f'{res["txn_s"]:.0f} txn/s, commit p50 {res["p50"]:.2f} p99 '
+        f'{res["p99"]:.2f} ms; CPU per commit: runzeo '
+        f'{res["cpu_ms_per_txn"]:.2f} ms, zrelay '
+        f'{res["zrelay_ms_per_txn"]:.2f} ms')
+    return res
+
+
+def bare_runs(procs, registry, tmp, settings):
+    """The floor: one writer directly on a bare runzeo (no zrelay), at the
+    steady rate and as fast as it can. Applying a transaction on the replica
+    is one such commit on the replica's runzeo."""
+    node = Node('bare', os.path.join(tmp, 'bare'))
+    start_runzeo(procs, node)
+    out = [writer_run(registry, tmp, 'bare runzeo', node.zeo_port, rate,
+                      seconds, node)
+           for rate, seconds in ((settings.rate, settings.bare_seconds),
+                                 (0, settings.max_seconds))]
+    stop_node(procs, node)
+    shutil.rmtree(node.dir, ignore_errors=True)
+    return out
+
+
 # ------------------------------------------------------------- catch-up ----
 
-def catchup(procs, registry, args, settings, tmp, certs):
-    primary = Node('primary', os.path.join(tmp, 'cu-primary'))
-    start_runzeo(procs, primary)
+def populate_seed(registry, settings, seed_dir):
+    """Write the catch-up history once; return its summary.
+
+    A child process writes it straight into a FileStorage (no server, no
+    fsync: a fixture, not a measurement); every catch-up primary starts
+    from a copy of that Data.fs (and its index).
+    """
+    os.makedirs(seed_dir)
+    log(f'writing the catch-up history: {settings.pop_txns} transactions '
+        f'of ~{settings.pop_bytes} bytes into {seed_dir}/Data.fs')
     pop = Child(registry, 'populate',
-                ['populate', '--port', str(primary.zeo_port),
+                ['populate', '--path', os.path.join(seed_dir, 'Data.fs'),
                  '--txns', str(settings.pop_txns),
                  '--bytes', str(settings.pop_bytes), '--max-seconds', '300'],
-                os.path.join(tmp, 'populate.log'))
-    pop.expect('ready', 120)
-    log(f'populating the primary backend: {settings.pop_txns} transactions '
-        f'of ~{settings.pop_bytes} bytes (pipelined, directly on runzeo)')
-    pop.send('go')
+                os.path.join(seed_dir, 'populate.log'))
     populated = pop.expect('result', 330)
     pop.finish()
-    last = populated['last_tid']
-    log(f'populated {populated["txns"]} txns, {populated["bytes"] / 1e6:.1f} '
-        f'MB in {populated["seconds"]:.1f} s '
-        f'({populated["txns"] / populated["seconds"]:.0f} txn/s); last tid '
-        f'{last}')
+    populated['data_fs'] = os.path.getsize(os.path.join(seed_dir, 'Data.fs'))
+    log(f'wrote {populated["txns"]} txns, {populated["bytes"] / 1e6:.1f} '
+        f'MB in {populated["seconds"]:.1f} s; last tid '
+        f'{populated["last_tid"]}')
+    return populated
+
+
+def copy_seed(seed_dir, d):
+    os.makedirs(d, exist_ok=True)
+    for name in ('Data.fs', 'Data.fs.index'):
+        src = os.path.join(seed_dir, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(d, name))
+
+
+def catchup(procs, args, settings, tmp, certs, seed_dir, populated):
+    primary = Node('primary', os.path.join(tmp, 'cu-primary'))
+    copy_seed(seed_dir, primary.dir)
+    start_runzeo(procs, primary)
+    with zeoraw.connect(HOST, primary.zeo_port) as c:
+        last = c.call('lastTransaction').hex()
+    if last != populated['last_tid']:
+        raise RuntimeError(f'copied history ends at {last}, expected '
+                           f'{populated["last_tid"]}')
     start_zrelay(procs, args, primary, certs, 'primary')
-    data_fs = os.path.getsize(os.path.join(primary.dir, 'Data.fs'))
 
     rounds = []
     for r in range(settings.rounds):
@@ -460,7 +541,7 @@ def catchup(procs, registry, args, settings, tmp, certs):
                                    f'{P.tail(replica.zrelay.log_path)}')
             try:
                 st = status(replica.admin_port) \
-                    if P.listening(replica.admin_port or 0) else None
+                    if P.listening(replica.admin_port) else None
             except (OSError, ValueError):
                 st = None
             up = (st or {}).get('upstream') or {}
@@ -472,8 +553,9 @@ def catchup(procs, registry, args, settings, tmp, certs):
                 break
             time.sleep(0.02)
         dt = t_done - t_spawn
-        cores = {n: (P.pid_cpu_seconds(p) - cpu0[n]) / dt
+        cpu_s = {n: P.pid_cpu_seconds(p) - cpu0[n]
                  for n, p in meter_pids.items()}
+        cores = {n: v / dt for n, v in cpu_s.items()}
         other = max(0.0, (P.system_busy_seconds() - busy0) / dt
                     - sum(cores.values()))
         m = metrics(replica.admin_port)
@@ -485,6 +567,8 @@ def catchup(procs, registry, args, settings, tmp, certs):
                'txn_s': n_applied / dt, 'MB_s': b_applied / dt / 1e6,
                'first_applied_s': (t_first - t_spawn) if t_first else None,
                'apply_mean_ms': apply_mean, 'cpu': cores,
+               'replica_runzeo_ms_per_txn':
+                   cpu_s['replica runzeo'] / max(n_applied, 1) * 1e3,
                'other_cores': other}
         log(f'catch-up round {r + 1}: {n_applied:.0f} txns in {dt:.2f} s = '
             f'{res["txn_s"]:.0f} txn/s, {res["MB_s"]:.1f} MB/s; cpu '
@@ -500,35 +584,32 @@ def catchup(procs, registry, args, settings, tmp, certs):
         target = Node('target', os.path.join(tmp, f'cu-target{r}'))
         start_runzeo(procs, target)
         out_path = os.path.join(tmp, f'bench-restore{r}.out')
+        zeo_cpu0 = P.pid_cpu_seconds(target.zeo.pid)
         br = procs.spawn('bench-restore',
                          [args.zrelay, 'bench-restore',
                           '--source', f'{HOST}:{primary.zeo_port}',
                           '--target', f'{HOST}:{target.zeo_port}'],
                          out_path, cwd=tmp)
-        busy0 = P.system_busy_seconds()
-        t_br = time.monotonic()
-        zeo_cpu0 = (P.pid_cpu_seconds(primary.zeo.pid),
-                    P.pid_cpu_seconds(target.zeo.pid))
         try:
             rc = br.popen.wait(args.catchup_timeout)
         except subprocess.TimeoutExpired:
             raise RuntimeError('bench-restore did not finish in '
                                f'{args.catchup_timeout:.0f}s')
-        wall = time.monotonic() - t_br
-        br_cpu = P.pid_cpu_seconds(br.pid)  # gone: nan; use the zeo ones
-        zeo_cpu = (P.pid_cpu_seconds(primary.zeo.pid) - zeo_cpu0[0],
-                   P.pid_cpu_seconds(target.zeo.pid) - zeo_cpu0[1])
-        del br_cpu
+        zeo_cpu = P.pid_cpu_seconds(target.zeo.pid) - zeo_cpu0
         procs.stop(br)
-        text = open(out_path, errors='replace').read()
-        if rc != 0:
+        with open(out_path, errors='replace') as f:
+            text = f.read()
+        lines = [ln for ln in text.splitlines() if ln.startswith('{')]
+        if rc != 0 or not lines:
             raise RuntimeError(f'bench-restore failed ({rc}):\n{text[-2000:]}')
-        line = [ln for ln in text.splitlines() if ln.startswith('{')][-1]
-        ceil = json.loads(line)
+        ceil = json.loads(lines[-1])
         ceil['MB_s'] = ceil['bytes'] / ceil['apply_seconds'] / 1e6
-        ceil['target_runzeo_cores'] = zeo_cpu[1] / max(ceil['apply_seconds'],
-                                                       1e-9)
-        ceil['wall'] = wall
+        # The target runzeo is idle while the history is read.
+        ceil['target_runzeo_cores'] = zeo_cpu / max(ceil['apply_seconds'],
+                                                    1e-9)
+        ceil['target_runzeo_ms_per_txn'] = (zeo_cpu
+                                            / max(ceil['transactions'], 1)
+                                            * 1e3)
         log(f'bench-restore round {r + 1}: read {ceil["read_txn_per_sec"]:.0f}'
             f' txn/s, apply {ceil["apply_txn_per_sec"]:.0f} txn/s '
             f'({ceil["MB_s"]:.1f} MB/s); target runzeo ~'
@@ -537,120 +618,273 @@ def catchup(procs, registry, args, settings, tmp, certs):
         shutil.rmtree(target.dir, ignore_errors=True)
         rounds.append((res, ceil))
     stop_node(procs, primary)
-    return populated, data_fs, rounds
+    shutil.rmtree(primary.dir, ignore_errors=True)
+    return rounds
+
+
+def fsync_probe(d, n=200, size=2500):
+    """p50/p99 (ms) of fsync after appending *size* bytes, in directory *d*."""
+    path = os.path.join(d, 'fsync-probe')
+    lat = []
+    with open(path, 'wb') as f:
+        for _ in range(n):
+            f.write(os.urandom(size))
+            f.flush()
+            t = time.perf_counter()
+            os.fsync(f.fileno())
+            lat.append(time.perf_counter() - t)
+    os.unlink(path)
+    lat.sort()
+    return percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3
 
 
 # ------------------------------------------------------------- reporting ----
 
 def f2(v):
-    return '–' if v != v else f'{v:.2f}'
+    return '–' if v is None or v != v else f'{v:.2f}'
 
 
 def fnum(v):
     return '–' if v != v else (f'{v:.0f}' if abs(v) >= 100 else f'{v:.1f}')
 
 
-def render(lag_results, cu, settings, args, wall, waited_note):
-    out = []
-    out.append('### Replication lag (invalidation arrival − writer\'s '
-               '`tpc_finish` return)')
-    out.append('')
-    out.append('| load | commits | primary txn/s | commit p50 / p99 (ms) | '
-               'client of the primary p50 / p99 / max (ms) | '
-               'client of the replica p50 / p99 / max (ms) | '
-               'replica − primary client p50 / p99 (ms) | replica apply, '
-               'mean (ms) | target |')
-    out.append('|---|---:|---:|---:|---:|---:|---:|---:|---|')
-    verdicts = []
-    for r in lag_results:
-        load = (f'{r["rate"]:g} txn/s, 1 writer' if r['rate']
-                else f'max rate, {r["writers"]} writer'
-                + ('s' if r['writers'] > 1 else ''))
-        target = ''
-        if r['rate']:
-            ok = r['replica']['p99'] <= TARGET_LAG_P99_MS
-            target = (f'replica p99 ≤ {TARGET_LAG_P99_MS} ms: '
-                      f'{"met" if ok else "MISSED"}')
-            verdicts.append(ok)
-        p, q = r['primary'], r['replica']
-        out.append(
-            f'| {load} | {r["txns"]} | {fnum(r["txn_s"])} | '
-            f'{f2(r["commit_p50_ms"])} / {f2(r["commit_p99_ms"])} | '
-            f'{f2(p["p50"])} / {f2(p["p99"])} / {f2(p["max"])} | '
-            f'{f2(q["p50"])} / {f2(q["p99"])} / {f2(q["max"])} | '
-            f'{f2(r["hop"]["p50"])} / {f2(r["hop"]["p99"])} | '
-            f'{f2(r["apply_mean_ms"])} | {target} |')
-    out.append('')
-    out.append('CPU used during each lag run, in cores (of '
-               f'{len(os.sched_getaffinity(0))}):')
-    out.append('')
-    names = list(lag_results[0]['cpu'].keys()) if lag_results else []
-    out.append('| load | ' + ' | '.join(names) + ' | other processes | '
-               'replica drained after last commit (ms) |')
-    out.append('|---|' + '---:|' * (len(names) + 2))
-    for r in lag_results:
-        load = (f'{r["rate"]:g} txn/s' if r['rate']
-                else f'max, {r["writers"]} writer(s)')
-        out.append(f'| {load} | '
-                   + ' | '.join(f2(r['cpu'][n]) for n in names)
-                   + f' | {f2(r["other_cores"])} | {fnum(r["drain_ms"])} |')
-    out.append('')
+def load_label(r):
+    if r['rate']:
+        return f'{r["rate"]:g} txn/s, 1 writer'
+    return f'max rate, {r["writers"]} writer' + ('s' if r['writers'] > 1
+                                                 else '')
 
-    populated, data_fs, rounds = cu
-    out.append(f'### Catch-up of an empty replica ({populated["txns"]} '
-               f'transactions, {populated["bytes"] / 1e6:.1f} MB of records, '
-               f'Data.fs {data_fs / 1e6:.1f} MB)')
+
+def verdicts_of(v):
+    """[(name, ok)] for the targets, from one variant's results."""
+    out = []
+    for r in v['lag']:
+        if r['rate']:
+            out.append((f'lag p99 ≤ {TARGET_LAG_P99_MS} ms',
+                        r['replica']['p99'] <= TARGET_LAG_P99_MS))
+    if v['rounds']:
+        s = catchup_summary(v['rounds'])
+        out.append((f'catch-up ≥ {TARGET_CATCHUP_TXN_S:.0f} txn/s',
+                    s['txn_s'] >= TARGET_CATCHUP_TXN_S))
+        out.append((f'catch-up ≥ {TARGET_CATCHUP_RATIO * 100:.0f} % of '
+                    f'ceiling', s['ratio'] >= TARGET_CATCHUP_RATIO))
+    return out
+
+
+def catchup_summary(rounds):
+    return {
+        'txn_s': statistics.median(r['txn_s'] for r, _ in rounds),
+        'MB_s': statistics.median(r['MB_s'] for r, _ in rounds),
+        'ceil': statistics.median(c['apply_txn_per_sec'] for _, c in rounds),
+        'ceil_MB_s': statistics.median(c['MB_s'] for _, c in rounds),
+        'ratio': statistics.median(r['txn_s'] / c['apply_txn_per_sec']
+                                   for r, c in rounds),
+    }
+
+
+def per_txn(r, name):
+    """CPU milliseconds *name* used per transaction in lag run *r*."""
+    return r['cpu'][name] / r['txn_s'] * 1e3 if r['txn_s'] else float('nan')
+
+
+def render_summary(variants, populated):
+    names = [v['name'] for v in variants]
+    out = ['| measurement | ' + ' | '.join(names) + ' | target |',
+           '|---|' + '---:|' * len(names) + '---|']
+
+    def row(label, cells, target=''):
+        out.append(f'| {label} | ' + ' | '.join(cells) + f' | {target} |')
+
+    row('fsync after a 2.5 KB append, p50 / p99 (ms)',
+        [f'{f2(v["fsync"][0])} / {f2(v["fsync"][1])}' for v in variants])
+    if any(v['bare'] for v in variants):
+        def bare(v, i, fmt):
+            return fmt(v['bare'][i]) if len(v['bare']) > i else '–'
+        row(f'bare runzeo (no zrelay), 1 writer at '
+            f'{variants[0]["bare"][0]["rate"]:g} txn/s: commit p50 / p99 '
+            f'(ms); runzeo CPU per commit (ms)',
+            [bare(v, 0, lambda b: f'{f2(b["p50"])} / {f2(b["p99"])}; '
+                                  f'{f2(b["cpu_ms_per_txn"])}')
+             for v in variants])
+        row('bare runzeo (no zrelay), 1 writer as fast as it can: txn/s; '
+            'runzeo CPU per commit (ms)',
+            [bare(v, 1, lambda b: f'{fnum(b["txn_s"])}; '
+                                  f'{f2(b["cpu_ms_per_txn"])}')
+             for v in variants])
+    if any(v.get('alone') for v in variants):
+        row('primary zrelay with **no replica connected**, 1 writer as fast '
+            'as it can: txn/s; CPU per commit (ms): runzeo / zrelay',
+            [f'{fnum(a["txn_s"])}; {f2(a["cpu_ms_per_txn"])} / '
+             f'{f2(a["zrelay_ms_per_txn"])}' if a else '–'
+             for a in (v.get('alone') for v in variants)])
+    lag_labels = []
+    for v in variants:
+        for r in v['lag']:
+            if r['label'] not in [x[0] for x in lag_labels]:
+                lag_labels.append((r['label'], load_label(r), r['rate']))
+    for label, title, rate in lag_labels:
+        rs = [next((r for r in v['lag'] if r['label'] == label), None)
+              for v in variants]
+        if rate:
+            row(f'{title}: lag at a client of the **replica**, p50 / p99 / '
+                f'max (ms)',
+                [f'{f2(r["replica"]["p50"])} / **{f2(r["replica"]["p99"])}** '
+                 f'/ {f2(r["replica"]["max"])}' if r else '–' for r in rs],
+                f'p99 ≤ {TARGET_LAG_P99_MS} ms')
+            row(f'{title}: lag at another client of the primary (baseline), '
+                f'p50 / p99 / max (ms)',
+                [f'{f2(r["primary"]["p50"])} / {f2(r["primary"]["p99"])} / '
+                 f'{f2(r["primary"]["max"])}' if r else '–' for r in rs])
+            row(f'{title}: writer\'s commit p50 / p99 (ms)',
+                [f'{f2(r["commit_p50_ms"])} / {f2(r["commit_p99_ms"])}'
+                 if r else '–' for r in rs])
+        else:
+            row(f'{title}: primary txn/s; replica lag p50 / p99 (ms); '
+                f'primary runzeo CPU per commit (ms)',
+                [f'{fnum(r["txn_s"])}; {f2(r["replica"]["p50"])} / '
+                 f'{f2(r["replica"]["p99"])}; '
+                 f'{f2(per_txn(r, "primary runzeo"))}' if r else '–'
+                 for r in rs])
+    if any(v['rounds'] for v in variants):
+        sums = [catchup_summary(v['rounds']) if v['rounds'] else None
+                for v in variants]
+        row(f'catch-up of an empty replica ({populated["txns"]} txns, '
+            f'{populated["bytes"] / 1e6:.0f} MB): txn/s (MB/s)',
+            [f'**{s["txn_s"]:.0f}** ({s["MB_s"]:.1f})' if s else '–'
+             for s in sums], f'≥ {TARGET_CATCHUP_TXN_S:.0f} txn/s')
+        row('ceiling: `bench-restore` apply txn/s (MB/s)',
+            [f'{s["ceil"]:.0f} ({s["ceil_MB_s"]:.1f})' if s else '–'
+             for s in sums])
+        row('catch-up / ceiling',
+            [f'**{s["ratio"] * 100:.0f} %**' if s else '–' for s in sums],
+            f'≥ {TARGET_CATCHUP_RATIO * 100:.0f} %')
+    cells = []
+    for v in variants:
+        vs = verdicts_of(v)
+        missed = [n for n, ok in vs if not ok]
+        cells.append(f'{sum(ok for _, ok in vs)}/{len(vs)}'
+                     + (' (missed: ' + '; '.join(missed) + ')' if missed
+                        else ''))
+    row('targets met', cells)
+    return '\n'.join(out)
+
+
+def render_variant(v, populated):
+    out = [f'### {v["name"]}: data in {v["fs"]}', '']
+    out.append(f'fsync after a 2.5 KB append there: p50 {f2(v["fsync"][0])} '
+               f'ms, p99 {f2(v["fsync"][1])} ms (FileStorage fsyncs every '
+               f'commit).')
     out.append('')
-    out.append('| round | catch-up s | catch-up txn/s | catch-up MB/s | '
-               'ceiling (bench-restore apply) txn/s | ceiling MB/s | '
-               'catch-up / ceiling |')
-    out.append('|---|---:|---:|---:|---:|---:|---:|')
-    ratios, rates, ceils = [], [], []
-    for i, (res, ceil) in enumerate(rounds):
-        ratio = res['txn_s'] / ceil['apply_txn_per_sec']
-        ratios.append(ratio)
-        rates.append(res['txn_s'])
-        ceils.append(ceil['apply_txn_per_sec'])
-        out.append(f'| {i + 1} | {res["seconds"]:.2f} | {res["txn_s"]:.0f} | '
-                   f'{res["MB_s"]:.1f} | {ceil["apply_txn_per_sec"]:.0f} | '
-                   f'{ceil["MB_s"]:.1f} | {ratio * 100:.0f} % |')
-    med_rate = statistics.median(rates)
-    med_ratio = statistics.median(ratios)
-    ok1 = med_rate >= TARGET_CATCHUP_TXN_S
-    ok2 = med_ratio >= TARGET_CATCHUP_RATIO
-    verdicts += [ok1, ok2]
-    out.append(f'| **median** | | **{med_rate:.0f}** | | '
-               f'**{statistics.median(ceils):.0f}** | | '
-               f'**{med_ratio * 100:.0f} %** |')
-    out.append('')
-    out.append(f'- catch-up ≥ {TARGET_CATCHUP_TXN_S:.0f} txn/s: '
-               f'**{"met" if ok1 else "MISSED"}** ({med_rate:.0f}); '
-               f'≥ {TARGET_CATCHUP_RATIO * 100:.0f} % of the replica '
-               f'backend\'s own capacity: **{"met" if ok2 else "MISSED"}** '
-               f'({med_ratio * 100:.0f} %)')
-    for i, (res, ceil) in enumerate(rounds):
-        out.append(
-            f'- round {i + 1}: catch-up CPU in cores: '
-            + ', '.join(f'{k} {v:.2f}' for k, v in res['cpu'].items())
-            + f', other processes {res["other_cores"]:.2f}; replica apply '
-            f'mean {f2(res["apply_mean_ms"])} ms/txn; first transaction '
-            f'applied {res["first_applied_s"] or float("nan"):.2f} s after '
-            f'the replica zrelay was spawned. bench-restore: history read at '
-            f'{ceil["read_txn_per_sec"]:.0f} txn/s, applied at '
-            f'{ceil["apply_txn_per_sec"]:.0f} txn/s with the target runzeo '
-            f'at {ceil["target_runzeo_cores"]:.2f} cores')
-    out.append('')
-    met = sum(verdicts)
-    out.append(f'Targets met: {met}/{len(verdicts)}')
-    out.append('')
-    out.append(
-        f'Settings: lag run {settings.lag_seconds:g} s at '
+    for b in v['bare']:
+        out.append(f'- bare runzeo (no zrelay), 1 writer '
+                   + (f'at {b["rate"]:g} txn/s' if b['rate']
+                      else 'as fast as it can')
+                   + f': {b["txns"]} commits, {fnum(b["txn_s"])} txn/s, '
+                   f'commit p50 {f2(b["p50"])} ms, p99 {f2(b["p99"])} ms, '
+                   f'runzeo CPU {f2(b["cpu_ms_per_txn"])} ms per commit')
+    a = v.get('alone')
+    if a:
+        out.append(f'- primary zrelay (role primary) with no replica '
+                   f'connected, 1 writer as fast as it can through it: '
+                   f'{a["txns"]} commits, {fnum(a["txn_s"])} txn/s, commit '
+                   f'p50 {f2(a["p50"])} ms, p99 {f2(a["p99"])} ms; CPU per '
+                   f'commit: runzeo {f2(a["cpu_ms_per_txn"])} ms, zrelay '
+                   f'{f2(a["zrelay_ms_per_txn"])} ms')
+    if v['bare'] or a:
+        out.append('')
+    if v['lag']:
+        out.append('Lag = invalidation arrival − the writer\'s `tpc_finish` '
+                   'return, per transaction (ms):')
+        out.append('')
+        out.append('| load | commits | primary txn/s | commit p50 / p99 | '
+                   'client of the primary p50 / p99 / max | '
+                   'client of the replica p50 / p99 / max | '
+                   'replica − primary client p50 / p99 | replica apply, mean '
+                   '| replica drained after last commit |')
+        out.append('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+        for r in v['lag']:
+            p, q = r['primary'], r['replica']
+            out.append(
+                f'| {load_label(r)} | {r["txns"]} | {fnum(r["txn_s"])} | '
+                f'{f2(r["commit_p50_ms"])} / {f2(r["commit_p99_ms"])} | '
+                f'{f2(p["p50"])} / {f2(p["p99"])} / {f2(p["max"])} | '
+                f'{f2(q["p50"])} / {f2(q["p99"])} / {f2(q["max"])} | '
+                f'{f2(r["hop"]["p50"])} / {f2(r["hop"]["p99"])} | '
+                f'{f2(r["apply_mean_ms"])} | {fnum(r["drain_ms"])} |')
+        out.append('')
+        out.append('CPU used meanwhile, in cores (of '
+                   f'{len(os.sched_getaffinity(0))}):')
+        out.append('')
+        names = list(v['lag'][0]['cpu'].keys())
+        per_names = ('primary runzeo', 'primary zrelay', 'replica runzeo',
+                     'replica zrelay')
+        out.append('| load | ' + ' | '.join(names) + ' | other processes | '
+                   'CPU per transaction (ms): ' + ' / '.join(per_names)
+                   + ' |')
+        out.append('|---|' + '---:|' * (len(names) + 2))
+        for r in v['lag']:
+            out.append(f'| {load_label(r)} | '
+                       + ' | '.join(f2(r['cpu'][n]) for n in names)
+                       + f' | {f2(r["other_cores"])} | '
+                       + ' / '.join(f2(per_txn(r, n)) for n in per_names)
+                       + ' |')
+        out.append('')
+        oids = [f'{r["replica"]["with_oids"]}/{r["replica"]["n"]}'
+                for r in v['lag']]
+        out.append('Invalidations received by the replica\'s client carrying '
+                   'the real oids (rewritten by the replica zrelay): '
+                   + ', '.join(oids) + '.')
+        out.append('')
+    if v['rounds']:
+        out.append(f'Catch-up of an empty replica: {populated["txns"]} '
+                   f'transactions, {populated["bytes"] / 1e6:.1f} MB of '
+                   f'records (Data.fs {populated["data_fs"] / 1e6:.1f} MB, '
+                   f'written in-process into a FileStorage by the fixture, '
+                   f'no ZEO server, fsync off, at '
+                   f'{populated["txns"] / populated["seconds"]:.0f} txn/s); '
+                   f'rounds alternate catch-up and ceiling:')
+        out.append('')
+        out.append('| round | catch-up s | catch-up txn/s | MB/s | ceiling '
+                   '(bench-restore apply) txn/s | MB/s | catch-up / ceiling '
+                   '| replica runzeo CPU per txn: catch-up / ceiling (ms) |')
+        out.append('|---|---:|---:|---:|---:|---:|---:|---:|')
+        for i, (res, ceil) in enumerate(v['rounds']):
+            ratio = res['txn_s'] / ceil['apply_txn_per_sec']
+            out.append(
+                f'| {i + 1} | {res["seconds"]:.2f} | {res["txn_s"]:.0f} | '
+                f'{res["MB_s"]:.1f} | {ceil["apply_txn_per_sec"]:.0f} | '
+                f'{ceil["MB_s"]:.1f} | {ratio * 100:.0f} % | '
+                f'{f2(res["replica_runzeo_ms_per_txn"])} / '
+                f'{f2(ceil["target_runzeo_ms_per_txn"])} |')
+        out.append('')
+        for i, (res, ceil) in enumerate(v['rounds']):
+            out.append(
+                f'- round {i + 1}: CPU during catch-up, in cores: '
+                + ', '.join(f'{k} {v_:.2f}' for k, v_ in res['cpu'].items())
+                + f', other processes {res["other_cores"]:.2f}; replica apply '
+                f'mean {f2(res["apply_mean_ms"])} ms/txn; first transaction '
+                f'applied {f2(res["first_applied_s"])} s after the replica '
+                f'zrelay was spawned. bench-restore: history read at '
+                f'{ceil["read_txn_per_sec"]:.0f} txn/s, applied at '
+                f'{ceil["apply_txn_per_sec"]:.0f} txn/s, target runzeo at '
+                f'{ceil["target_runzeo_cores"]:.2f} cores while applying')
+        out.append('')
+    return '\n'.join(out)
+
+
+def render(variants, populated, settings, args, wall, notes):
+    parts = [render_summary(variants, populated), '']
+    for v in variants:
+        parts.append(render_variant(v, populated))
+    parts.append(
+        f'Settings: steady run {settings.lag_seconds:g} s at '
         f'{settings.rate:g} txn/s, max-rate runs {settings.max_seconds:g} s '
         f'each, catch-up history {settings.pop_txns} × ~'
         f'{settings.pop_bytes} B, {settings.rounds} catch-up/ceiling '
-        f'round(s)' + ('; --quick (a smoke run, not numbers)' if args.quick
-                       else '') + f'. Total {wall:.0f} s.' + waited_note)
-    return '\n'.join(out)
+        f'round(s) per storage' + ('; --quick (a smoke run, not numbers)'
+                                   if args.quick else '')
+        + f'. Total {wall:.0f} s.' + ''.join(' ' + n for n in notes))
+    return '\n'.join(parts)
 
 
 def git_rev():
@@ -714,19 +948,38 @@ def other_bench_running():
 
 
 def wait_for_other_bench(seconds):
-    """Wait (bounded) until no bench/bench.py runs; return a note."""
-    if not seconds or not other_bench_running():
+    """Wait (bounded) until no bench/bench.py runs; return a note or ''."""
+    if not other_bench_running():
         return ''
-    deadline = time.monotonic() + seconds
-    log(f'bench/bench.py is running; waiting up to {seconds:.0f} s for it')
-    while time.monotonic() < deadline:
-        time.sleep(10)
-        if not other_bench_running():
-            log('bench/bench.py finished')
-            return ''
-    log('bench/bench.py still running; measuring anyway')
-    return (f' bench/bench.py was still running after a {seconds:.0f} s '
-            f'wait: measured anyway, alongside it.')
+    if seconds:
+        deadline = time.monotonic() + seconds
+        log(f'bench/bench.py is running; waiting up to {seconds:.0f} s for it')
+        while time.monotonic() < deadline:
+            time.sleep(10)
+            if not other_bench_running():
+                log('bench/bench.py finished')
+                return ''
+        log('bench/bench.py still running; measuring anyway')
+        return (f'bench/bench.py was still running after a {seconds:.0f} s '
+                f'wait: measured alongside it.')
+    return 'bench/bench.py was running at the start: measured alongside it.'
+
+
+def fs_type(d):
+    """Filesystem type of directory *d* (from /proc/mounts)."""
+    best, kind = '', 'unknown'
+    try:
+        real = os.path.realpath(d)
+        with open('/proc/mounts') as f:
+            for line in f:
+                fields = line.split()
+                mnt = fields[1]
+                if (real == mnt or real.startswith(mnt.rstrip('/') + '/')) \
+                        and len(mnt) >= len(best):
+                    best, kind = mnt, fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 def parse_args(argv=None):
@@ -736,19 +989,26 @@ def parse_args(argv=None):
     ap.add_argument('--zrelay', default=os.path.join(REPO, 'target', 'release',
                                                      'zrelay'))
     ap.add_argument('--quick', action='store_true',
-                    help='small counts and short runs: a smoke run (~40 s)')
+                    help='small counts and short runs: a smoke run (~1 min)')
+    ap.add_argument('--storage', choices=('disk', 'tmpfs', 'both'),
+                    default='both',
+                    help='where the FileStorages live: a temporary directory '
+                         'on disk (--disk-dir), in tmpfs (--tmpfs-dir, no '
+                         'fsync cost), or both in turn (default)')
+    ap.add_argument('--disk-dir', default=tempfile.gettempdir())
+    ap.add_argument('--tmpfs-dir', default='/dev/shm')
     ap.add_argument('--rate', type=float, default=100.0,
                     help='steady commit rate of the lag run (default 100)')
     ap.add_argument('--lag-seconds', type=float, default=0,
-                    help='duration of the steady-rate run (default 20)')
+                    help='duration of the steady-rate run (default 15)')
     ap.add_argument('--max-seconds', type=float, default=0,
-                    help='duration of each max-rate run (default 8)')
+                    help='duration of each max-rate run (default 5)')
     ap.add_argument('--txns', type=int, default=0,
                     help='catch-up history: transactions (default 20000)')
     ap.add_argument('--txn-bytes', type=int, default=2500,
                     help='catch-up history: record bytes per transaction')
     ap.add_argument('--rounds', type=int, default=0,
-                    help='catch-up + ceiling rounds (default 2)')
+                    help='catch-up + ceiling rounds per storage (default 2)')
     ap.add_argument('--catchup-timeout', type=float, default=300.0)
     ap.add_argument('--only', choices=('lag', 'catchup'), default=None)
     ap.add_argument('--wait-other-bench', type=float, default=0,
@@ -758,11 +1018,14 @@ def parse_args(argv=None):
     ap.add_argument('--out', default=os.path.join(HERE,
                                                   'repl-results-latest.md'))
     ap.add_argument('--keep', action='store_true',
-                    help='keep the temporary directory (data and logs)')
+                    help='keep the temporary directories (data and logs)')
     args = ap.parse_args(argv)
     args.zrelay = os.path.abspath(args.zrelay)
     if not os.access(args.zrelay, os.X_OK):
         ap.error(f'no zrelay binary at {args.zrelay} (cargo build --release)')
+    if args.storage in ('tmpfs', 'both') and not os.path.isdir(args.tmpfs_dir):
+        ap.error(f'no directory {args.tmpfs_dir} (use --tmpfs-dir or '
+                 f'--storage disk)')
     return args
 
 
@@ -775,37 +1038,68 @@ def main(argv=None):
     settings = Settings(args)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
-    waited_note = wait_for_other_bench(args.wait_other_bench)
-    if other_bench_running():
-        waited_note = waited_note or (' bench/bench.py was running at the '
-                                      'start: numbers taken alongside it.')
+    notes = [n for n in [wait_for_other_bench(args.wait_other_bench)] if n]
+    storages = {'disk': [('disk', args.disk_dir)],
+                'tmpfs': [('tmpfs', args.tmpfs_dir)],
+                'both': [('disk', args.disk_dir),
+                         ('tmpfs', args.tmpfs_dir)]}[args.storage]
     procs = P.Procs()
     registry = []
-    tmp = tempfile.mkdtemp(prefix='zrelay-repl-bench-')
+    tmps = []
     failed = False
-    lag_results = []
-    cu = None
+    variants = []
+    populated = None
     try:
+        tmp = tempfile.mkdtemp(prefix='zrelay-repl-bench-')
+        tmps.append(tmp)
         certs = os.path.join(tmp, 'certs')
         subprocess.run([args.zrelay, 'cert', '--dir', certs, 'primary',
                         'replica'], check=True, capture_output=True,
                        timeout=60)
-        if args.only in (None, 'lag'):
-            log(f'starting primary + replica (runzeo + zrelay each) in {tmp}')
-            primary, replica = start_pair(procs, args, tmp, certs, 'lag')
-            lag_results.append(lag_run(registry, tmp, primary, replica,
-                                       'steady', 1, settings.rate,
-                                       settings.lag_seconds))
-            for n in (1, 4):
-                lag_results.append(lag_run(registry, tmp, primary, replica,
-                                           f'max{n}', n, 0,
-                                           settings.max_seconds))
-            for node in (replica, primary):
-                if not node.zrelay.alive():
-                    raise RuntimeError(f'{node.zrelay.name} died')
-                stop_node(procs, node)
         if args.only in (None, 'catchup'):
-            cu = catchup(procs, registry, args, settings, tmp, certs)
+            # The history is written once and copied for each storage.
+            seed_base = storages[-1][1]
+            seed_tmp = tempfile.mkdtemp(prefix='zrelay-repl-seed-',
+                                        dir=seed_base)
+            tmps.append(seed_tmp)
+            seed_dir = os.path.join(seed_tmp, 'seed')
+            populated = populate_seed(registry, settings, seed_dir)
+        for name, base in storages:
+            vtmp = tempfile.mkdtemp(prefix=f'zrelay-repl-{name}-', dir=base)
+            tmps.append(vtmp)
+            v = {'name': name, 'dir': vtmp, 'lag': [], 'rounds': [],
+                 'bare': [],
+                 'fs': f'`{base}` ({fs_type(vtmp)})',
+                 'fsync': fsync_probe(vtmp)}
+            log(f'{name}: data in {vtmp} ({fs_type(vtmp)}); fsync p50 '
+                f'{v["fsync"][0]:.3f} ms, p99 {v["fsync"][1]:.3f} ms')
+            if args.only in (None, 'lag'):
+                v['bare'] = bare_runs(procs, registry, vtmp, settings)
+                log(f'{name}: starting primary + replica (runzeo + zrelay '
+                    f'each)')
+                primary, replica, alone = start_pair(
+                    procs, registry, args, settings, vtmp, certs, 'lag')
+                v['alone'] = alone
+                v['lag'].append(lag_run(registry, vtmp, primary, replica,
+                                        'steady', 1, settings.rate,
+                                        settings.lag_seconds))
+                for n in (1, 4):
+                    v['lag'].append(lag_run(registry, vtmp, primary, replica,
+                                            f'max{n}', n, 0,
+                                            settings.max_seconds))
+                for node in (replica, primary):
+                    if not node.zrelay.alive():
+                        raise RuntimeError(f'{node.zrelay.name} died; log:\n'
+                                           f'{P.tail(node.zrelay.log_path)}')
+                    stop_node(procs, node)
+                    shutil.rmtree(node.dir, ignore_errors=True)
+            if populated:
+                v['rounds'] = catchup(procs, args, settings, vtmp, certs,
+                                      seed_dir, populated)
+            variants.append(v)
+        if other_bench_running() and not notes:
+            notes.append('bench/bench.py was running at the end: measured '
+                         'alongside it.')
         info = machine_info(args)
     except Exception:
         failed = True
@@ -814,17 +1108,16 @@ def main(argv=None):
         for ch in registry:
             ch.kill()
         procs.stop_all()
-        if args.keep or failed:
-            log(f'kept {tmp} (data and logs)')
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for t in tmps:
+            if args.keep or (failed and not t.startswith(args.tmpfs_dir)):
+                log(f'kept {t} (data and logs)')
+            else:
+                shutil.rmtree(t, ignore_errors=True)
 
-    if not lag_results or cu is None:
-        print(json.dumps({'lag': lag_results, 'catchup': cu}, indent=1,
-                         default=str))
-        return 0
-    body = render(lag_results, cu, settings, args, time.monotonic() - T0,
-                  waited_note)
+    if populated is None:
+        populated = {'txns': 0, 'bytes': 0, 'data_fs': 0}
+    body = render(variants, populated, settings, args, time.monotonic() - T0,
+                  notes)
     print(body)
     if args.out:
         with open(args.out, 'w') as f:

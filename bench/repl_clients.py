@@ -10,9 +10,9 @@ Run as ``python bench/repl_clients.py ROLE ...``; each role is one process:
 ``watcher``   registers read-only on one or more ZEO addresses and records,
               for every ``invalidateTransaction(tid, oids)`` that arrives,
               the tid, the number of oids and the moment it arrived.
-``populate``  writes N transactions of one new object of B bytes each,
-              pipelined on one connection (what zrelay's own applier does),
-              to fill a storage with history quickly.
+``populate``  writes N transactions of one new object of B bytes each
+              straight into a FileStorage file (no server), to make the
+              catch-up history quickly.
 
 Every timestamp is ``time.monotonic_ns()``: CLOCK_MONOTONIC, one clock for
 the whole machine on Linux, so times taken in different processes compare.
@@ -242,60 +242,40 @@ def run_watcher(args):
 # ------------------------------------------------------------- populate ----
 
 def run_populate(args):
-    """N transactions of one new B-byte object each, pipelined."""
-    c = Conn(args.host, args.port, timeout=120.0, encoding='Z')
-    c.register('1', False)
-    oids = []
-    while len(oids) < args.txns:
-        oids.extend(c.call('new_oids', 100))
+    """N transactions of one new B-byte object each, written straight into
+    a FileStorage file (no ZEO server: this is the fixture, not the
+    measurement). Its per-commit fsync is turned off: the file is copied
+    before anything is measured on it."""
+    import ZODB.FileStorage  # noqa: F401
+    from ZODB.Connection import TransactionMetaData
+    fsmod = sys.modules['ZODB.FileStorage.FileStorage']
+    fsmod.fsync = None
+    fs = fsmod.FileStorage(args.path, create=True)
     pool = os.urandom(1 << 20)
-    # State bytes per transaction such that the record is ~args.bytes long.
     overhead = len(record(b''))
     size = max(1, args.bytes - overhead - 5)
-    emit({'ready': True})
-    cmd = wait_command(120.0)
-    if cmd[0] != 'go':
-        raise SystemExit(f'unexpected command {cmd!r}')
     t0 = time.monotonic()
     deadline = t0 + args.max_seconds
-    in_flight = []          # (vote msgid, finish msgid)
     total_bytes = 0
-    last_tid = None
-    n_sent = 0
-
-    def drain(keep):
-        nonlocal last_tid
-        while len(in_flight) > keep:
-            vid, fid = in_flight.pop(0)
-            c.read_reply(vid)
-            last_tid, _ = c.read_reply(fid)
-
-    while n_sent < args.txns:
-        if time.monotonic() > deadline:
-            raise SystemExit(f'populate: only {n_sent} transactions in '
-                             f'{args.max_seconds:.0f}s')
-        batch = []
-        for _ in range(min(args.window // 2 or 1, args.txns - n_sent)):
-            txn_id = n_sent + 1
-            off = (n_sent * 7919) % ((1 << 20) - size)
+    tid = None
+    try:
+        for i in range(args.txns):
+            if (i & 255) == 0 and time.monotonic() > deadline:
+                raise SystemExit(f'populate: only {i} transactions in '
+                                 f'{args.max_seconds:.0f}s')
+            off = (i * 7919) % ((1 << 20) - size)
             data = record(pool[off:off + size])
             total_bytes += len(data)
-            vid, fid = c.next_msgid(), c.next_msgid()
-            batch.append(c.frame(0, True, 'tpc_begin', txn_id, b'', b'', {},
-                                 None, ' '))
-            batch.append(c.frame(0, True, 'storea', oids[n_sent], Z64, data,
-                                 txn_id))
-            batch.append(c.frame(vid, False, 'vote', txn_id))
-            batch.append(c.frame(fid, False, 'tpc_finish', txn_id))
-            in_flight.append((vid, fid))
-            n_sent += 1
-        c.sock.sendall(b''.join(batch))
-        drain(args.window // 2)
-    drain(0)
-    elapsed = time.monotonic() - t0
-    c.close()
-    emit({'result': {'txns': n_sent, 'bytes': total_bytes,
-                     'seconds': elapsed, 'last_tid': last_tid.hex()}})
+            t = TransactionMetaData(b'', b'', {})
+            fs.tpc_begin(t)
+            fs.store(fs.new_oid(), Z64, data, '', t)
+            fs.tpc_vote(t)
+            tid = fs.tpc_finish(t)
+    finally:
+        fs.close()      # writes Data.fs.index
+    emit({'result': {'txns': args.txns, 'bytes': total_bytes,
+                     'seconds': time.monotonic() - t0,
+                     'last_tid': tid.hex()}})
 
 
 def main():
@@ -315,7 +295,7 @@ def main():
     ap.add_argument('--max-seconds', type=float, default=600.0)
     ap.add_argument('--txns', type=int, default=1000)
     ap.add_argument('--bytes', type=int, default=2500)
-    ap.add_argument('--window', type=int, default=64)
+    ap.add_argument('--path', help='populate: the Data.fs to write')
     args = ap.parse_args()
     {'writer': run_writer, 'watcher': run_watcher,
      'populate': run_populate}[args.role](args)
