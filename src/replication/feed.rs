@@ -111,8 +111,13 @@ async fn feed_once(
         // First start: replicas catch up from history; publish from here on.
         *published = last;
     } else if last > *published {
-        // Commits made while the observer was away: publish them in order.
-        publish_range(&mut reader, published, last, commits, last_tid, status).await?;
+        // Commits made while the observer was away: publish them in order
+        // (or just note them, if nobody streams).
+        if commits.receiver_count() == 0 {
+            *published = last;
+        } else {
+            publish_range(&mut reader, published, last, commits, last_tid, status).await?;
+        }
     }
     set_last(last_tid, status, last.max(*published));
     info!(last = %tid_hex(&last), "commit feed observing the backend");
@@ -125,6 +130,15 @@ async fn feed_once(
             continue;
         };
         if tid <= *published {
+            continue;
+        }
+        if commits.receiver_count() == 0 {
+            // Nobody streams: skip the read-back (it would double the
+            // backend's work per commit). A replica that connects later
+            // subscribes before reading history, so whatever is skipped
+            // here was committed before it subscribed and is in history.
+            *published = tid;
+            set_last(last_tid, status, tid);
             continue;
         }
         // The observer sees every commit in order, so this is the next one:
