@@ -88,7 +88,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
-            start_primary(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+            start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
             Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
         }
         Some(r) => {
@@ -170,17 +170,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     info!("shut down");
     Ok(())
-}
-
-async fn start_primary(
-    r: &ReplicationConfig,
-    cfg: &Config,
-    link: &BackendLink,
-    status: &Arc<StatusHub>,
-    shutdown: &CancellationToken,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<()> {
-    start_feed(r, cfg, link, status, shutdown, tasks).await
 }
 
 /// The commit feed and the replication listener: on a primary, and on a

@@ -133,6 +133,14 @@ async fn init_state(
     applier: &mut Applier,
     cfg: &ReplicaConfig,
 ) -> Result<ReceiverState, ApplyError> {
+    let (last, digest) = connect_at_position(applier).await?;
+    info!(applied = %tid_hex(&last), "replica backend position");
+    Ok(ReceiverState::new(last, digest, Instant::now()).with_stale_after(cfg.stale_after))
+}
+
+/// (Re)connects the applier and returns the backend's real position: its
+/// newest transaction and that transaction's digest.
+async fn connect_at_position(applier: &mut Applier) -> Result<(Tid, Option<[u8; 32]>), ApplyError> {
     let reported = applier.connect().await?;
     let (last, digest) = newest_readable(applier, reported).await?;
     if last != reported {
@@ -143,8 +151,7 @@ async fn init_state(
         );
         applier.set_real_last(last);
     }
-    info!(applied = %tid_hex(&last), "replica backend position");
-    Ok(ReceiverState::new(last, digest, Instant::now()).with_stale_after(cfg.stale_after))
+    Ok((last, digest))
 }
 
 /// The newest transaction the backend holds at or before `reported`, with
@@ -194,18 +201,9 @@ async fn digest_of(applier: &mut Applier, tid: &Tid) -> Result<Option<[u8; 32]>,
 /// lost tpc_finish reply), record it as applied.
 async fn resync(applier: &mut Applier, st: &mut ReceiverState) -> Result<(), ApplyError> {
     let in_doubt = applier.in_doubt();
-    let reported = applier.connect().await?;
     // Anything confirmed before the failure was acked already; the
     // backend's position decides the rest.
-    let (last, digest) = newest_readable(applier, reported).await?;
-    if last != reported {
-        warn!(
-            reported = %tid_hex(&reported),
-            newest = %tid_hex(&last),
-            "replica backend reports a last tid it does not hold (a commit cut by a crash)"
-        );
-        applier.set_real_last(last);
-    }
+    let (last, digest) = connect_at_position(applier).await?;
     if last == st.applied() {
         return Ok(());
     }
