@@ -100,14 +100,6 @@ def log(msg):
 T0 = time.monotonic()
 
 
-def percentile(sorted_values, q):
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float('nan')
-    k = math.ceil(q / 100.0 * len(sorted_values)) - 1
-    return sorted_values[max(0, min(len(sorted_values) - 1, k))]
-
-
 # ------------------------------------------------------------- topology ----
 
 class Endpoint:
@@ -221,8 +213,8 @@ def measure(workload, port, settings, pool, oids):
         count = settings.n_objects if workload == 'load' else settings.n_pings
         lat = sorted(W.raw_latency(HOST, port, workload, oids, count,
                                    settings.raw_max_seconds))
-        return {'p50': percentile(lat, 50) / 1e3,
-                'p99': percentile(lat, 99) / 1e3,
+        return {'p50': P.percentile(lat, 50) / 1e3,
+                'p99': P.percentile(lat, 99) / 1e3,
                 'n': len(lat)}
     n_clients = 4 if workload == 'commit4' else 1
     kind = 'bulk' if workload == 'bulk' else 'small'
@@ -231,7 +223,7 @@ def measure(workload, port, settings, pool, oids):
     lat = sorted(ns for _, _, lats in results for ns in lats)
     n_txns = sum(n for n, _, _ in results)
     rate = sum(n / elapsed for n, elapsed, _ in results if elapsed > 0)
-    out = {'p50': percentile(lat, 50) / 1e6, 'p99': percentile(lat, 99) / 1e6,
+    out = {'p50': P.percentile(lat, 50) / 1e6, 'p99': P.percentile(lat, 99) / 1e6,
            'n': n_txns}
     if kind == 'bulk':
         out['MB/s'] = rate * W.BULK_OBJECTS * W.BULK_OBJECT_BYTES / 1e6
@@ -350,59 +342,13 @@ def build_table(samples, workloads, encodings, proxy_label, baseline):
     return '\n'.join(lines), verdicts
 
 
-def git_rev():
-    try:
-        rev = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
-                             capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return 'no commit yet (uncommitted work tree)'
-        dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain',
-                                '--untracked-files=no'],
-                               capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + (' (dirty)' if dirty.stdout.strip() else '')
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-
-
-def zrelay_version(path):
-    try:
-        out = subprocess.run([path, '--version'], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or out.stderr.strip()
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-
-
 def machine_info(args):
-    cpu = 'unknown'
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-
-    def ver(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return 'not installed'
-    info = [
-        ('date', datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')),
-        ('nproc', str(len(os.sched_getaffinity(0)))),
-        ('CPU', cpu),
-        ('kernel', f'{platform.system()} {platform.release()}'),
-        ('Python', platform.python_version()),
-        ('ZEO / ZODB / msgpack', f'{ver("ZEO")} / {ver("ZODB")} / {ver("msgpack")}'),
-    ]
+    info = P.machine_info(['ZEO', 'ZODB', 'msgpack'])
     if args.self_test:
         info.append(('proxy', 'SELF-TEST: Python forwarder (bench/forwarder.py), '
                               'not zrelay'))
     else:
-        info.append(('zrelay', f'{zrelay_version(args.zrelay)}, git {git_rev()}, '
-                               f'{os.path.relpath(args.zrelay, REPO)}'))
+        info.append(P.zrelay_line(args.zrelay))
     return info
 
 

@@ -8,7 +8,11 @@ session so a Ctrl-C in the terminal reaches only the benchmark, which then
 stops them in order.
 """
 import ctypes
+import datetime
+import importlib.metadata
+import math
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -242,3 +246,73 @@ listen = "{HOST}:{listen_port}"
 [backend]
 address = "{HOST}:{backend_port}"
 """)
+
+
+# ------------------------------------------------- shared by the benches ----
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float('nan')
+    k = math.ceil(q / 100.0 * len(sorted_values)) - 1
+    return sorted_values[max(0, min(len(sorted_values) - 1, k))]
+
+
+def git_rev():
+    try:
+        rev = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
+                             capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return 'no commit yet (uncommitted work tree)'
+        dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain',
+                                '--untracked-files=no'],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + (' (dirty)' if dirty.stdout.strip() else '')
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def zrelay_version(path):
+    try:
+        out = subprocess.run([path, '--version'], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or out.stderr.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def package_version(pkg):
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return 'not installed'
+
+
+def machine_info(packages):
+    """(label, value) pairs describing this machine and the Python packages
+    named, for the header of a results file."""
+    cpu = 'unknown'
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return [
+        ('date', datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')),
+        ('nproc', str(len(os.sched_getaffinity(0)))),
+        ('CPU', cpu),
+        ('kernel', f'{platform.system()} {platform.release()}'),
+        ('Python', platform.python_version()),
+        (' / '.join(packages), ' / '.join(package_version(p) for p in packages)),
+    ]
+
+
+def zrelay_line(path):
+    return ('zrelay', f'{zrelay_version(path)}, git {git_rev()}, '
+                      f'{os.path.relpath(path, REPO)}')

@@ -90,14 +90,6 @@ class Settings:
         self.rounds = args.rounds or (1 if q else 2)
 
 
-def percentile(sorted_values, q):
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float('nan')
-    k = math.ceil(q / 100.0 * len(sorted_values)) - 1
-    return sorted_values[max(0, min(len(sorted_values) - 1, k))]
-
-
 # ------------------------------------------------------------ processes ----
 
 class Child:
@@ -372,8 +364,8 @@ def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
     n = len(finish)
     out = {'label': label, 'writers': n_writers, 'rate': rate, 'txns': n,
            'txn_s': n / ((last_ns - first_ns) / 1e9),
-           'commit_p50_ms': percentile(sorted(latency), 50) / 1e6,
-           'commit_p99_ms': percentile(sorted(latency), 99) / 1e6,
+           'commit_p50_ms': P.percentile(sorted(latency), 50) / 1e6,
+           'commit_p99_ms': P.percentile(sorted(latency), 99) / 1e6,
            'cpu': cpu, 'other_cores': other}
     arrivals = {}
     for src in ('replica', 'primary'):
@@ -386,7 +378,7 @@ def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
         arrivals[src] = arr
         lags = sorted((arr[tid] - f) / 1e6 for tid, f in finish.items()
                       if tid in arr)
-        out[src] = {'p50': percentile(lags, 50), 'p99': percentile(lags, 99),
+        out[src] = {'p50': P.percentile(lags, 50), 'p99': P.percentile(lags, 99),
                     'max': lags[-1] if lags else float('nan'),
                     'n': len(lags), 'missing': n - len(lags),
                     'with_oids': with_oids,
@@ -394,7 +386,7 @@ def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
     both = sorted((arrivals['replica'][t] - arrivals['primary'][t]) / 1e6
                   for t in finish
                   if t in arrivals['replica'] and t in arrivals['primary'])
-    out['hop'] = {'p50': percentile(both, 50), 'p99': percentile(both, 99)}
+    out['hop'] = {'p50': P.percentile(both, 50), 'p99': P.percentile(both, 99)}
     out['drain_ms'] = (out['replica']['last_arrival_ns'] - last_ns) / 1e6
     name = 'zrelay_replication_apply_duration_seconds'
     cnt = metric_delta(m_rep0, m_rep1, name + '_count')
@@ -441,8 +433,8 @@ def writer_run(registry, tmp, label, port, rate, seconds, node):
     lat = sorted(r['latency_ns'])
     res = {'label': label, 'rate': rate, 'txns': n,
            'txn_s': n / r['elapsed'],
-           'p50': percentile(lat, 50) / 1e6,
-           'p99': percentile(lat, 99) / 1e6,
+           'p50': P.percentile(lat, 50) / 1e6,
+           'p99': P.percentile(lat, 99) / 1e6,
            'cpu_ms_per_txn': cpu / max(n, 1) * 1e3,
            'zrelay_ms_per_txn': zcpu / max(n, 1) * 1e3}
     log(f'{label}, {"%g txn/s" % rate if rate else "max rate"}: '
@@ -635,7 +627,7 @@ def fsync_probe(d, n=200, size=2500):
             lat.append(time.perf_counter() - t)
     os.unlink(path)
     lat.sort()
-    return percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3
+    return P.percentile(lat, 50) * 1e3, P.percentile(lat, 99) * 1e3
 
 
 # ------------------------------------------------------------- reporting ----
@@ -887,52 +879,8 @@ def render(variants, populated, settings, args, wall, notes):
     return '\n'.join(parts)
 
 
-def git_rev():
-    try:
-        rev = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short',
-                              'HEAD'], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain',
-                                '--untracked-files=no'],
-                               capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + (' (dirty)' if dirty.stdout.strip()
-                                     else '')
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-
-
 def machine_info(args):
-    cpu = 'unknown'
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-
-    def ver(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return 'not installed'
-    try:
-        zv = subprocess.run([args.zrelay, '--version'], capture_output=True,
-                            text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        zv = 'unknown'
-    return [
-        ('date', datetime.datetime.now().astimezone()
-         .strftime('%Y-%m-%d %H:%M %Z')),
-        ('nproc', str(len(os.sched_getaffinity(0)))),
-        ('CPU', cpu),
-        ('kernel', f'{platform.system()} {platform.release()}'),
-        ('Python', platform.python_version()),
-        ('ZEO / ZODB', f'{ver("ZEO")} / {ver("ZODB")}'),
-        ('zrelay', f'{zv}, git {git_rev()}, '
-                   f'{os.path.relpath(args.zrelay, REPO)}'),
-    ]
+    return P.machine_info(['ZEO', 'ZODB']) + [P.zrelay_line(args.zrelay)]
 
 
 # ------------------------------------------------------------------ main ----
