@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -25,6 +25,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
 use super::protocol::{self, StreamMsg};
 use super::sender::{SenderConfig, SenderMode, SenderState};
+use super::stream_io::{read_msg, ReadError};
 use super::tls;
 use super::txn::{tid_after, tid_hex, Tid, Txn, Z64};
 use crate::config::BackendAddr;
@@ -305,6 +306,16 @@ enum StreamError {
     Refused(String),
 }
 
+impl From<ReadError> for StreamError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Protocol(p) => StreamError::Protocol(p),
+            ReadError::Io(e) => StreamError::Io(e),
+            ReadError::Closed => StreamError::Closed,
+        }
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -407,7 +418,9 @@ where
     let (ack_tx, mut ack_rx) = mpsc::channel::<Result<Tid, StreamError>>(1024);
     let reader = tokio::spawn(async move {
         loop {
-            let r = read_msg(&mut rh, &mut rbuf, max).await;
+            let r = read_msg(&mut rh, &mut rbuf, max)
+                .await
+                .map_err(StreamError::from);
             let item = match r {
                 Ok(StreamMsg::Ack { tid }) => Ok(tid),
                 Ok(other) => Err(StreamError::Protocol(protocol::ProtocolError::Unexpected {
@@ -568,23 +581,4 @@ fn publish(
             },
         );
     });
-}
-
-async fn read_msg<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<StreamMsg, StreamError> {
-    loop {
-        if let Some(m) = protocol::decode(buf, max)? {
-            return Ok(m);
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(64 * 1024);
-        }
-        if r.read_buf(buf).await? == 0 {
-            protocol::check_eof(buf)?;
-            return Err(StreamError::Closed);
-        }
-    }
 }

@@ -10,5 +10,6 @@ pub mod replica;
 pub mod replica_session;
 pub mod restore_bench;
 pub mod sender;
+pub mod stream_io;
 pub mod tls;
 pub mod txn;

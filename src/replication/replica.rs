@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use super::applier::{Applier, ApplyError};
 use super::history::read_txn;
 use super::protocol::{self, StreamMsg};
 use super::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
+use super::stream_io::{self, ReadError};
 use super::tls;
 use super::txn::{tid_hex, tid_unix_secs, Tid, Z64};
 use crate::metrics as m;
@@ -285,7 +286,7 @@ async fn stream_once(
                 inflight.push_back((txn.tid, digest, txn.size_bytes(), Instant::now()));
                 // Pipeline: if the next message is already here, its
                 // transaction goes out while this one finishes.
-                let more = has_frame(&rbuf);
+                let more = stream_io::has_frame(&rbuf);
                 let r = applier.apply(&txn, more).await;
                 confirm(applier, st, &mut inflight, &mut wbuf)?;
                 if let Err(e) = r {
@@ -296,7 +297,7 @@ async fn stream_once(
                 }
             }
         }
-        if !has_frame(&rbuf) {
+        if !stream_io::has_frame(&rbuf) {
             if applier.has_pending() {
                 let r = applier.complete().await;
                 confirm(applier, st, &mut inflight, &mut wbuf)?;
@@ -318,11 +319,6 @@ async fn stream_once(
         }
         publish(status, cfg, st, None);
     }
-}
-
-/// Whether `buf` holds a complete stream frame.
-fn has_frame(buf: &BytesMut) -> bool {
-    buf.len() >= 4 && buf.len() >= 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
 }
 
 /// Marks what the applier confirmed as applied and queues the acks.
@@ -420,30 +416,18 @@ async fn read_msg<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<StreamMsg, RunError> {
-    loop {
-        if let Some(m) = protocol::decode(buf, max)? {
-            return Ok(m);
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(64 * 1024);
-        }
-        match r.read_buf(buf).await {
-            Ok(0) => {
-                protocol::check_eof(buf)?;
-                return Err(RunError::Closed);
+    match stream_io::read_msg(r, buf, max).await {
+        Ok(m) => Ok(m),
+        Err(ReadError::Protocol(p)) => Err(RunError::Protocol(p)),
+        Err(ReadError::Closed) => Err(RunError::Closed),
+        // TLS alerts (e.g. our certificate refused) come as i/o errors
+        // wrapping a rustls error; anything else is plain i/o.
+        Err(ReadError::Io(e)) => match tls::TlsError::from(e) {
+            tls::TlsError::Io(e) => Err(RunError::Io(e)),
+            t => {
+                tls::record_handshake_failure(&t);
+                Err(RunError::Tls(t))
             }
-            Ok(_) => {}
-            Err(e) => {
-                // TLS alerts (e.g. our certificate refused) come as i/o
-                // errors wrapping a rustls error; anything else is plain i/o.
-                return match tls::TlsError::from(e) {
-                    tls::TlsError::Io(e) => Err(RunError::Io(e)),
-                    t => {
-                        tls::record_handshake_failure(&t);
-                        Err(RunError::Tls(t))
-                    }
-                };
-            }
-        }
+        },
     }
 }
