@@ -50,6 +50,12 @@ pub struct Config {
     /// Absent: no admin HTTP server.
     #[serde(default)]
     pub admin: Option<crate::admin::AdminConfig>,
+    /// The other nodes' addresses (roles come over the replication stream).
+    #[serde(default)]
+    pub cluster: crate::cluster::ClusterConfig,
+    /// How this node routes client sessions (see `crate::door`).
+    #[serde(default)]
+    pub door: crate::door::DoorConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

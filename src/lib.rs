@@ -6,7 +6,9 @@
 
 pub mod admin;
 pub mod certgen;
+pub mod cluster;
 pub mod config;
+pub mod door;
 pub mod metrics;
 pub mod monitor;
 pub mod relay;

@@ -281,3 +281,80 @@ pub fn init_series(replica: bool, replication: bool) {
         }
     }
 }
+
+// ---- Doors (crate::door): routing of sessions and loads. ----
+
+pub const DOOR_SESSIONS: &str = "zrelay_door_sessions_total";
+pub const DOOR_LOADS: &str = "zrelay_door_loads_total";
+pub const DOOR_REFUSED: &str = "zrelay_door_refused_total";
+pub const DOOR_ROUTE_FAILURES: &str = "zrelay_door_route_failures_total";
+
+/// `(served_by, reason)` pairs of [`DOOR_LOADS`].
+pub const DOOR_LOAD_OUTCOMES: &[(&str, &str)] = &[
+    ("local", "fresh"),
+    ("local", "waited"),
+    ("primary", "behind"),
+    ("primary", "lagging"),
+    ("primary", "invalidated"),
+    ("primary", "not_snapshot"),
+    ("primary", "local_unavailable"),
+];
+
+pub fn describe_door() {
+    describe_counter!(
+        DOOR_SESSIONS,
+        "Client sessions a door routed at register, by route (local, forwarded) and mode (read_write, read_only)."
+    );
+    describe_counter!(
+        DOOR_LOADS,
+        "loadBefore calls of forwarded sessions, by who served them (local replica, primary) and why (fresh, waited, behind, lagging, invalidated, not_snapshot, local_unavailable)."
+    );
+    describe_counter!(
+        DOOR_REFUSED,
+        "Door sessions this node refused, by reason (not_primary, wrong_cluster, wrong_storage, version_mismatch, protocol)."
+    );
+    describe_counter!(
+        DOOR_ROUTE_FAILURES,
+        "Sessions a door could not route because the destination was unknown or unreachable."
+    );
+}
+
+/// Zero-initialises the door series (a door exists on every replica).
+pub fn init_door_series() {
+    for route in ["local", "forwarded"] {
+        for mode in ["read_write", "read_only"] {
+            counter!(DOOR_SESSIONS, "route" => route, "mode" => mode).increment(0);
+        }
+    }
+    for (by, reason) in DOOR_LOAD_OUTCOMES {
+        counter!(DOOR_LOADS, "served_by" => *by, "reason" => *reason).increment(0);
+    }
+    counter!(DOOR_ROUTE_FAILURES).increment(0);
+}
+
+pub fn door_session(forwarded: bool, read_only: bool) {
+    counter!(
+        DOOR_SESSIONS,
+        "route" => if forwarded { "forwarded" } else { "local" },
+        "mode" => if read_only { "read_only" } else { "read_write" }
+    )
+    .increment(1);
+}
+
+/// `reason` is one of [`DOOR_LOAD_OUTCOMES`]' reasons.
+pub fn door_load(local: bool, reason: &'static str) {
+    counter!(
+        DOOR_LOADS,
+        "served_by" => if local { "local" } else { "primary" },
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+pub fn door_refused(reason: &'static str) {
+    counter!(DOOR_REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn door_route_failed() {
+    counter!(DOOR_ROUTE_FAILURES).increment(1);
+}

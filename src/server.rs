@@ -9,17 +9,18 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::cluster::ClusterView;
 use crate::config::{Config, ReplicationConfig, RoleConfig};
-use crate::relay::listener::{ClientListener, HooksFactory};
+use crate::door::{Door, DoorParts};
+use crate::relay::listener::{ClientListener, HooksFactory, InjectedClient};
 use crate::relay::{PassThrough, SessionHooks, SessionLimits};
 use crate::replication::applied::AppliedLog;
 use crate::replication::applier::Applier;
-use crate::replication::feed::{self, BackendLink, FeedHandle, ListenerConfig};
+use crate::replication::feed::{self, BackendLink, DoorSink, FeedHandle, ListenerConfig};
 use crate::replication::replica::{self, ReplicaConfig};
-use crate::replication::replica_session::ReplicaHooks;
 use crate::replication::sender::SenderConfig;
 use crate::replication::tls;
-use crate::replication::txn::Z64;
+use crate::replication::txn::{Tid, Z64};
 use crate::status::{Role, StatusHub};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -68,6 +69,35 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     ));
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
+    let cluster = Arc::new(ClusterView::new(
+        cfg.cluster.clone(),
+        cfg.node_name.clone(),
+        cfg.client.listen.to_string(),
+        cfg.replication
+            .as_ref()
+            .and_then(|r| r.listen)
+            .map(|a| a.to_string()),
+        status.clone(),
+    ));
+    // Sessions other nodes' doors relay here join the client listener.
+    let (door_tx, door_rx) = tokio::sync::mpsc::channel::<InjectedClient>(64);
+    let door_sink: DoorSink = Arc::new(move |c: feed::DoorConn| {
+        let peer = format!("door:{}@{}", c.node, c.peer_addr);
+        if door_tx
+            .try_send(InjectedClient {
+                stream: Box::new(c.stream),
+                peer,
+            })
+            .is_err()
+        {
+            tracing::warn!(door = %c.node, "too many door sessions waiting; dropped one");
+        }
+    });
+    crate::metrics::describe_door();
+    let env = Env {
+        cluster: cluster.clone(),
+        doors: door_sink,
+    };
 
     tasks.push(tokio::spawn(crate::monitor::backend_monitor(
         cfg.backend.addr(),
@@ -88,16 +118,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
-            start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+            start_feed(r, &cfg, &env, &link, &status, &shutdown, &mut tasks).await?;
             Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
         }
         Some(r) => {
             let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
+            let (applied_tx, applied_rx) = watch::channel(Z64);
             start_replica(
                 r,
                 &cfg,
                 &link,
                 applied.clone(),
+                Arc::new(applied_tx),
                 &status,
                 &shutdown,
                 &mut tasks,
@@ -106,12 +138,28 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 // Cascading: what this replica's backend commits (the
                 // applier's replays, in tid order) is fed downstream exactly
                 // as a primary feeds its replicas.
-                start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+                start_feed(r, &cfg, &env, &link, &status, &shutdown, &mut tasks).await?;
             }
-            let allow_pack = r.allow_pack;
-            Arc::new(move || {
-                Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
-            })
+            let door = Door::new(DoorParts {
+                cfg: cfg.door.clone(),
+                cluster: cluster.clone(),
+                connector: tokio_rustls::TlsConnector::from(
+                    tls::client_config(&r.tls).context("load replication TLS files")?,
+                ),
+                cluster_name: r.cluster.clone(),
+                storage: storage.clone(),
+                node: cfg.node_name.clone(),
+                connect_timeout: cfg.backend.connect_timeout(),
+                applied_log: applied.clone(),
+                allow_pack: r.allow_pack,
+            });
+            tasks.push(tokio::spawn(crate::door::run_monitor(
+                door.clone(),
+                applied_rx,
+                status.clone(),
+                shutdown.clone(),
+            )));
+            Arc::new(move || door.hooks())
         }
         None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
     };
@@ -127,6 +175,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 status: status.clone(),
                 prometheus: prometheus.clone(),
                 max_replica_lag: a.max_replica_lag(),
+                cluster: Some(cluster.clone()),
             },
             shutdown.clone(),
         )));
@@ -155,6 +204,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         limits,
         max_connections: cfg.client.max_connections,
         hooks,
+        injected: Some(door_rx),
     };
     let serving = tokio::spawn(clients.serve(shutdown.clone()));
 
@@ -172,11 +222,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What every role's wiring shares.
+struct Env {
+    cluster: Arc<ClusterView>,
+    doors: DoorSink,
+}
+
 /// The commit feed and the replication listener: on a primary, and on a
 /// replica that feeds further replicas.
 async fn start_feed(
     r: &ReplicationConfig,
     cfg: &Config,
+    env: &Env,
     link: &BackendLink,
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
@@ -215,6 +272,8 @@ async fn start_feed(
         },
         max_message_bytes: r.max_message_bytes,
         handshake_timeout: Duration::from_secs(10),
+        cluster: Some(env.cluster.clone()),
+        doors: Some(env.doors.clone()),
     };
     tasks.push(tokio::spawn(feed::serve_replicas(
         listener,
@@ -230,11 +289,13 @@ async fn start_feed(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_replica(
     r: &ReplicationConfig,
     cfg: &Config,
     link: &BackendLink,
     applied: Arc<AppliedLog>,
+    applied_tx: Arc<watch::Sender<Tid>>,
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -260,6 +321,13 @@ fn start_replica(
         stale_after: Duration::from_millis(r.stale_after_ms),
         max_message_bytes: r.max_message_bytes,
         connect_timeout: link.connect_timeout,
+        client_addr: Some(
+            cfg.cluster
+                .advertise_client
+                .clone()
+                .unwrap_or_else(|| cfg.client.listen.to_string()),
+        ),
+        applied: applied_tx,
     };
     tasks.push(tokio::spawn(replica::run_replica(
         rcfg,

@@ -75,8 +75,29 @@ pub struct NodeStatus {
     pub upstream: Option<UpstreamStatus>,
     /// Writer: the primary feed, one entry per connected or known replica.
     pub replicas: BTreeMap<String, ReplicaPeerStatus>,
+    /// Writer: the primary feed: the client address each replica advertised
+    /// in its Hello.
+    #[serde(skip)]
+    pub replica_client_addrs: BTreeMap<String, String>,
+    /// Writer: the door monitor (replicas): how this node routes sessions.
+    pub door: Option<DoorStatus>,
+    /// Writer: the replica task: the roster its upstream sent last (see
+    /// `crate::cluster`).
+    #[serde(skip)]
+    pub upstream_roster: Vec<crate::replication::protocol::RosterEntry>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
+}
+
+/// A replica door's routing state (see `crate::door`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DoorStatus {
+    /// This replica serves read-only sessions and offloaded loads now.
+    pub local_usable: bool,
+    /// Where read-write sessions are forwarded.
+    pub primary: Option<String>,
+    pub write_policy: &'static str,
+    pub offload_loads: bool,
 }
 
 pub struct StatusHub {
@@ -97,6 +118,9 @@ impl StatusHub {
                 storage_last_commit_unix: None,
                 upstream: None,
                 replicas: BTreeMap::new(),
+                replica_client_addrs: BTreeMap::new(),
+                door: None,
+                upstream_roster: Vec::new(),
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

@@ -84,7 +84,9 @@ fn zrelay(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn live_pair_exports_every_metric_the_dashboard_and_alerts_use() {
-    let mut c = Cluster::start(Enc::Pickle);
+    let mut opts = support::cluster::ClusterOpts::new(Enc::Pickle);
+    opts.replica_extra = "[door]\nwrite_policy = \"refuse\"\n".into();
+    let mut c = Cluster::with(opts);
     // Commits (with a conflict error reply) through the primary, a refused
     // write through the replica, a TLS refusal on the replication port.
     let out = c.run_py(&[

@@ -24,6 +24,8 @@ use support::{Relay, RelayOpts};
 
 /// How long a replica may take to catch up with what a test committed.
 const SYNC: Duration = Duration::from_secs(30);
+/// The pre-door behaviour: a read-write client at a replica gets ReadOnlyError.
+const REFUSE_WRITES: &str = "[door]\nwrite_policy = \"refuse\"\n";
 /// An empty storage's last tid.
 const Z64_HEX: &str = "0000000000000000";
 
@@ -201,7 +203,9 @@ fn persistent_cache_reconnect() {
 // ------------------------------------------------ 3. writes refused
 
 fn writes_refused(enc: Enc) {
-    let mut c = Cluster::start(enc);
+    let mut opts = ClusterOpts::new(enc);
+    opts.replica_extra = REFUSE_WRITES.into();
+    let mut c = Cluster::with(opts);
     let out = c.run_py(&["set", &c.primary.addr().to_string(), "k", "v"]);
     let tid = value_of(&out, "tid").to_string();
     c.wait_applied(&tid, SYNC);
@@ -690,6 +694,7 @@ fn cascading_replica_feeds_another() {
         backend_extra: "probe_interval_ms = 200".into(),
         admin_extra: String::new(),
         replication_extra: String::new(),
+        extra: String::new(),
     });
     leaf.start();
     let out = c.run_py(&[

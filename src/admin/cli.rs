@@ -66,6 +66,22 @@ struct StatusView {
     storage_last_commit_unix: Option<f64>,
     #[serde(default)]
     upstream: Option<UpstreamView>,
+    /// The node's cluster view (`crate::cluster::NodeView` rows).
+    #[serde(default)]
+    cluster: Vec<ClusterRow>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ClusterRow {
+    node: String,
+    role: String,
+    state: String,
+    #[serde(default)]
+    lag_seconds: Option<f64>,
+    #[serde(default)]
+    client_addr: Option<String>,
+    #[serde(default)]
+    reported_by: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,8 +192,14 @@ pub(crate) async fn status_report(admins: &[String], timeout: Duration) -> (Stri
     .map(String::from)
     .to_vec()];
     let mut errors = Vec::new();
+    let mut view: Option<(String, Vec<ClusterRow>)> = None;
     for (admin, task) in admins.iter().zip(tasks) {
         let result = task.await.unwrap_or_else(|e| Err(e.to_string()));
+        if let Ok(s) = &result {
+            if view.is_none() && !s.cluster.is_empty() {
+                view = Some((s.node.clone(), s.cluster.clone()));
+            }
+        }
         rows.push(match result {
             Ok(s) => vec![
                 s.node.clone(),
@@ -204,6 +226,32 @@ pub(crate) async fn status_report(admins: &[String], timeout: Duration) -> (Stri
     for e in &errors {
         text.push_str(e);
         text.push('\n');
+    }
+    if let Some((from, nodes)) = view {
+        text.push_str(&format!("Cluster view from {from}:\n"));
+        let mut rows = vec![[
+            "Node",
+            "Role",
+            "State",
+            "Lag (s)",
+            "Client address",
+            "Reported by",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for n in nodes {
+            rows.push(vec![
+                n.node,
+                n.role,
+                n.state,
+                n.lag_seconds
+                    .map(|l| format!("{l:.3}"))
+                    .unwrap_or_else(|| "-".into()),
+                n.client_addr.unwrap_or_else(|| "-".into()),
+                n.reported_by,
+            ]);
+        }
+        text.push_str(&table(&rows));
     }
     (text, if errors.is_empty() { 0 } else { 1 })
 }

@@ -34,6 +34,8 @@ pub struct AdminState {
     pub prometheus: PrometheusHandle,
     /// Default maximum lag for `/replica`, `/read-only` and `/readiness`.
     pub max_replica_lag: Duration,
+    /// The node's cluster view, shown in `/status`.
+    pub cluster: Option<Arc<crate::cluster::ClusterView>>,
 }
 
 /// Probes are tiny; more concurrent connections than this wait in the
@@ -221,7 +223,10 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         Endpoint::Metrics => metrics(state),
         Endpoint::Status => {
             let st = state.status.snapshot();
-            let body = health::status_body(&st, Now::current(), state.status.uptime_secs());
+            let mut body = health::status_body(&st, Now::current(), state.status.uptime_secs());
+            if let (Some(c), Some(obj)) = (&state.cluster, body.as_object_mut()) {
+                obj.insert("cluster".into(), serde_json::json!(c.nodes()));
+            }
             json_response(StatusCode::OK, &body)
         }
         Endpoint::Probe(check) => probe(state, check, req.uri().query()),
@@ -333,6 +338,7 @@ pub(crate) mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
         let state = AdminState {
+            cluster: None,
             status: status.clone(),
             prometheus: recorder.handle(),
             max_replica_lag: Duration::from_secs(5),

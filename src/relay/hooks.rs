@@ -6,7 +6,43 @@
 //! sending loads elsewhere) is expressed by overriding these hooks; the
 //! defaults relay everything untouched.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use super::backend::{BoxRead, BoxWrite};
 use crate::wire::{Message, Value};
+
+/// Opens the connection a rerouted session continues on (another node's
+/// door, for instance). Implemented outside the relay layer, which knows
+/// nothing of how the bytes travel (TLS, handshakes): it gets two halves that
+/// carry ZEO frames, starting with the server's protocol offer.
+/// What [`UpstreamOpener::open`] returns: the two halves, or why not.
+pub type Opening = Pin<Box<dyn Future<Output = Result<(BoxRead, BoxWrite), String>> + Send>>;
+
+pub trait UpstreamOpener: Send + Sync {
+    fn open(&self) -> Opening;
+    /// Names the destination in logs.
+    fn describe(&self) -> String;
+}
+
+/// Where a session continues after `register` (see [`ClientVerdict::Reroute`]).
+pub struct Reroute {
+    pub opener: std::sync::Arc<dyn UpstreamOpener>,
+    /// Keep the connection opened so far (the node's own backend) as the
+    /// *local* connection: messages the hooks answer with
+    /// [`ClientVerdict::Local`] go there.
+    pub keep_local: bool,
+}
+
+impl std::fmt::Debug for Reroute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reroute")
+            .field("to", &self.opener.describe())
+            .field("keep_local", &self.keep_local)
+            .finish()
+    }
+}
 
 /// What the session does with a message from the client.
 #[derive(Debug)]
@@ -21,6 +57,33 @@ pub enum ClientVerdict {
     Swallow,
     /// Close the session; the string is logged as the reason.
     Close(String),
+    /// (`register` only) Continue the whole session on another connection:
+    /// the client's handshake answer and this `register` are sent there.
+    Reroute(Reroute),
+    /// Send the original bytes to the local connection kept by a
+    /// [`Reroute`]; its reply goes through [`SessionHooks::on_local_reply`].
+    Local,
+    /// Hold the message; [`SessionHooks::on_deferred`] decides again when
+    /// the wake signal changes or at `until` at the latest.
+    Defer(Instant),
+}
+
+/// What the session does with a reply from the local connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LocalVerdict {
+    /// Give it to the client.
+    Deliver,
+    /// Drop it and send the original call to the upstream instead.
+    Retry,
+}
+
+/// What the session does when its wake signal changes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WakeVerdict {
+    Nothing,
+    /// End the session at the next safe point (no call or transaction in
+    /// flight); the client reconnects.
+    CloseAtSafePoint(&'static str),
 }
 
 /// What the session does with a message from the backend.
@@ -52,6 +115,9 @@ pub struct SessionInfo {
     pub registered: Option<(String, bool)>,
     /// A `tpc_begin` was relayed and no finish/abort has completed it.
     pub in_transaction: bool,
+    /// Where the session's calls go after `register`: empty for the node's
+    /// own backend, else the destination of a [`Reroute`] (for logs).
+    pub route: String,
 }
 
 pub trait SessionHooks: Send {
@@ -73,6 +139,45 @@ pub trait SessionHooks: Send {
 
     /// Called once when the session ends, whatever the reason.
     fn on_close(&mut self, _info: &SessionInfo) {}
+
+    /// A reply from the local connection to a call sent with
+    /// [`ClientVerdict::Local`].
+    fn on_local_reply(&mut self, _info: &SessionInfo, _msg: &Message) -> LocalVerdict {
+        LocalVerdict::Deliver
+    }
+
+    /// A message held by [`ClientVerdict::Defer`]: decide again. `expired`:
+    /// its deadline has passed (returning `Defer` again is then taken as
+    /// `Forward`).
+    fn on_deferred(
+        &mut self,
+        _info: &SessionInfo,
+        _msg: &Message,
+        _expired: bool,
+    ) -> ClientVerdict {
+        ClientVerdict::Forward
+    }
+
+    /// A signal that wakes the session when something the hooks depend on
+    /// changed (e.g. the local replica's position). Taken once, at start.
+    fn wake_signal(&mut self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// The wake signal changed.
+    fn on_wake(&mut self, _info: &SessionInfo) -> WakeVerdict {
+        WakeVerdict::Nothing
+    }
+
+    /// The local connection failed; everything goes upstream from now on.
+    fn on_local_lost(&mut self, _info: &SessionInfo) {}
+
+    /// Called once before the session connects anywhere: `Some` makes the
+    /// whole session (handshake included) go there instead of the node's
+    /// own backend (e.g. this node's backend is behind or stuck).
+    fn early_route(&mut self) -> Option<std::sync::Arc<dyn UpstreamOpener>> {
+        None
+    }
 }
 
 /// A transparent relay: every message passes untouched.

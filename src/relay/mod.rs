@@ -7,5 +7,8 @@ pub mod hooks;
 pub mod listener;
 pub mod session;
 
-pub use hooks::{ClientVerdict, PassThrough, ServerVerdict, SessionHooks, SessionInfo};
+pub use hooks::{
+    ClientVerdict, LocalVerdict, PassThrough, Reroute, ServerVerdict, SessionHooks, SessionInfo,
+    UpstreamOpener, WakeVerdict,
+};
 pub use session::{Session, SessionLimits};

@@ -17,10 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::backend;
-use super::hooks::{ClientVerdict, PendingCall, ServerVerdict, SessionHooks, SessionInfo};
+use super::hooks::{
+    ClientVerdict, LocalVerdict, PendingCall, Reroute, ServerVerdict, SessionHooks, SessionInfo,
+    WakeVerdict,
+};
 use crate::metrics as m;
 use crate::wire::calls::ClientCall;
-use crate::wire::{frame, Encoding, Flag, Message, WireError};
+use crate::wire::{frame, Encoding, Flag, Message, Value, WireError};
 
 /// Everything a session needs from the process configuration.
 #[derive(Debug, Clone)]
@@ -57,6 +60,10 @@ pub enum SessionEnd {
     DrainDeadline,
     #[error("ruok answered")]
     Ruok,
+    #[error("cannot reach {0}")]
+    RouteUnavailable(String),
+    #[error("closed at a safe point: {0}")]
+    Rerouted(&'static str),
 }
 
 impl SessionEnd {
@@ -72,6 +79,8 @@ impl SessionEnd {
             SessionEnd::Hook(_) => "hook",
             SessionEnd::Drained | SessionEnd::DrainDeadline => "shutdown",
             SessionEnd::Ruok => "ruok",
+            SessionEnd::RouteUnavailable(_) => "route_unavailable",
+            SessionEnd::Rerouted(_) => "rerouted",
         }
     }
 }
@@ -113,6 +122,7 @@ where
                 encoding: Encoding::Pickle,
                 registered: None,
                 in_transaction: false,
+                route: String::new(),
             },
             shutdown,
             inject: None,
@@ -139,6 +149,7 @@ where
             SessionEnd::ClientClosed | SessionEnd::Ruok | SessionEnd::Drained => {
                 debug!(reason = %end, "session ended")
             }
+            SessionEnd::Rerouted(_) => info!(reason = %end, "session ended"),
             SessionEnd::ClientProtocol(_) | SessionEnd::Hook(_) => {
                 warn!(reason = %end, "closing client connection")
             }
@@ -147,14 +158,23 @@ where
     }
 
     async fn run_inner(&mut self) -> Result<SessionEnd, SessionEnd> {
-        let (mut br, mut bw) =
-            match backend::connect(&self.limits.backend, self.limits.connect_timeout).await {
+        let early = self.hooks.early_route();
+        let (mut br, mut bw) = match early {
+            Some(opener) => {
+                self.info.route = opener.describe();
+                opener.open().await.map_err(|e| {
+                    SessionEnd::RouteUnavailable(format!("{}: {e}", self.info.route))
+                })?
+            }
+            None => match backend::connect(&self.limits.backend, self.limits.connect_timeout).await
+            {
                 Ok(halves) => halves,
                 Err(e) => {
                     m::backend_connect_failed();
                     return Err(e.into());
                 }
-            };
+            },
+        };
         let (cr, cw) = tokio::io::split(&mut self.client);
         let mut cr = cr;
         let mut cw = cw;
@@ -233,7 +253,14 @@ where
             register_args: None,
             cout: BytesMut::with_capacity(READ_CHUNK),
             bout: BytesMut::with_capacity(READ_CHUNK),
+            lout: BytesMut::new(),
+            reroute: None,
+            local: LocalState::None,
+            local_pending: Vec::new(),
+            deferred: Vec::new(),
+            close_reason: None,
         };
+        let mut wake = relay.hooks.wake_signal();
         // Bytes that arrived with the handshakes (a client sends `register`
         // right behind its protocol answer) are in the buffers already.
         if !bbuf.is_empty() {
@@ -245,13 +272,51 @@ where
         let grace = self.limits.shutdown_grace;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         let mut inject = self.inject.take();
+        // The local connection of a rerouted session (the node's own
+        // backend, kept for offloaded calls).
+        let mut local: Option<(backend::BoxRead, backend::BoxWrite)> = None;
+        let mut lbuf = BytesMut::new();
 
         loop {
+            if let Some((reroute, register)) = relay.reroute.take() {
+                let (nbr, nbw, nbuf) = open_reroute(&reroute, &answer, &register, max, hs).await?;
+                relay.info.route = reroute.opener.describe();
+                debug!(to = %relay.info.route, "session rerouted");
+                let old_r = std::mem::replace(&mut br, nbr);
+                let old_w = std::mem::replace(&mut bw, nbw);
+                let old_buf = std::mem::replace(&mut bbuf, nbuf);
+                if reroute.keep_local {
+                    local = Some((old_r, old_w));
+                    lbuf = old_buf;
+                    relay.start_local()?;
+                } else {
+                    relay.local = LocalState::None;
+                }
+                if !bbuf.is_empty() {
+                    relay.backend_bytes(&mut bbuf, max)?;
+                }
+                if !cbuf.is_empty() {
+                    relay.client_bytes(&mut cbuf, max)?;
+                }
+                continue;
+            }
             if !relay.bout.is_empty() {
                 bw.write_all(&relay.bout)
                     .await
                     .map_err(SessionEnd::BackendIo)?;
                 relay.bout.clear();
+            }
+            if !relay.lout.is_empty() {
+                let failed = match &mut local {
+                    Some((_, lw)) => lw.write_all(&relay.lout).await.is_err(),
+                    None => true,
+                };
+                relay.lout.clear();
+                if failed {
+                    local = None;
+                    relay.local_lost();
+                    continue;
+                }
             }
             if !relay.cout.is_empty() {
                 cw.write_all(&relay.cout)
@@ -262,13 +327,22 @@ where
             if drain_deadline.is_some() && relay.at_safe_point() {
                 return Ok(SessionEnd::Drained);
             }
+            if let Some(reason) = relay.close_reason {
+                if relay.at_safe_point() {
+                    return Ok(SessionEnd::Rerouted(reason));
+                }
+            }
             if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
                 cbuf.reserve(READ_CHUNK);
             }
             if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
                 bbuf.reserve(READ_CHUNK);
             }
+            if local.is_some() && lbuf.capacity() - lbuf.len() < READ_CHUNK / 4 {
+                lbuf.reserve(READ_CHUNK);
+            }
             let deadline = drain_deadline;
+            let next_deferred = relay.next_deferred();
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -285,7 +359,16 @@ where
                         Err(e) => return Err(SessionEnd::BackendIo(e)),
                     }
                 }
-                r = cr.read_buf(&mut cbuf) => {
+                r = read_local(&mut local, &mut lbuf) => {
+                    match r {
+                        Ok(n) if n > 0 => relay.local_bytes(&mut lbuf, max)?,
+                        _ => {
+                            local = None;
+                            relay.local_lost();
+                        }
+                    }
+                }
+                r = cr.read_buf(&mut cbuf), if relay.reroute.is_none() => {
                     match r {
                         Ok(0) => return Ok(SessionEnd::ClientClosed),
                         Ok(_) => relay.client_bytes(&mut cbuf, max)?,
@@ -295,8 +378,71 @@ where
                 Some(msg) = recv_opt(&mut inject) => {
                     relay.push_client(&msg)?;
                 }
+                changed = wait_wake(&mut wake) => {
+                    if changed {
+                        relay.woken()?;
+                    } else {
+                        wake = None;
+                    }
+                }
+                _ = sleep_until_opt(next_deferred), if next_deferred.is_some() => {
+                    relay.retry_deferred(false)?;
+                }
             }
         }
+    }
+}
+
+/// Opens a reroute's connection and replays the session's start on it: the
+/// server's offer is read (and not shown to the client, which has one
+/// already), then the client's handshake answer and its `register` go out.
+async fn open_reroute(
+    reroute: &Reroute,
+    answer: &Bytes,
+    register: &Bytes,
+    max: usize,
+    hs: Duration,
+) -> Result<(backend::BoxRead, backend::BoxWrite, BytesMut), SessionEnd> {
+    let to = reroute.opener.describe();
+    let (mut r, mut w) = reroute
+        .opener
+        .open()
+        .await
+        .map_err(|e| SessionEnd::RouteUnavailable(format!("{to}: {e}")))?;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let offer = read_first_frame(&mut r, &mut buf, max, hs)
+        .await
+        .map_err(|e| match e {
+            Side::Io(e) => SessionEnd::RouteUnavailable(format!("{to}: {e}")),
+            Side::Closed => SessionEnd::RouteUnavailable(format!("{to}: closed")),
+            Side::Protocol(p) => SessionEnd::RouteUnavailable(format!("{to}: handshake: {p}")),
+        })?;
+    if offer.len() < 2 || !offer.starts_with(b"M") && !offer.starts_with(b"Z") {
+        return Err(SessionEnd::RouteUnavailable(format!(
+            "{to}: not a ZEO server offer"
+        )));
+    }
+    write_frames(&mut w, &[answer, register])
+        .await
+        .map_err(|e| SessionEnd::RouteUnavailable(format!("{to}: {e}")))?;
+    Ok((r, w, buf))
+}
+
+async fn read_local(
+    local: &mut Option<(backend::BoxRead, backend::BoxWrite)>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    match local {
+        Some((r, _)) => r.read_buf(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `true` when the signal changed, `false` when its sender is gone.
+async fn wait_wake(w: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match w {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -324,18 +470,237 @@ struct Relay<'a> {
     register_args: Option<(String, bool)>,
     cout: BytesMut,
     bout: BytesMut,
+    /// Bytes for the local connection of a rerouted session.
+    lout: BytesMut,
+    /// A `register` the hooks rerouted, with its original payload; the
+    /// session loop opens the new connection before reading more.
+    reroute: Option<(Reroute, Bytes)>,
+    local: LocalState,
+    /// Calls sent to the local connection: (msgid, original payload, call,
+    /// when sent).
+    local_pending: Vec<(Value, Bytes, Message, Instant)>,
+    /// Calls held by `ClientVerdict::Defer`.
+    deferred: Vec<Deferred>,
+    /// Set by a hook: end the session at the next safe point.
+    close_reason: Option<&'static str>,
 }
+
+struct Deferred {
+    msg: Message,
+    payload: Bytes,
+    until: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalState {
+    /// No local connection: `Local` verdicts go upstream.
+    None,
+    /// Our own read-only `register` is in flight; calls may follow it.
+    Registering,
+    Ready,
+}
+
+/// How long a call sent to the local connection may take before the
+/// session gives up on that connection and asks the upstream.
+const LOCAL_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// msgid of the proxy's own `register` on a kept local connection.
+const LOCAL_REGISTER_MSGID: &str = "zrelay-local-register";
 
 impl Relay<'_> {
     fn at_safe_point(&self) -> bool {
-        self.pending.is_empty() && !self.info.in_transaction
+        self.pending.is_empty()
+            && !self.info.in_transaction
+            && self.local_pending.is_empty()
+            && self.deferred.is_empty()
+            && self.reroute.is_none()
+    }
+
+    /// After a reroute that keeps the old connection: register it read-only
+    /// (its client-side handshake was done already).
+    fn start_local(&mut self) -> Result<(), SessionEnd> {
+        let Some((storage, _)) = self
+            .info
+            .registered
+            .clone()
+            .or_else(|| self.register_args.clone())
+        else {
+            self.local = LocalState::None;
+            return Ok(());
+        };
+        let reg = Message::call(
+            Value::str(LOCAL_REGISTER_MSGID),
+            "register",
+            vec![Value::str(&storage), Value::Bool(true)],
+        );
+        let payload = reg
+            .encode(self.info.encoding)
+            .map_err(|e| SessionEnd::Hook(wire_err("encode", &e)))?;
+        frame::write_frame(&mut self.lout, &payload);
+        self.local = LocalState::Registering;
+        Ok(())
+    }
+
+    /// The local connection is gone: what it owed goes upstream.
+    fn local_lost(&mut self) {
+        if self.local == LocalState::None && self.local_pending.is_empty() {
+            return;
+        }
+        debug!("local connection lost; everything goes upstream");
+        self.local = LocalState::None;
+        self.lout.clear();
+        self.hooks.on_local_lost(self.info);
+        for (_, payload, msg, _) in std::mem::take(&mut self.local_pending) {
+            self.track_client(&msg);
+            frame::write_frame(&mut self.bout, &payload);
+        }
+    }
+
+    /// Replies from the local connection: to our `register`, or to calls the
+    /// hooks sent there. Anything else it sends (invalidations of its own,
+    /// `info`) is not for this client.
+    fn local_bytes(&mut self, buf: &mut BytesMut, max: usize) -> Result<(), SessionEnd> {
+        let enc = self.info.encoding;
+        loop {
+            let payload = match frame::parse_frame(buf, max) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    debug!(error = %e, "local connection: bad frame");
+                    buf.clear();
+                    self.local_lost();
+                    return Ok(());
+                }
+            };
+            let Ok(msg) = Message::decode(enc, &payload) else {
+                buf.clear();
+                self.local_lost();
+                return Ok(());
+            };
+            if !msg.is_reply() {
+                continue;
+            }
+            if msg.msgid == Value::str(LOCAL_REGISTER_MSGID) {
+                if msg.flag == Flag::Error {
+                    self.local_lost();
+                } else if self.local == LocalState::Registering {
+                    self.local = LocalState::Ready;
+                }
+                continue;
+            }
+            let Some(i) = self.local_pending.iter().position(|p| p.0 == msg.msgid) else {
+                continue;
+            };
+            let (_, orig, call, _) = self.local_pending.swap_remove(i);
+            let verdict = if msg.flag == Flag::Error {
+                LocalVerdict::Retry
+            } else {
+                self.hooks.on_local_reply(self.info, &msg)
+            };
+            match verdict {
+                LocalVerdict::Deliver => frame::write_frame(&mut self.cout, &payload),
+                LocalVerdict::Retry => {
+                    self.track_client(&call);
+                    frame::write_frame(&mut self.bout, &orig);
+                }
+            }
+        }
+    }
+
+    fn next_deferred(&self) -> Option<tokio::time::Instant> {
+        let local = self
+            .local_pending
+            .iter()
+            .map(|p| p.3 + LOCAL_REPLY_TIMEOUT)
+            .min();
+        self.deferred
+            .iter()
+            .map(|d| d.until)
+            .chain(local)
+            .min()
+            .map(tokio::time::Instant::from_std)
+    }
+
+    fn woken(&mut self) -> Result<(), SessionEnd> {
+        if let WakeVerdict::CloseAtSafePoint(reason) = self.hooks.on_wake(self.info) {
+            self.close_reason = Some(reason);
+        }
+        self.retry_deferred(true)
+    }
+
+    /// Asks the hooks again about held calls (`any`: also those whose
+    /// deadline has not passed).
+    fn retry_deferred(&mut self, any: bool) -> Result<(), SessionEnd> {
+        let now = Instant::now();
+        if self
+            .local_pending
+            .iter()
+            .any(|p| p.3 + LOCAL_REPLY_TIMEOUT <= now)
+        {
+            // A local backend that stopped answering (stalled, overloaded)
+            // must not stall the client: give up on it for this session.
+            tracing::warn!("local connection did not answer in time; using the upstream only");
+            self.local_lost();
+        }
+        let held = std::mem::take(&mut self.deferred);
+        for d in held {
+            let expired = d.until <= now;
+            if !expired && !any {
+                self.deferred.push(d);
+                continue;
+            }
+            match self.hooks.on_deferred(self.info, &d.msg, expired) {
+                ClientVerdict::Defer(until) if !expired => {
+                    self.deferred.push(Deferred { until, ..d })
+                }
+                verdict => self.apply_verdict(verdict, &d.msg, &d.payload)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out a verdict on a client message (not `Reroute`).
+    fn apply_verdict(
+        &mut self,
+        verdict: ClientVerdict,
+        msg: &Message,
+        payload: &Bytes,
+    ) -> Result<(), SessionEnd> {
+        match verdict {
+            ClientVerdict::Forward | ClientVerdict::Defer(_) | ClientVerdict::Reroute(_) => {
+                self.track_client(msg);
+                frame::write_frame(&mut self.bout, payload);
+            }
+            ClientVerdict::Local if self.local != LocalState::None => {
+                self.local_pending.push((
+                    msg.msgid.clone(),
+                    payload.clone(),
+                    msg.clone(),
+                    Instant::now(),
+                ));
+                frame::write_frame(&mut self.lout, payload);
+            }
+            ClientVerdict::Local => {
+                self.track_client(msg);
+                frame::write_frame(&mut self.bout, payload);
+            }
+            ClientVerdict::Reply(reply) => self.push_client(&reply)?,
+            ClientVerdict::Swallow => {}
+            ClientVerdict::Close(reason) => return Err(SessionEnd::Hook(reason)),
+        }
+        Ok(())
     }
 
     fn client_bytes(&mut self, buf: &mut BytesMut, max: usize) -> Result<(), SessionEnd> {
         let enc = self.info.encoding;
-        while let Some(payload) = frame::parse_frame(buf, max)
-            .map_err(|e| SessionEnd::ClientProtocol(wire_err("frame", &e)))?
-        {
+        // After a reroute verdict nothing more is read until the session
+        // continues on the new connection.
+        while self.reroute.is_none() {
+            let Some(payload) = frame::parse_frame(buf, max)
+                .map_err(|e| SessionEnd::ClientProtocol(wire_err("frame", &e)))?
+            else {
+                break;
+            };
             let msg = Message::decode(enc, &payload)
                 .map_err(|e| SessionEnd::ClientProtocol(wire_err("message", &e)))?;
             if msg.is_heartbeat() {
@@ -350,13 +715,22 @@ impl Relay<'_> {
             }
             m::client_request(&msg.method);
             match self.hooks.on_client_message(self.info, &msg) {
-                ClientVerdict::Forward => {
+                ClientVerdict::Reroute(r) if msg.method == "register" => {
+                    // Sent on the new connection; tracked like any call.
                     self.track_client(&msg);
-                    frame::write_frame(&mut self.bout, &payload);
+                    self.reroute = Some((r, payload));
                 }
-                ClientVerdict::Reply(reply) => self.push_client(&reply)?,
-                ClientVerdict::Swallow => {}
-                ClientVerdict::Close(reason) => return Err(SessionEnd::Hook(reason)),
+                ClientVerdict::Reroute(_) => {
+                    return Err(SessionEnd::Hook(
+                        "reroute is only possible at register".into(),
+                    ))
+                }
+                ClientVerdict::Defer(until) => self.deferred.push(Deferred {
+                    msg,
+                    payload,
+                    until,
+                }),
+                verdict => self.apply_verdict(verdict, &msg, &payload)?,
             }
         }
         Ok(())

@@ -200,6 +200,24 @@ fn set_last(last_tid: &watch::Sender<Tid>, status: Option<&StatusHub>, tid: Tid)
     });
 }
 
+/// A client session another node's door relays to this one (see
+/// `crate::door`): the TLS stream after the [`StreamMsg::DoorWelcome`],
+/// carrying plain ZEO frames from here on.
+pub struct DoorConn {
+    pub stream: Box<dyn DoorStream>,
+    /// The door's node name (from its certificate).
+    pub node: String,
+    pub peer_addr: String,
+    pub read_only: bool,
+}
+
+pub trait DoorStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> DoorStream for T {}
+
+/// Takes door sessions off the replication listener (the process wiring
+/// runs them as client sessions; this module knows nothing of sessions).
+pub type DoorSink = Arc<dyn Fn(DoorConn) + Send + Sync>;
+
 /// Settings of the replication listener on a primary.
 #[derive(Clone)]
 pub struct ListenerConfig {
@@ -208,6 +226,10 @@ pub struct ListenerConfig {
     pub sender: SenderConfig,
     pub max_message_bytes: usize,
     pub handshake_timeout: Duration,
+    /// Tells replicas who is who (sent every second).
+    pub cluster: Option<Arc<crate::cluster::ClusterView>>,
+    /// Where door sessions go; `None`: doors are refused.
+    pub doors: Option<DoorSink>,
 }
 
 /// Accepts replica connections until shutdown. A refused or failed peer
@@ -257,9 +279,40 @@ pub async fn serve_replicas(
                     }
                 };
                 tracing::Span::current().record("node", name.as_str());
+                let mut stream = stream;
+                let mut rbuf = BytesMut::with_capacity(4096);
+                let first = match tokio::time::timeout(
+                    cfg.handshake_timeout,
+                    read_msg(&mut stream, &mut rbuf, cfg.max_message_bytes),
+                )
+                .await
+                {
+                    Err(_) => Err(StreamError::NoHello(cfg.handshake_timeout)),
+                    Ok(r) => r.map_err(StreamError::from),
+                };
+                let hello = match first {
+                    Ok(StreamMsg::Hello(h)) => h,
+                    Ok(StreamMsg::Door(d)) => {
+                        admit_door(stream, rbuf, d, &name, peer.to_string(), &cfg, &status).await;
+                        return;
+                    }
+                    Ok(other) => {
+                        warn!(
+                            got = other.kind(),
+                            "replication peer did not start with Hello or Door"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "replication peer sent no opening message");
+                        return;
+                    }
+                };
                 info!("replica connected");
                 let r = serve_one(
                     stream,
+                    rbuf,
+                    hello,
                     &name,
                     peer.to_string(),
                     &cfg,
@@ -323,9 +376,81 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A door's session: checked (cluster, storage, this node is the primary),
+/// welcomed, and handed to the [`DoorSink`].
+async fn admit_door<S>(
+    mut stream: S,
+    rbuf: BytesMut,
+    door: protocol::DoorHello,
+    name: &str,
+    peer_addr: String,
+    cfg: &ListenerConfig,
+    status: &StatusHub,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    use protocol::RefuseReason as R;
+    let refusal = if door.version != protocol::PROTOCOL_VERSION {
+        Some((
+            R::VersionMismatch,
+            format!("door speaks version {}", door.version),
+        ))
+    } else if door.cluster != cfg.sender.cluster {
+        Some((
+            R::WrongCluster,
+            format!("door is of cluster {:?}", door.cluster),
+        ))
+    } else if door.storage != cfg.sender.storage {
+        Some((
+            R::WrongStorage,
+            format!("door serves storage {:?}", door.storage),
+        ))
+    } else if status.snapshot().role != crate::status::Role::Primary {
+        Some((R::NotPrimary, "this node is not the primary".to_string()))
+    } else if cfg.doors.is_none() {
+        Some((
+            R::NotPrimary,
+            "this node takes no door sessions".to_string(),
+        ))
+    } else if !rbuf.is_empty() {
+        Some((R::Protocol, "bytes after the Door message".to_string()))
+    } else {
+        None
+    };
+    let mut wbuf = BytesMut::new();
+    let reply = match &refusal {
+        Some((reason, message)) => StreamMsg::Refuse {
+            reason: *reason,
+            message: message.clone(),
+        },
+        None => StreamMsg::DoorWelcome {
+            node: cfg.sender.primary_node.clone(),
+        },
+    };
+    if protocol::encode(&reply, &mut wbuf).is_err() || stream.write_all(&wbuf).await.is_err() {
+        return;
+    }
+    if let Some((reason, message)) = refusal {
+        m::door_refused(reason.as_str());
+        warn!(door = name, reason = reason.as_str(), %message, "door session refused");
+        let _ = stream.shutdown().await;
+        return;
+    }
+    if let Some(sink) = &cfg.doors {
+        sink(DoorConn {
+            stream: Box::new(stream),
+            node: name.to_string(),
+            peer_addr,
+            read_only: door.read_only,
+        });
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve_one<S>(
     stream: S,
+    mut rbuf: BytesMut,
+    hello: protocol::Hello,
     name: &str,
     peer_addr: String,
     cfg: &ListenerConfig,
@@ -341,21 +466,13 @@ where
     // here on is either in history or in this subscription.
     let mut live = feed.commits.subscribe();
     let (mut rh, mut wh) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(4096);
     let max = cfg.max_message_bytes;
-
-    let hello = match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut rh, &mut rbuf, max))
-        .await
-    {
-        Err(_) => return Err(StreamError::NoHello(cfg.handshake_timeout)),
-        Ok(r) => r?,
-    };
-    let StreamMsg::Hello(hello) = hello else {
-        return Err(StreamError::Protocol(protocol::ProtocolError::Unexpected {
-            got: hello.kind(),
-            state: "awaiting_hello",
-        }));
-    };
+    if let Some(addr) = &hello.client_addr {
+        status.update(|s| {
+            s.replica_client_addrs
+                .insert(name.to_string(), addr.clone());
+        });
+    }
     let (mut conn, primary_last) = link.open(true).await?;
     let digest = if hello.last_tid == Z64 {
         None
@@ -446,6 +563,7 @@ where
         name,
         &peer_addr,
         status,
+        cfg.cluster.as_deref(),
         &shutdown,
     )
     .await;
@@ -465,8 +583,10 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     name: &str,
     peer_addr: &str,
     status: &StatusHub,
+    cluster: Option<&crate::cluster::ClusterView>,
     shutdown: &CancellationToken,
 ) -> Result<(), StreamError> {
+    let mut next_roster = Instant::now();
     loop {
         // Catch-up rounds from history.
         while let Some(after) = state.start_history() {
@@ -499,6 +619,12 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             }
             protocol::encode(&msg, wbuf)?;
         }
+        if let Some(c) = cluster {
+            if Instant::now() >= next_roster {
+                protocol::encode(&StreamMsg::Roster { nodes: c.roster() }, wbuf)?;
+                next_roster = Instant::now() + ROSTER_INTERVAL;
+            }
+        }
         if !wbuf.is_empty() {
             wh.write_all(wbuf).await?;
             wbuf.clear();
@@ -507,9 +633,12 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
         if state.mode() != SenderMode::Live && state.mode() != SenderMode::CatchingUp {
             return Ok(());
         }
-        let wake = state
+        let mut wake = state
             .next_wakeup()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        if cluster.is_some() {
+            wake = wake.min(next_roster);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = live.recv() => match r {
@@ -526,6 +655,9 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
         }
     }
 }
+
+/// How often a feeder tells its replicas who is who.
+const ROSTER_INTERVAL: Duration = Duration::from_secs(1);
 
 fn drain_live(state: &mut SenderState, live: &mut broadcast::Receiver<Arc<Txn>>) {
     loop {

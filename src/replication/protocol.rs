@@ -38,6 +38,46 @@ pub struct Hello {
     /// Digest ([`Txn::digest`]) of the transaction `last_tid`, if known.
     #[serde(with = "serde_bin::opt_array")]
     pub last_digest: Option<[u8; 32]>,
+    /// Where the replica serves ZEO clients, as it advertises it (for the
+    /// cluster view of other nodes). Absent from older replicas.
+    #[serde(default)]
+    pub client_addr: Option<String>,
+}
+
+/// A door's opening message: instead of a replication stream, relay one ZEO
+/// client session to this node (see `crate::door`). Answered by
+/// [`StreamMsg::DoorWelcome`] or [`StreamMsg::Refuse`]; after the welcome the
+/// connection carries plain ZEO frames in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoorHello {
+    pub version: u32,
+    pub cluster: String,
+    pub storage: String,
+    /// The door's node name.
+    pub node: String,
+    /// The client registered read-only (a routed reader) or read-write (a
+    /// forwarded writer).
+    pub read_only: bool,
+}
+
+/// One node as the cluster view reports it (see `crate::cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    pub node: String,
+    /// "primary" or "replica", in the word of the node that reported it.
+    pub role: String,
+    /// Stream state as its feeder sees it ("live", "catching_up", ...).
+    pub state: String,
+    /// Newest tid the node holds (primary) or acknowledged (replica).
+    #[serde(with = "serde_bin::opt_array")]
+    pub last_tid: Option<Tid>,
+    /// Replication lag in milliseconds, as its feeder measures it.
+    pub lag_ms: Option<u64>,
+    /// Advertised addresses: ZEO clients, replication (TLS).
+    pub client_addr: Option<String>,
+    pub replication_addr: Option<String>,
+    /// Who reported this entry (a node name).
+    pub reported_by: String,
 }
 
 /// Why a primary refuses a replica.
@@ -118,6 +158,14 @@ pub enum StreamMsg {
         #[serde(with = "serde_bin::array")]
         tid: Tid,
     },
+    /// door -> primary, first message instead of a Hello.
+    Door(DoorHello),
+    /// primary -> door: accepted; ZEO frames follow.
+    DoorWelcome { node: String },
+    /// feeder -> replica, now and then: the nodes the feeder knows of (itself,
+    /// its replicas, and what its own upstream told it). Roles and positions
+    /// reach other nodes only this way, over the authenticated stream.
+    Roster { nodes: Vec<RosterEntry> },
 }
 
 impl StreamMsg {
@@ -131,6 +179,9 @@ impl StreamMsg {
             StreamMsg::Live { .. } => "live",
             StreamMsg::Heartbeat { .. } => "heartbeat",
             StreamMsg::Ack { .. } => "ack",
+            StreamMsg::Door(_) => "door",
+            StreamMsg::DoorWelcome { .. } => "door_welcome",
+            StreamMsg::Roster { .. } => "roster",
         }
     }
 }
@@ -287,6 +338,7 @@ mod tests {
                 node: "replica-a".into(),
                 last_tid: [1, 2, 3, 4, 5, 6, 7, 8],
                 last_digest: Some([9; 32]),
+                client_addr: None,
             }),
             StreamMsg::Hello(Hello {
                 version: 7,
@@ -295,6 +347,7 @@ mod tests {
                 node: "n".into(),
                 last_tid: Z64,
                 last_digest: None,
+                client_addr: None,
             }),
             StreamMsg::Welcome {
                 version: PROTOCOL_VERSION,

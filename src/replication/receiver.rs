@@ -122,6 +122,8 @@ pub enum ReceiverError {
 pub enum Incoming {
     /// Nothing (handshake, Live marker, heartbeat).
     Nothing,
+    /// The feeder's cluster roster (for the cluster view).
+    Roster(Vec<super::protocol::RosterEntry>),
     /// Replay this transaction, then call `on_applied(txn.tid, digest)`.
     Apply { txn: Txn, digest: [u8; 32] },
     /// A resend: ignore it.
@@ -214,6 +216,7 @@ impl ReceiverState {
             } else {
                 self.applied_digest
             },
+            client_addr: None,
         })
     }
 
@@ -274,7 +277,15 @@ impl ReceiverState {
                 self.primary_time_unix_ms = Some(primary_time_unix_ms);
                 Ok(Incoming::Nothing)
             }
-            StreamMsg::Hello(_) | StreamMsg::Ack { .. } => {
+            StreamMsg::Roster { nodes } => {
+                self.expect(kind, self.mode.connected())?;
+                self.last_contact = Some(now);
+                Ok(Incoming::Roster(nodes))
+            }
+            StreamMsg::Hello(_)
+            | StreamMsg::Ack { .. }
+            | StreamMsg::Door(_)
+            | StreamMsg::DoorWelcome { .. } => {
                 self.expect(kind, false)?;
                 Ok(Incoming::Nothing)
             }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -37,6 +38,11 @@ pub struct ReplicaConfig {
     pub stale_after: Duration,
     pub max_message_bytes: usize,
     pub connect_timeout: Duration,
+    /// The client address this node advertises in its Hello.
+    pub client_addr: Option<String>,
+    /// Published with every confirmed apply: the newest tid committed on
+    /// this node's backend (a door's offload waits on it).
+    pub applied: Arc<watch::Sender<Tid>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +257,11 @@ async fn stream_once(
         };
     let (mut rh, mut wh) = tokio::io::split(stream);
     let mut wbuf = BytesMut::new();
-    protocol::encode(&st.hello(&cfg.cluster, &cfg.storage, &cfg.node), &mut wbuf)?;
+    let mut hello = st.hello(&cfg.cluster, &cfg.storage, &cfg.node);
+    if let StreamMsg::Hello(h) = &mut hello {
+        h.client_addr = cfg.client_addr.clone();
+    }
+    protocol::encode(&hello, &mut wbuf)?;
     wh.write_all(&wbuf).await?;
     wbuf.clear();
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
@@ -279,6 +289,7 @@ async fn stream_once(
             RunError::Receiver(e)
         })? {
             Incoming::Nothing | Incoming::Skip => {}
+            Incoming::Roster(nodes) => status.update(|s| s.upstream_roster = nodes),
             Incoming::Refused { reason, message } => {
                 return Err(RunError::Refused(format!("{reason}: {message}")));
             }
@@ -287,8 +298,19 @@ async fn stream_once(
                 // Pipeline: if the next message is already here, its
                 // transaction goes out while this one finishes.
                 let more = stream_io::has_frame(&rbuf);
-                let r = applier.apply(&txn, more).await;
+                let oldest = inflight.front().map(|i| i.0).unwrap_or(txn.tid);
+                let r = {
+                    let fut = applier.apply(&txn, more);
+                    tokio::pin!(fut);
+                    loop {
+                        tokio::select! {
+                            r = &mut fut => break r,
+                            _ = ticker.tick() => publish_applying(status, cfg, st, oldest),
+                        }
+                    }
+                };
                 confirm(applier, st, &mut inflight, &mut wbuf)?;
+                cfg.applied.send_if_modified(|t| bump(t, st.applied()));
                 if let Err(e) = r {
                     if let ApplyError::Foreign(m) = &e {
                         st.on_local_divergence(m.clone());
@@ -299,8 +321,21 @@ async fn stream_once(
         }
         if !stream_io::has_frame(&rbuf) {
             if applier.has_pending() {
-                let r = applier.complete().await;
+                let oldest = inflight.front().map(|i| i.0);
+                let r = {
+                    let fut = applier.complete();
+                    tokio::pin!(fut);
+                    loop {
+                        tokio::select! {
+                            r = &mut fut => break r,
+                            _ = ticker.tick() => if let Some(o) = oldest {
+                                publish_applying(status, cfg, st, o)
+                            },
+                        }
+                    }
+                };
                 confirm(applier, st, &mut inflight, &mut wbuf)?;
+                cfg.applied.send_if_modified(|t| bump(t, st.applied()));
                 r?;
             }
             if !wbuf.is_empty() {
@@ -401,7 +436,37 @@ fn set_upstream(
     });
 }
 
+/// While an apply is stuck (a stalled or overloaded backend), the replica
+/// lacks `oldest` at least: its lag is at least the age of that commit, and
+/// keeps growing, although no new message is read meanwhile.
+fn publish_applying(status: &StatusHub, cfg: &ReplicaConfig, st: &ReceiverState, oldest: Tid) {
+    publish(status, cfg, st, None);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let behind = now - tid_unix_secs(&oldest);
+    status.update(|s| {
+        if let Some(u) = &mut s.upstream {
+            if behind > u.lag_seconds {
+                u.lag_seconds = behind;
+            }
+        }
+    });
+}
+
+/// Moves a published position forward (never back).
+fn bump(t: &mut Tid, applied: Tid) -> bool {
+    if applied > *t {
+        *t = applied;
+        true
+    } else {
+        false
+    }
+}
+
 fn publish(status: &StatusHub, cfg: &ReplicaConfig, st: &ReceiverState, err: Option<String>) {
+    cfg.applied.send_if_modified(|t| bump(t, st.applied()));
     if st.applied() != Z64 {
         m::applied_last_commit(tid_unix_secs(&st.applied()));
     }

@@ -152,6 +152,8 @@ pub struct NodeSpec {
     pub admin_extra: String,
     /// Extra `[replication]` lines.
     pub replication_extra: String,
+    /// Extra sections at the end of the file (`[door]`, `[cluster]`).
+    pub extra: String,
 }
 
 /// One zrelay process with replication and admin HTTP, run as
@@ -210,12 +212,14 @@ impl Node {
              [backend]\naddress = \"{backend}\"\n{backend_extra}\n\n\
              [admin]\nlisten = \"{admin}\"\n{admin_extra}\n\n\
              [replication]\n{role}{replication_extra}\n\n\
-             [replication.tls]\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n",
+             [replication.tls]\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n\n\
+             {extra}\n",
             name = spec.name,
             backend = spec.backend,
             backend_extra = spec.backend_extra,
             admin_extra = spec.admin_extra,
             replication_extra = spec.replication_extra,
+            extra = spec.extra,
             ca = spec.tls.ca.display().to_string(),
             cert = spec.tls.cert.display().to_string(),
             key = spec.tls.key.display().to_string(),
@@ -395,6 +399,9 @@ pub struct ClusterOpts {
     pub primary_replication: String,
     pub replica_replication: String,
     pub replica_admin: String,
+    /// Extra sections for the primary's / the replica's config.
+    pub primary_extra: String,
+    pub replica_extra: String,
 }
 
 impl ClusterOpts {
@@ -407,6 +414,8 @@ impl ClusterOpts {
             primary_replication: String::new(),
             replica_replication: String::new(),
             replica_admin: String::new(),
+            primary_extra: String::new(),
+            replica_extra: String::new(),
         }
     }
 }
@@ -450,6 +459,7 @@ impl Cluster {
             backend_extra: BACKEND_EXTRA.into(),
             admin_extra: String::new(),
             replication_extra: opts.primary_replication.clone(),
+            extra: opts.primary_extra.clone(),
         });
         primary.start();
         let mut replica = Node::prepare(&NodeSpec {
@@ -463,6 +473,7 @@ impl Cluster {
             backend_extra: BACKEND_EXTRA.into(),
             admin_extra: opts.replica_admin.clone(),
             replication_extra: opts.replica_replication.clone(),
+            extra: opts.replica_extra.clone(),
         });
         if opts.start_replica {
             replica.start();
@@ -495,6 +506,7 @@ impl Cluster {
             backend_extra: BACKEND_EXTRA.into(),
             admin_extra: String::new(),
             replication_extra: String::new(),
+            extra: String::new(),
         });
         node.start();
         (zeo, node)

@@ -25,6 +25,7 @@ mod zeo;
 pub use py::{py, scenario, scenario_cmd, Py, PyChild};
 #[allow(unused_imports)]
 pub use raw::{contains, encode_call, framed, send_raw, Raw, Val};
+#[allow(unused_imports)]
 pub use relay::{Relay, RelayOpts};
 pub use zeo::{Zeo, ZeoOpts};
 

@@ -138,10 +138,26 @@ impl Zeo {
         self.stop();
         self.start_again();
     }
+
+    /// SIGSTOP: the server stops answering (a stall, not a crash).
+    pub fn pause(&mut self) {
+        if let Some(p) = &mut self.proc {
+            p.signal(libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Zeo::pause`].
+    pub fn resume(&mut self) {
+        if let Some(p) = &mut self.proc {
+            p.signal(libc::SIGCONT);
+        }
+    }
 }
 
 impl Drop for Zeo {
     fn drop(&mut self) {
+        // A paused server would not see the SIGTERM of its owner.
+        self.resume();
         if thread::panicking() {
             print_tail(&format!("runzeo at {}", self.addr), &self.log);
         }

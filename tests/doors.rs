@@ -1,0 +1,218 @@
+//! Any node is a door: read-write sessions at a replica forwarded to the
+//! primary, their loads offloaded to the replica when provably fresh,
+//! read-only sessions routed by lag. Real runzeo, real zrelay, real ZODB
+//! clients, both encodings.
+
+mod support;
+
+use std::time::Duration;
+
+use support::cluster::{metric_value, value_of, wait_until, Cluster, ClusterOpts};
+use support::{Enc, Py};
+
+const SYNC: Duration = Duration::from_secs(30);
+/// Offload a little more patiently than the default: the test machine is
+/// small and shared.
+const DOOR: &str = "[door]\noffload_wait_ms = 50\nmax_replica_lag_ms = 1500\n";
+
+fn doors_py(enc: Enc, args: &[&str]) -> Py {
+    Py::new("doors.py").args(args).env(
+        "ZRELAY_EXPECT_PROTOCOL",
+        std::str::from_utf8(enc.protocol()).expect("ascii"),
+    )
+}
+
+fn run(enc: Enc, args: &[&str]) -> String {
+    let out = doors_py(enc, args).run();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cluster(enc: Enc) -> Cluster {
+    let mut opts = ClusterOpts::new(enc);
+    opts.replica_extra = DOOR.into();
+    let c = Cluster::with(opts);
+    // The replica knows its primary once the first roster arrived.
+    wait_until(SYNC, "replica's cluster view names the primary", || {
+        c.replica.status()["cluster"].as_array().is_some_and(|n| {
+            n.iter()
+                .any(|n| n["role"] == "primary" && n["node"] == "primary")
+        })
+    });
+    c
+}
+
+fn loads(metrics: &str, by: &str, reason: &str) -> f64 {
+    metric_value(
+        metrics,
+        &format!("zrelay_door_loads_total{{served_by=\"{by}\",reason=\"{reason}\"}}"),
+    )
+}
+
+fn bank(enc: Enc, seed: u64) {
+    let mut c = cluster(enc);
+    let p = c.primary.addr().to_string();
+    let r = c.replica.addr().to_string();
+    let out = run(enc, &["bank-init", &p, "20", "20000"]);
+    c.wait_applied(value_of(&out, "tid"), SYNC);
+    let doors = format!("{p},{r}");
+    let out = run(
+        enc,
+        &[
+            "bank",
+            &seed.to_string(),
+            "6",
+            "20",
+            "20000",
+            &doors,
+            &doors,
+        ],
+    );
+    println!("{out}");
+    let m = c.replica.metrics();
+    let local = loads(&m, "local", "fresh") + loads(&m, "local", "waited");
+    assert!(local > 0.0, "no load was served by the replica:\n{m}");
+    assert!(
+        metric_value(
+            &m,
+            "zrelay_door_sessions_total{route=\"forwarded\",mode=\"read_write\"}"
+        ) >= 2.0,
+        "{m}"
+    );
+    // Everything written through either door reached both backends.
+    let tid = c.last_tid(c.pzeo.addr());
+    c.wait_applied(&tid, SYNC);
+    c.assert_healthy();
+}
+
+#[test]
+fn bank_through_every_door_pickle() {
+    bank(Enc::Pickle, 7);
+}
+
+#[test]
+fn bank_through_every_door_msgpack() {
+    bank(Enc::Msgpack, 11);
+}
+
+#[test]
+fn forwarded_session_behaves_like_a_direct_one() {
+    let mut c = cluster(Enc::Msgpack);
+    let r = c.replica.addr().to_string();
+    let out = run(Enc::Msgpack, &["roundtrip", &r]);
+    let tid = value_of(&out, "tid").to_string();
+    // Written through the replica's door, committed on the primary.
+    assert_eq!(c.last_tid(c.pzeo.addr()), tid);
+    run(
+        Enc::Msgpack,
+        &["semantics", &r, &c.primary.addr().to_string()],
+    );
+    // The cluster view is the same from both nodes' /status.
+    for node in [&c.primary, &c.replica] {
+        let st = node.status();
+        let names: Vec<_> = st["cluster"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap().to_string(),
+                    n["role"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert!(
+            names.contains(&("primary".into(), "primary".into())),
+            "{st}"
+        );
+        assert!(
+            names.contains(&("replica".into(), "replica".into())),
+            "{st}"
+        );
+    }
+    c.assert_healthy();
+}
+
+#[test]
+fn primary_lost_mid_transaction_ends_forwarded_sessions_cleanly() {
+    let mut c = cluster(Enc::Pickle);
+    let r = c.replica.addr().to_string();
+    let mut w = doors_py(Enc::Pickle, &["writer", &r]).spawn();
+    w.expect_line("ready", SYNC);
+    w.expect_line("n=5", SYNC);
+    c.primary.kill();
+    // The replica zrelay keeps running; the client sees disconnects and
+    // errors, never a half-applied transaction.
+    w.send_line("stop");
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = value_of(&out, "last").to_string();
+    // Every transaction the client saw committed is on the primary backend.
+    let on_primary = c.last_tid(c.pzeo.addr());
+    assert!(on_primary >= last, "{on_primary} < {last}");
+    assert!(c.replica.is_running());
+    c.replica.assert_healthy();
+}
+
+fn local_loads(c: &Cluster) -> f64 {
+    let m = c.replica.metrics();
+    loads(&m, "local", "fresh") + loads(&m, "local", "waited")
+}
+
+fn usable(c: &Cluster) -> bool {
+    c.replica.status()["door"]["local_usable"] == true
+}
+
+#[test]
+fn a_lagging_replica_is_bypassed_then_used_again() {
+    let mut c = cluster(Enc::Pickle);
+    let p = c.primary.addr().to_string();
+    let r = c.replica.addr().to_string();
+    let out = run(Enc::Pickle, &["bank-init", &p, "10", "1000"]);
+    c.wait_applied(value_of(&out, "tid"), SYNC);
+    // A read-write client at the replica's door, opened while all is well:
+    // it keeps writing (forwarded) throughout.
+    let mut w = doors_py(Enc::Pickle, &["writer", &r]).spawn();
+    w.expect_line("ready", SYNC);
+    w.expect_line("n=5", SYNC);
+    wait_until(SYNC, "replica usable", || usable(&c));
+    run(Enc::Pickle, &["read-for", &r, "1", "0"]);
+    let before = local_loads(&c);
+    assert!(before > 0.0, "no load served locally while in sync");
+
+    c.rzeo.pause();
+    wait_until(SYNC, "replica reported lagging", || !usable(&c));
+    // New sessions, read-write and read-only, are served by the primary.
+    let stalled = local_loads(&c);
+    let out = run(Enc::Pickle, &["read-for", &r, "1", "0"]);
+    assert!(value_of(&out, "reads").parse::<u64>().unwrap() > 0);
+    let out = run(Enc::Pickle, &["read-for", &r, "1", "1"]);
+    assert!(value_of(&out, "reads").parse::<u64>().unwrap() > 0);
+    assert_eq!(local_loads(&c), stalled, "a lagging replica served loads");
+    let m = c.replica.metrics();
+    assert!(
+        metric_value(
+            &m,
+            "zrelay_door_sessions_total{route=\"forwarded\",mode=\"read_only\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+
+    c.rzeo.resume();
+    wait_until(SYNC, "replica caught up", || usable(&c));
+    let out = run(Enc::Pickle, &["read-for", &r, "1", "0"]);
+    assert!(value_of(&out, "reads").parse::<u64>().unwrap() > 0);
+    assert!(
+        local_loads(&c) > stalled,
+        "caught-up replica not used again"
+    );
+
+    w.send_line("stop");
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = value_of(&out, "last").to_string();
+    assert_eq!(value_of(&out, "errors"), "0", "{out}");
+    let on_primary = c.last_tid(c.pzeo.addr());
+    assert!(on_primary >= last);
+    c.wait_applied(&on_primary, SYNC);
+    c.assert_healthy();
+}
