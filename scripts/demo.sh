@@ -91,6 +91,9 @@ done
 echo "== write through the primary (127.0.0.1:$P_CLIENT), read back from the replica (127.0.0.1:$R_CLIENT) =="
 "$PY" scripts/demo_workload.py "127.0.0.1:$P_CLIENT" "127.0.0.1:$R_CLIENT"
 echo
+echo "== any node is a door: a read-write client at the replica (127.0.0.1:$R_CLIENT) =="
+"$PY" scripts/demo_door.py "127.0.0.1:$R_CLIENT" "127.0.0.1:$P_CLIENT"
+echo
 echo "== the cluster as zrelay sees it =="
 "$ZRELAY" status --admin "127.0.0.1:$P_ADMIN" --admin "127.0.0.1:$R_ADMIN" || true
 echo
@@ -101,7 +104,7 @@ cat <<INFO
 
 The demo cluster is running. Look at:
   write clients ->  127.0.0.1:$P_CLIENT   ZEO.ClientStorage(('127.0.0.1', $P_CLIENT))
-  read clients  ->  127.0.0.1:$R_CLIENT   ZEO.ClientStorage(('127.0.0.1', $R_CLIENT), read_only=True)
+  any client    ->  127.0.0.1:$R_CLIENT   the replica's door: writes go to the primary, reads stay here
   metrics          http://127.0.0.1:$P_ADMIN/metrics   http://127.0.0.1:$R_ADMIN/metrics
   status           http://127.0.0.1:$P_ADMIN/status    http://127.0.0.1:$R_ADMIN/status
   health (LB)      http://127.0.0.1:$P_ADMIN/primary   http://127.0.0.1:$R_ADMIN/replica?lag=1s
