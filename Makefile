@@ -37,6 +37,7 @@ demo: venv release
 bench: venv release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/repl_bench.py --zrelay target/release/zrelay
+	.venv/bin/python bench/door_bench.py --zrelay target/release/zrelay
 
 clean:
 	$(CARGO) clean
