@@ -150,8 +150,8 @@ impl ClusterView {
                 state: state_name(r.state).to_string(),
                 last_tid: r.acked_tid.as_deref().and_then(parse_hex_tid),
                 lag_ms: Some((r.lag_seconds.max(0.0) * 1000.0) as u64),
-                client_addr: st.replica_client_addrs.get(name).cloned(),
-                replication_addr: None,
+                client_addr: st.replica_adverts.get(name).and_then(|a| a.0.clone()),
+                replication_addr: st.replica_adverts.get(name).and_then(|a| a.1.clone()),
                 reported_by: self.me.clone(),
             });
         }
@@ -183,6 +183,30 @@ impl ClusterView {
             node: entry.node,
             replication_addr: addr,
         })
+    }
+
+    /// The least-lagged live replica within `max_lag_ms` that other doors
+    /// can reach (it has a replication address).
+    pub fn replica_for_reads(&self, max_lag_ms: u64) -> Option<Target> {
+        self.roster()
+            .into_iter()
+            .filter(|e| e.role == "replica" && e.state == "live")
+            .filter(|e| e.lag_ms.is_some_and(|l| l <= max_lag_ms))
+            .filter_map(|e| {
+                let addr = self
+                    .cfg
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == e.node)
+                    .and_then(|n| n.replication.clone())
+                    .or(e.replication_addr)?;
+                Some((e.lag_ms.unwrap_or(0), e.node, addr))
+            })
+            .min()
+            .map(|(_, node, replication_addr)| Target {
+                node,
+                replication_addr,
+            })
     }
 
     /// The view for `/status`: every node known, with the configured

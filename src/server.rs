@@ -18,6 +18,7 @@ use crate::replication::applied::AppliedLog;
 use crate::replication::applier::Applier;
 use crate::replication::feed::{self, BackendLink, DoorSink, FeedHandle, ListenerConfig};
 use crate::replication::replica::{self, ReplicaConfig};
+use crate::replication::replica_session::ReplicaHooks;
 use crate::replication::sender::SenderConfig;
 use crate::replication::tls;
 use crate::replication::txn::{Tid, Z64};
@@ -116,20 +117,23 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_message_bytes: cfg.client.max_message_bytes,
     };
 
-    let hooks: HooksFactory = match &cfg.replication {
+    // The applied position of a replica (the door's offload waits on it);
+    // a primary's never moves.
+    let (applied_tx, applied_rx) = watch::channel(Z64);
+    let applied_tx = Arc::new(applied_tx);
+    let local_hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
             start_feed(r, &cfg, &env, &link, &status, &shutdown, &mut tasks).await?;
             Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
         }
         Some(r) => {
             let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
-            let (applied_tx, applied_rx) = watch::channel(Z64);
             start_replica(
                 r,
                 &cfg,
                 &link,
                 applied.clone(),
-                Arc::new(applied_tx),
+                applied_tx.clone(),
                 &status,
                 &shutdown,
                 &mut tasks,
@@ -140,6 +144,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 // as a primary feeds its replicas.
                 start_feed(r, &cfg, &env, &link, &status, &shutdown, &mut tasks).await?;
             }
+            let allow_pack = r.allow_pack;
+            Arc::new(move || {
+                Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
+            })
+        }
+        None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
+    };
+    // Every node of a cluster is a door: it decides at register where each
+    // session is served (see crate::door).
+    let hooks: HooksFactory = match &cfg.replication {
+        Some(r) => {
             let door = Door::new(DoorParts {
                 cfg: cfg.door.clone(),
                 cluster: cluster.clone(),
@@ -150,18 +165,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 storage: storage.clone(),
                 node: cfg.node_name.clone(),
                 connect_timeout: cfg.backend.connect_timeout(),
-                applied_log: applied.clone(),
-                allow_pack: r.allow_pack,
+                local_hooks,
+                status: status.clone(),
             });
-            tasks.push(tokio::spawn(crate::door::run_monitor(
-                door.clone(),
-                applied_rx,
-                status.clone(),
-                shutdown.clone(),
-            )));
+            let keep_sender = applied_tx.clone();
+            let (d, st, sd) = (door.clone(), status.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                crate::door::run_monitor(d, applied_rx, st, sd).await;
+                drop(keep_sender);
+            }));
             Arc::new(move || door.hooks())
         }
-        None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
+        None => local_hooks,
     };
 
     if let Some(a) = &cfg.admin {
@@ -327,6 +342,11 @@ fn start_replica(
                 .clone()
                 .unwrap_or_else(|| cfg.client.listen.to_string()),
         ),
+        replication_addr: cfg
+            .cluster
+            .advertise_replication
+            .clone()
+            .or_else(|| r.listen.map(|a| a.to_string())),
         applied: applied_tx,
     };
     tasks.push(tokio::spawn(replica::run_replica(

@@ -75,10 +75,10 @@ pub struct NodeStatus {
     pub upstream: Option<UpstreamStatus>,
     /// Writer: the primary feed, one entry per connected or known replica.
     pub replicas: BTreeMap<String, ReplicaPeerStatus>,
-    /// Writer: the primary feed: the client address each replica advertised
-    /// in its Hello.
+    /// Writer: the primary feed: the addresses each replica advertised in
+    /// its Hello (client, replication).
     #[serde(skip)]
-    pub replica_client_addrs: BTreeMap<String, String>,
+    pub replica_adverts: BTreeMap<String, (Option<String>, Option<String>)>,
     /// Writer: the door monitor (replicas): how this node routes sessions.
     pub door: Option<DoorStatus>,
     /// Writer: the replica task: the roster its upstream sent last (see
@@ -118,7 +118,7 @@ impl StatusHub {
                 storage_last_commit_unix: None,
                 upstream: None,
                 replicas: BTreeMap::new(),
-                replica_client_addrs: BTreeMap::new(),
+                replica_adverts: BTreeMap::new(),
                 door: None,
                 upstream_roster: Vec::new(),
                 started: Some(SystemTime::now()),
@@ -140,6 +140,14 @@ impl StatusHub {
             Err(p) => p.into_inner(),
         };
         f(&mut g)
+    }
+
+    /// The node's role now (cheaper than a snapshot).
+    pub fn role(&self) -> Role {
+        match self.inner.read() {
+            Ok(g) => g.role,
+            Err(p) => p.into_inner().role,
+        }
     }
 
     pub fn uptime_secs(&self) -> f64 {

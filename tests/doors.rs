@@ -214,8 +214,10 @@ fn a_lagging_replica_is_bypassed_then_used_again() {
     );
 
     c.rzeo.resume();
-    wait_until(SYNC, "replica caught up", || usable(&c));
-    let out = run(Enc::Pickle, &["read-for", &r, "1", "0"]);
+    wait_until(SYNC, "replica caught up", || {
+        usable(&c) && c.replica.status()["lag_seconds"].as_f64().is_some_and(|l| l < 0.2)
+    });
+    let out = run(Enc::Pickle, &["read-for", &r, "2", "0"]);
     assert!(value_of(&out, "reads").parse::<u64>().unwrap() > 0);
     assert!(
         local_loads(&c) > stalled,
@@ -301,4 +303,73 @@ fn a_door_not_on_the_allow_list_is_refused() {
         "{m}"
     );
     c.assert_healthy();
+}
+
+#[test]
+fn read_only_sessions_go_to_the_least_lagged_replica() {
+    // "replica" has a replication listener (other doors can reach it);
+    // "replica2" is a second replica of the primary whose backend will stall.
+    let mut opts = ClusterOpts::new(Enc::Msgpack);
+    opts.extra_certs = vec!["replica2".into()];
+    opts.replica_replication = format!("listen = \"127.0.0.1:{}\"\n", support::free_port());
+    opts.replica_extra = DOOR.into();
+    opts.primary_extra =
+        "[door]\nread_only_route = \"replicas\"\nmax_replica_lag_ms = 1500\n".into();
+    let mut c = Cluster::with(opts);
+    let (mut zeo2, mut r2) = c.extra_replica_with("replica2", c.certs.tls("replica2"), DOOR);
+    let p = c.primary.addr().to_string();
+    let out = run(Enc::Msgpack, &["bank-init", &p, "10", "1000"]);
+    c.wait_applied(value_of(&out, "tid"), SYNC);
+    let routed_to_replica = |c: &Cluster| {
+        metric_value(
+            &c.replica.metrics(),
+            "zrelay_door_sessions_total{route=\"local\",mode=\"read_only\"}",
+        )
+    };
+    wait_until(
+        SYNC,
+        "replica2's door sees replica as a reader target",
+        || {
+            r2.status()["cluster"].as_array().is_some_and(|n| {
+                n.iter()
+                    .any(|n| n["node"] == "replica" && n["replication_addr"].is_string())
+            }) && r2.status()["door"]["local_usable"] == true
+        },
+    );
+
+    // The primary's door sends a read-only client to the replica.
+    let before = routed_to_replica(&c);
+    let out = run(Enc::Msgpack, &["read-for", &p, "1", "1"]);
+    assert!(value_of(&out, "reads").parse::<u64>().unwrap() > 0);
+    assert_eq!(
+        routed_to_replica(&c),
+        before + 1.0,
+        "primary did not route to the replica"
+    );
+
+    // replica2 falls behind: its new sessions are relayed to the primary
+    // from the start (the door cannot know yet whether they will write),
+    // and the primary's door sends the read-only ones on to "replica".
+    let mut w = doors_py(Enc::Msgpack, &["writer", &p]).spawn();
+    w.expect_line("n=5", SYNC);
+    zeo2.pause();
+    wait_until(SYNC, "replica2 lagging", || {
+        r2.status()["door"]["local_usable"] == false
+    });
+    let before = routed_to_replica(&c);
+    let out = run(
+        Enc::Msgpack,
+        &["read-for", &r2.addr().to_string(), "1", "1"],
+    );
+    assert!(value_of(&out, "reads").parse::<u64>().unwrap() > 0);
+    assert_eq!(
+        routed_to_replica(&c),
+        before + 1.0,
+        "replica2 did not route to replica"
+    );
+    zeo2.resume();
+    w.send_line("stop");
+    w.finish();
+    c.assert_healthy();
+    r2.assert_healthy();
 }

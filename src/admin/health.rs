@@ -248,7 +248,7 @@ pub(crate) mod tests {
             storage_last_commit_unix: None,
             upstream: up,
             replicas: BTreeMap::new(),
-            replica_client_addrs: BTreeMap::new(),
+            replica_adverts: BTreeMap::new(),
             door: None,
             upstream_roster: Vec::new(),
             started: None,

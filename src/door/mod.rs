@@ -44,11 +44,9 @@ use crate::relay::hooks::PendingCall;
 use crate::relay::{
     ClientVerdict, LocalVerdict, Reroute, ServerVerdict, SessionHooks, SessionInfo, WakeVerdict,
 };
-use crate::replication::applied::AppliedLog;
 use crate::replication::protocol::{DoorHello, PROTOCOL_VERSION};
-use crate::replication::replica_session::ReplicaHooks;
 use crate::replication::txn::Tid;
-use crate::status::{StatusHub, StreamState};
+use crate::status::{Role, StatusHub, StreamState};
 use crate::wire::calls::ClientCall;
 use crate::wire::error::read_only_error;
 use crate::wire::Message;
@@ -74,6 +72,19 @@ pub struct DoorConfig {
     /// session and no offloaded load.
     #[serde(default = "default_max_replica_lag_ms")]
     pub max_replica_lag_ms: u64,
+    /// At the primary: "local" serves read-only sessions here; "replicas"
+    /// sends each to the least-lagged replica within `max_replica_lag_ms`
+    /// that has a replication listener (else serves it here).
+    #[serde(default)]
+    pub read_only_route: ReadOnlyRoute,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadOnlyRoute {
+    #[default]
+    Local,
+    Replicas,
 }
 
 impl Default for DoorConfig {
@@ -83,6 +94,7 @@ impl Default for DoorConfig {
             offload_loads: true,
             offload_wait_ms: default_offload_wait_ms(),
             max_replica_lag_ms: default_max_replica_lag_ms(),
+            read_only_route: ReadOnlyRoute::default(),
         }
     }
 }
@@ -114,8 +126,10 @@ pub struct Door {
     storage: String,
     node: String,
     connect_timeout: Duration,
-    applied_log: Arc<AppliedLog>,
-    allow_pack: bool,
+    /// Hooks of the sessions this node serves itself (read-only replica
+    /// sessions on a replica; the primary's own hooks on a primary).
+    local_hooks: crate::relay::listener::HooksFactory,
+    status: Arc<StatusHub>,
     /// Newest tid committed on the local backend (u64). Writer: monitor.
     applied: AtomicU64,
     /// Live and within the lag limit. Writer: monitor.
@@ -134,8 +148,8 @@ pub struct DoorParts {
     pub storage: String,
     pub node: String,
     pub connect_timeout: Duration,
-    pub applied_log: Arc<AppliedLog>,
-    pub allow_pack: bool,
+    pub local_hooks: crate::relay::listener::HooksFactory,
+    pub status: Arc<StatusHub>,
 }
 
 impl Door {
@@ -150,8 +164,8 @@ impl Door {
             storage: p.storage,
             node: p.node,
             connect_timeout: p.connect_timeout,
-            applied_log: p.applied_log,
-            allow_pack: p.allow_pack,
+            local_hooks: p.local_hooks,
+            status: p.status,
             applied: AtomicU64::new(0),
             usable: AtomicBool::new(false),
             primary: RwLock::new(None),
@@ -165,6 +179,14 @@ impl Door {
             door: self.clone(),
             mode: Mode::Undecided,
         })
+    }
+
+    /// Another replica fit to serve read-only sessions: live, within the
+    /// lag limit, reachable (it has a replication listener), least lagged.
+    fn replica_for_reads(&self) -> Option<Target> {
+        self.cluster
+            .replica_for_reads(self.cfg.max_replica_lag_ms)
+            .filter(|t| t.node != self.node)
     }
 
     fn primary(&self) -> Option<Target> {
@@ -221,7 +243,9 @@ pub async fn run_monitor(
         let st = status.snapshot();
         let live = st.upstream.as_ref().map(|u| u.state) == Some(StreamState::Live);
         let lag = crate::admin::health::lag_seconds(&st, crate::admin::health::Now::current());
-        let usable = live && st.backend_up && lag.is_some_and(|l| l <= max_lag);
+        // A primary serves everything it is asked.
+        let usable = st.role == crate::status::Role::Primary
+            || live && st.backend_up && lag.is_some_and(|l| l <= max_lag);
         if door.usable.swap(usable, Ordering::AcqRel) != usable {
             bump = true;
         }
@@ -262,8 +286,8 @@ pub async fn run_monitor(
 enum Mode {
     /// Before `register`.
     Undecided,
-    /// Read-only, served by this replica.
-    Local(ReplicaHooks),
+    /// Served by this node: read-only at a replica, anything at the primary.
+    Local(Box<dyn SessionHooks>),
     /// Read-write, relayed to `primary`; loads possibly offloaded.
     Forwarded {
         primary: String,
@@ -289,6 +313,21 @@ impl DoorHooks {
             _ => return ClientVerdict::Close("malformed register".into()),
         };
         let door = self.door.clone();
+        if door.status.role() == Role::Primary {
+            if read_only && door.cfg.read_only_route == ReadOnlyRoute::Replicas {
+                if let Some(target) = door.replica_for_reads() {
+                    m::door_session(true, true);
+                    self.mode = Mode::ForwardedReadOnly {
+                        primary: door.primary().map(|t| t.node).unwrap_or_default(),
+                    };
+                    return ClientVerdict::Reroute(door.reroute(target, true, false));
+                }
+            }
+            let mut local = (door.local_hooks)();
+            let v = local.on_client_message(info, msg);
+            self.mode = Mode::Local(local);
+            return v;
+        }
         let primary = door.primary();
         if !read_only {
             if door.cfg.write_policy == WritePolicy::Refuse {
@@ -315,7 +354,9 @@ impl DoorHooks {
             return ClientVerdict::Reroute(door.reroute(target, false, keep_local));
         }
         if !door.usable.load(Ordering::Acquire) {
-            if let Some(target) = primary {
+            // The least-lagged other replica within the limit, else the
+            // primary (never behind anything a client saw).
+            if let Some(target) = door.replica_for_reads().or(primary) {
                 m::door_session(true, true);
                 self.mode = Mode::ForwardedReadOnly {
                     primary: target.node.clone(),
@@ -324,7 +365,7 @@ impl DoorHooks {
             }
         }
         m::door_session(false, true);
-        let mut local = ReplicaHooks::new(door.applied_log.clone(), door.allow_pack);
+        let mut local = (door.local_hooks)();
         let v = local.on_client_message(info, msg);
         self.mode = Mode::Local(local);
         v
@@ -333,7 +374,7 @@ impl DoorHooks {
 
 impl SessionHooks for DoorHooks {
     fn early_route(&mut self) -> Option<Arc<dyn crate::relay::UpstreamOpener>> {
-        if self.door.usable.load(Ordering::Acquire) {
+        if self.door.usable.load(Ordering::Acquire) || self.door.status.role() == Role::Primary {
             return None;
         }
         let target = self.door.primary()?;
@@ -431,7 +472,10 @@ impl SessionHooks for DoorHooks {
 
     fn on_wake(&mut self, _info: &SessionInfo) -> WakeVerdict {
         match &self.mode {
-            Mode::Local(_) if !self.door.usable.load(Ordering::Acquire) => {
+            Mode::Local(_)
+                if !self.door.usable.load(Ordering::Acquire)
+                    && self.door.status.role() == Role::Replica =>
+            {
                 WakeVerdict::CloseAtSafePoint("this replica fell behind; reconnect to be routed")
             }
             Mode::Forwarded { primary, .. }
@@ -442,6 +486,12 @@ impl SessionHooks for DoorHooks {
                 WakeVerdict::CloseAtSafePoint("the primary changed; reconnect to follow it")
             }
             _ => WakeVerdict::Nothing,
+        }
+    }
+
+    fn on_close(&mut self, info: &SessionInfo) {
+        if let Mode::Local(h) = &mut self.mode {
+            h.on_close(info);
         }
     }
 

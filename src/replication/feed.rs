@@ -405,7 +405,9 @@ async fn admit_door<S>(
             R::WrongStorage,
             format!("door serves storage {:?}", door.storage),
         ))
-    } else if status.snapshot().role != crate::status::Role::Primary {
+    } else if status.role() != crate::status::Role::Primary && !door.read_only {
+        // A replica takes read-only sessions from other doors (its own door
+        // decides where they are served); writers only go to the primary.
         Some((R::NotPrimary, "this node is not the primary".to_string()))
     } else if cfg.doors.is_none() {
         Some((
@@ -467,10 +469,12 @@ where
     let mut live = feed.commits.subscribe();
     let (mut rh, mut wh) = tokio::io::split(stream);
     let max = cfg.max_message_bytes;
-    if let Some(addr) = &hello.client_addr {
+    if hello.client_addr.is_some() || hello.replication_addr.is_some() {
         status.update(|s| {
-            s.replica_client_addrs
-                .insert(name.to_string(), addr.clone());
+            s.replica_adverts.insert(
+                name.to_string(),
+                (hello.client_addr.clone(), hello.replication_addr.clone()),
+            );
         });
     }
     let (mut conn, primary_last) = link.open(true).await?;

@@ -42,6 +42,9 @@ pub struct Hello {
     /// cluster view of other nodes). Absent from older replicas.
     #[serde(default)]
     pub client_addr: Option<String>,
+    /// Where the replica accepts replicas and door sessions (if it does).
+    #[serde(default)]
+    pub replication_addr: Option<String>,
 }
 
 /// A door's opening message: instead of a replication stream, relay one ZEO
@@ -339,6 +342,7 @@ mod tests {
                 last_tid: [1, 2, 3, 4, 5, 6, 7, 8],
                 last_digest: Some([9; 32]),
                 client_addr: None,
+                replication_addr: None,
             }),
             StreamMsg::Hello(Hello {
                 version: 7,
@@ -348,6 +352,7 @@ mod tests {
                 last_tid: Z64,
                 last_digest: None,
                 client_addr: None,
+                replication_addr: None,
             }),
             StreamMsg::Welcome {
                 version: PROTOCOL_VERSION,

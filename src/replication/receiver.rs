@@ -217,6 +217,7 @@ impl ReceiverState {
                 self.applied_digest
             },
             client_addr: None,
+            replication_addr: None,
         })
     }
 

@@ -38,8 +38,10 @@ pub struct ReplicaConfig {
     pub stale_after: Duration,
     pub max_message_bytes: usize,
     pub connect_timeout: Duration,
-    /// The client address this node advertises in its Hello.
+    /// The addresses this node advertises in its Hello: ZEO clients, and
+    /// its replication listener if it has one.
     pub client_addr: Option<String>,
+    pub replication_addr: Option<String>,
     /// Published with every confirmed apply: the newest tid committed on
     /// this node's backend (a door's offload waits on it).
     pub applied: Arc<watch::Sender<Tid>>,
@@ -260,6 +262,7 @@ async fn stream_once(
     let mut hello = st.hello(&cfg.cluster, &cfg.storage, &cfg.node);
     if let StreamMsg::Hello(h) = &mut hello {
         h.client_addr = cfg.client_addr.clone();
+        h.replication_addr = cfg.replication_addr.clone();
     }
     protocol::encode(&hello, &mut wbuf)?;
     wh.write_all(&wbuf).await?;

@@ -621,6 +621,7 @@ mod tests {
             last_tid: last,
             last_digest: digest,
             client_addr: None,
+            replication_addr: None,
         }
     }
 

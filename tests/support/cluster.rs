@@ -494,6 +494,11 @@ impl Cluster {
 
     /// Another replica of this primary with its own (empty) runzeo, started.
     pub fn extra_replica(&self, name: &str, tls: TlsFiles) -> (Zeo, Node) {
+        self.extra_replica_with(name, tls, "")
+    }
+
+    /// [`Cluster::extra_replica`] with extra config sections.
+    pub fn extra_replica_with(&self, name: &str, tls: TlsFiles, extra: &str) -> (Zeo, Node) {
         let zeo = Zeo::start(self.enc, ZeoOpts::default());
         let mut node = Node::prepare(&NodeSpec {
             name: name.into(),
@@ -506,7 +511,7 @@ impl Cluster {
             backend_extra: BACKEND_EXTRA.into(),
             admin_extra: String::new(),
             replication_extra: String::new(),
-            extra: String::new(),
+            extra: extra.into(),
         });
         node.start();
         (zeo, node)
