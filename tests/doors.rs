@@ -215,7 +215,10 @@ fn a_lagging_replica_is_bypassed_then_used_again() {
 
     c.rzeo.resume();
     wait_until(SYNC, "replica caught up", || {
-        usable(&c) && c.replica.status()["lag_seconds"].as_f64().is_some_and(|l| l < 0.2)
+        usable(&c)
+            && c.replica.status()["lag_seconds"]
+                .as_f64()
+                .is_some_and(|l| l < 0.2)
     });
     let out = run(Enc::Pickle, &["read-for", &r, "2", "0"]);
     assert!(value_of(&out, "reads").parse::<u64>().unwrap() > 0);

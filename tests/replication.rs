@@ -527,6 +527,12 @@ fn assert_diverged(c: &mut Cluster, last: &str) {
     let out = c.run_py(&["set", &c.primary.addr().to_string(), "after", "1"]);
     let newer = value_of(&out, "tid").to_string();
     assert!(newer.as_str() > last);
+    // The primary's real position, not the replica's own last tid, and a
+    // lag that grows (never a frozen 0).
+    let st = c.replica.status();
+    let primary_tid = st["upstream"]["primary_last_tid"].as_str().unwrap_or("");
+    assert!(!primary_tid.is_empty() && primary_tid != last, "{st}");
+    let lag_before = lag_of(c);
     // Nothing can say "nothing happened" sooner than a while of nothing.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
@@ -534,6 +540,11 @@ fn assert_diverged(c: &mut Cluster, last: &str) {
         assert_eq!(st["upstream"]["state"], "diverged", "{st}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    let lag_after = lag_of(c);
+    assert!(
+        lag_before > 0.0 && lag_after > lag_before,
+        "diverged replica's lag {lag_before} -> {lag_after}"
+    );
     assert_eq!(c.last_tid(c.rzeo.addr()), last, "diverged replica changed");
     let (code, _) = c.replica.get("/replica");
     assert_eq!(code, 503);
@@ -592,6 +603,17 @@ fn lag_figures() {
         assert_eq!(c.replica.get("/replica").0, 200, "idle replica: {st}");
         std::thread::sleep(Duration::from_millis(250));
     }
+    // A replica zrelay stopped longer than stale_after (SIGSTOP: a long
+    // stall) finds the primary's heartbeats waiting when it resumes: no
+    // needless reconnect.
+    c.replica.pause();
+    std::thread::sleep(Duration::from_secs(6));
+    c.replica.resume();
+    wait_until(SYNC, "replica answers again", || {
+        c.replica.get("/replica").0 == 200
+    });
+    c.run_py(&["set", &c.primary.addr().to_string(), "k", "after-pause"]);
+    c.wait_in_sync(SYNC);
     assert!(
         !c.replica.log().contains("upstream silent"),
         "the idle stream was declared silent:\n{}",

@@ -101,7 +101,9 @@ pub fn lag_seconds(st: &NodeStatus, now: Now) -> Option<f64> {
 
 fn upstream_lag(up: &UpstreamStatus, applied_unix: Option<f64>, now: Now) -> f64 {
     let known = non_negative(up.lag_seconds);
-    if up.state != StreamState::Disconnected {
+    // Disconnected or diverged: nothing applied since the last contact, so
+    // the lag grows with the clock (never a frozen 0).
+    if up.state != StreamState::Disconnected && up.state != StreamState::Diverged {
         return known;
     }
     match (up.last_contact, applied_unix) {

@@ -79,7 +79,9 @@ async fn open(
     .map_err(|e| format!("Door answer: {e}"))?;
     match reply {
         StreamMsg::DoorWelcome { .. } => {}
-        StreamMsg::Refuse { reason, message } => {
+        StreamMsg::Refuse {
+            reason, message, ..
+        } => {
             return Err(format!("refused ({reason}): {message}"));
         }
         other => return Err(format!("unexpected {} answer to Door", other.kind())),

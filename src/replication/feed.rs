@@ -424,6 +424,7 @@ async fn admit_door<S>(
         Some((reason, message)) => StreamMsg::Refuse {
             reason: *reason,
             message: message.clone(),
+            primary_last_tid: None,
         },
         None => StreamMsg::DoorWelcome {
             node: cfg.sender.primary_node.clone(),

@@ -134,6 +134,11 @@ pub enum StreamMsg {
     Refuse {
         reason: RefuseReason,
         message: String,
+        /// The refusing node's newest tid, when it knows it: a refused
+        /// (e.g. diverged) replica still reports the primary's real
+        /// position and lag.
+        #[serde(default, with = "serde_bin::opt_array")]
+        primary_last_tid: Option<Tid>,
     },
     /// primary -> replica: one committed transaction. `prev` is the tid sent
     /// just before it on this stream (the Hello's `last_tid` for the first);
@@ -387,6 +392,7 @@ mod tests {
             v.push(StreamMsg::Refuse {
                 reason: r,
                 message: format!("because {r}"),
+                primary_last_tid: None,
             });
         }
         v

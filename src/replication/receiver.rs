@@ -162,6 +162,8 @@ pub struct ReceiverState {
     received: Tid,
     received_digest: Option<[u8; 32]>,
     primary_last: Tid,
+    /// `primary_last` came from the primary (not our own applied tid).
+    primary_known: bool,
     primary_node: Option<String>,
     primary_time_unix_ms: Option<u64>,
     created: Instant,
@@ -182,6 +184,7 @@ impl ReceiverState {
             received: applied,
             received_digest: applied_digest,
             primary_last: applied,
+            primary_known: false,
             primary_node: None,
             primary_time_unix_ms: None,
             created: now,
@@ -241,8 +244,18 @@ impl ReceiverState {
                 self.on_welcome(version, node, primary_last_tid, now)?;
                 Ok(Incoming::Nothing)
             }
-            StreamMsg::Refuse { reason, message } => {
+            StreamMsg::Refuse {
+                reason,
+                message,
+                primary_last_tid,
+            } => {
                 self.last_contact = Some(now);
+                if let Some(t) = primary_last_tid {
+                    // What the primary really has, even if it will not feed
+                    // us: the lag shown must not pretend we are level.
+                    self.primary_last = t;
+                    self.primary_known = true;
+                }
                 if reason == RefuseReason::Diverged {
                     Err(self
                         .diverge(
@@ -323,6 +336,7 @@ impl ReceiverState {
         self.primary_node = Some(node);
         // A new (possibly different) primary: its word replaces the old one.
         self.primary_last = primary_last_tid;
+        self.primary_known = true;
         self.check_not_ahead()?;
         self.mode = ReceiverMode::CatchingUp;
         Ok(())
@@ -331,6 +345,7 @@ impl ReceiverState {
     fn see_primary(&mut self, primary_last_tid: Tid, now: Instant) -> Result<(), Divergence> {
         self.last_contact = Some(now);
         self.primary_last = self.primary_last.max(primary_last_tid);
+        self.primary_known = true;
         if primary_last_tid < self.received {
             return Err(self.diverge(
                 DivergenceKind::AheadOfPrimary,
@@ -390,6 +405,7 @@ impl ReceiverState {
             self.received = tid;
             self.received_digest = Some(digest);
             self.primary_last = self.primary_last.max(tid);
+            self.primary_known = true;
             return Ok(ApplyDecision::Apply { digest });
         }
         if tid == self.received && self.received_digest == Some(digest) {
@@ -480,6 +496,10 @@ impl ReceiverState {
     }
     pub fn primary_last_tid(&self) -> Tid {
         self.primary_last
+    }
+    /// The primary's newest tid, if the primary ever told us.
+    pub fn primary_last_known(&self) -> Option<Tid> {
+        self.primary_known.then_some(self.primary_last)
     }
     pub fn primary_node(&self) -> Option<&str> {
         self.primary_node.as_deref()
@@ -753,6 +773,7 @@ mod tests {
         let m = StreamMsg::Refuse {
             reason: RefuseReason::Busy,
             message: "full".into(),
+            primary_last_tid: None,
         };
         assert_eq!(
             r.on_message(m, now),
@@ -763,9 +784,11 @@ mod tests {
         );
         assert_eq!(r.mode(), ReceiverMode::Disconnected);
         r.hello("c", "1", "r");
+        assert_eq!(r.primary_last_known(), None, "nothing heard yet");
         let m = StreamMsg::Refuse {
             reason: RefuseReason::Diverged,
             message: "no".into(),
+            primary_last_tid: Some(t(9)),
         };
         assert!(matches!(
             r.on_message(m, now),
@@ -775,6 +798,8 @@ mod tests {
             }))
         ));
         assert_eq!(r.mode(), ReceiverMode::Diverged);
+        // The refusing primary's real position is kept for status and lag.
+        assert_eq!(r.primary_last_known(), Some(t(9)));
     }
 
     #[test]

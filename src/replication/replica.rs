@@ -27,6 +27,9 @@ use super::txn::{tid_hex, tid_unix_secs, Tid, Z64};
 use crate::metrics as m;
 use crate::status::{StatusHub, StreamState, UpstreamStatus};
 
+/// After the silence timeout: how long to look for bytes already waiting.
+const SILENCE_RECHECK: Duration = Duration::from_millis(250);
+
 #[derive(Clone)]
 pub struct ReplicaConfig {
     pub cluster: String,
@@ -273,7 +276,20 @@ async fn stream_once(
     loop {
         let msg = tokio::select! {
             r = tokio::time::timeout(cfg.stale_after, read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes)) => match r {
-                Err(_) => return Err(RunError::Silent(cfg.stale_after)),
+                // Silence is judged by what arrived, not by wall time: after
+                // this process was stopped (SIGSTOP, a long stall) the timer
+                // is due at once while the primary's messages are waiting in
+                // the socket. Look once more before giving up.
+                Err(_) => match tokio::time::timeout(
+                    SILENCE_RECHECK,
+                    read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes),
+                )
+                .await
+                {
+                    Err(_) => return Err(RunError::Silent(cfg.stale_after)),
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(m)) => m,
+                },
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(m)) => m,
             },
@@ -404,15 +420,22 @@ fn set_upstream(
                 let lag = st.lag(now);
                 let tid_lag = super::txn::tid_delta_secs(&st.primary_last_tid(), &st.applied());
                 let tid_s = |t: Tid| (t != Z64).then(|| tid_hex(&t));
+                let connected = matches!(st.mode(), ReceiverMode::Live | ReceiverMode::CatchingUp);
                 UpstreamStatus {
                     address: cfg.upstream.clone(),
                     state: stream_state(st.mode()),
-                    primary_last_tid: tid_s(st.primary_last_tid()),
+                    primary_last_tid: st.primary_last_known().and_then(tid_s),
                     applied_tid: tid_s(st.applied()),
                     lag_seconds: tid_lag,
                     lag_transactions: lag.transactions.unwrap_or(0),
                     lag_bytes: 0,
-                    last_error: err.or(prev_err),
+                    // A live stream clears the last error: an operator reads
+                    // last_error as a current problem.
+                    last_error: if connected && err.is_none() {
+                        None
+                    } else {
+                        err.or(prev_err)
+                    },
                     last_contact: st.last_contact(),
                 }
             }

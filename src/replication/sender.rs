@@ -95,6 +95,8 @@ impl SenderMode {
 pub struct Refusal {
     pub reason: RefuseReason,
     pub message: String,
+    /// The primary's newest tid, told to the refused replica.
+    pub primary_last_tid: Option<Tid>,
 }
 
 impl Refusal {
@@ -102,6 +104,7 @@ impl Refusal {
         Refusal {
             reason,
             message: message.into(),
+            primary_last_tid: None,
         }
     }
 
@@ -109,6 +112,7 @@ impl Refusal {
         StreamMsg::Refuse {
             reason: self.reason,
             message: self.message.clone(),
+            primary_last_tid: self.primary_last_tid,
         }
     }
 }
@@ -216,7 +220,10 @@ impl SenderState {
             if self.mode == SenderMode::AwaitingHello {
                 self.mode = SenderMode::Refused;
             }
-            return Err(r);
+            return Err(Refusal {
+                primary_last_tid: Some(primary_last_tid),
+                ..r
+            });
         }
         self.mode = SenderMode::CatchingUp;
         self.replica_node = Some(hello.node.clone());

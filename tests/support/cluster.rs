@@ -319,6 +319,19 @@ impl Node {
     }
 
     /// SIGKILL (the stream is cut without a goodbye).
+    /// SIGSTOP / SIGCONT the zrelay process (a stall, not a crash).
+    pub fn pause(&mut self) {
+        if let Some(p) = &mut self.proc {
+            p.signal(libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&mut self) {
+        if let Some(p) = &mut self.proc {
+            p.signal(libc::SIGCONT);
+        }
+    }
+
     pub fn kill(&mut self) {
         self.proc.take().expect("zrelay running").kill();
     }
@@ -378,6 +391,8 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // A paused process would not see its owner's SIGTERM.
+        self.resume();
         if thread::panicking() {
             print_tail(&format!("zrelay {}", self.name), &self.log);
         }
