@@ -215,6 +215,7 @@ async fn start_feed(
         },
         max_message_bytes: r.max_message_bytes,
         handshake_timeout: Duration::from_secs(10),
+        clone_source: cfg.backend.clone_source(),
     };
     tasks.push(tokio::spawn(feed::serve_replicas(
         listener,

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
+use super::clone_serve::{self, CloneServeError, CloneSource};
 use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
 use super::protocol::{self, StreamMsg};
 use super::sender::{SenderConfig, SenderMode, SenderState};
@@ -208,6 +209,8 @@ pub struct ListenerConfig {
     pub sender: SenderConfig,
     pub max_message_bytes: usize,
     pub handshake_timeout: Duration,
+    /// The backend's files for `zrelay clone` (None: clones are refused).
+    pub clone_source: Option<CloneSource>,
 }
 
 /// Accepts replica connections until shutdown. A refused or failed peer
@@ -304,6 +307,8 @@ enum StreamError {
     Closed,
     #[error("refused replica: {0}")]
     Refused(String),
+    #[error("clone: {0}")]
+    Clone(#[from] CloneServeError),
 }
 
 impl From<ReadError> for StreamError {
@@ -350,11 +355,39 @@ where
         Err(_) => return Err(StreamError::NoHello(cfg.handshake_timeout)),
         Ok(r) => r?,
     };
-    let StreamMsg::Hello(hello) = hello else {
-        return Err(StreamError::Protocol(protocol::ProtocolError::Unexpected {
-            got: hello.kind(),
-            state: "awaiting_hello",
-        }));
+    let hello = match hello {
+        StreamMsg::Hello(h) => h,
+        StreamMsg::CloneRequest(req) => {
+            // A clone instead of a stream (see protocol's module doc).
+            drop(live);
+            info!(node = %req.node, "clone requested");
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = clone_serve::serve(&mut wh, &req, cfg.clone_source.as_ref(), &cfg.sender) => r,
+            };
+            return match r {
+                Ok(s) => {
+                    let secs = s.elapsed.as_secs_f64().max(1e-6);
+                    info!(
+                        last_tid = %tid_hex(&s.last_tid),
+                        files = s.files,
+                        bytes = s.bytes,
+                        seconds = secs,
+                        mb_per_second = s.bytes as f64 / secs / 1e6,
+                        "clone sent"
+                    );
+                    Ok(())
+                }
+                Err(CloneServeError::Refused(m)) => Err(StreamError::Refused(m)),
+                Err(e) => Err(e.into()),
+            };
+        }
+        other => {
+            return Err(StreamError::Protocol(protocol::ProtocolError::Unexpected {
+                got: other.kind(),
+                state: "awaiting_hello",
+            }))
+        }
     };
     let (mut conn, primary_last) = link.open(true).await?;
     let digest = if hello.last_tid == Z64 {

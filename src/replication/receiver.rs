@@ -274,7 +274,14 @@ impl ReceiverState {
                 self.primary_time_unix_ms = Some(primary_time_unix_ms);
                 Ok(Incoming::Nothing)
             }
-            StreamMsg::Hello(_) | StreamMsg::Ack { .. } => {
+            StreamMsg::Hello(_)
+            | StreamMsg::Ack { .. }
+            | StreamMsg::CloneRequest(_)
+            | StreamMsg::CloneBegin { .. }
+            | StreamMsg::CloneFile { .. }
+            | StreamMsg::CloneData { .. }
+            | StreamMsg::CloneFileEnd { .. }
+            | StreamMsg::CloneEnd { .. } => {
                 self.expect(kind, false)?;
                 Ok(Incoming::Nothing)
             }
