@@ -411,66 +411,15 @@ pub async fn clone_from_upstream(
             .await
             .map_err(|e| CloneError::Target(e.to_string()))??
     };
-    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&up.tls)?);
-    let tcp = tokio::time::timeout(up.connect_timeout, TcpStream::connect(&up.address))
-        .await
-        .map_err(|_| {
-            CloneError::Connect(
-                up.address.clone(),
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
-            )
-        })?
-        .map_err(|e| CloneError::Connect(up.address.clone(), e))?;
-    let _ = tcp.set_nodelay(true);
-    let (stream, _) = tls::connect(&connector, tcp, &up.server_name, up.connect_timeout).await?;
-    let (mut rh, mut wh) = tokio::io::split(stream);
-    let mut buf = BytesMut::new();
-    protocol::encode(
-        &StreamMsg::CloneRequest(CloneRequest {
-            version: PROTOCOL_VERSION,
-            cluster: up.cluster.clone(),
-            storage: up.storage.clone(),
-            node: up.node.clone(),
-        }),
-        &mut buf,
-    )?;
-    wh.write_all(&buf).await?;
-    wh.flush().await?;
-    let mut rbuf = BytesMut::with_capacity(CHUNK_BYTES + 4096);
+    let opened = open_clone(up).await;
+    let (mut rh, mut rbuf, _wh, (last_tid, data_fs_bytes, blob_files, blob_bytes)) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            staging.discard();
+            return Err(e);
+        }
+    };
     let max = up.max_message_bytes;
-    let read = |e: ReadError| match e {
-        ReadError::Protocol(p) => CloneError::Protocol(p),
-        // A refused client certificate surfaces on the first read.
-        ReadError::Io(e) => match TlsError::from(e) {
-            TlsError::Io(e) => CloneError::Io(e),
-            t => CloneError::Tls(t),
-        },
-        ReadError::Closed => CloneError::Incomplete,
-    };
-    let first = tokio::time::timeout(Duration::from_secs(60), read_msg(&mut rh, &mut rbuf, max))
-        .await
-        .map_err(|_| CloneError::Conversation("no answer to the clone request within 60s".into()))?
-        .map_err(read)?;
-    let (last_tid, data_fs_bytes, blob_files, blob_bytes) = match first {
-        StreamMsg::CloneBegin {
-            last_tid,
-            data_fs_bytes,
-            blob_files,
-            blob_bytes,
-            ..
-        } => (last_tid, data_fs_bytes, blob_files, blob_bytes),
-        StreamMsg::Refuse { reason, message } => {
-            staging.discard();
-            return Err(CloneError::Refused(format!("{reason}: {message}")));
-        }
-        other => {
-            staging.discard();
-            return Err(CloneError::Conversation(format!(
-                "unexpected {} message",
-                other.kind()
-            )));
-        }
-    };
     let pb = progress_bar(target.progress, data_fs_bytes + blob_bytes);
     let (tx, rx) = mpsc::channel::<WriteCmd>(8);
     let writer = {
@@ -479,7 +428,9 @@ pub async fn clone_from_upstream(
     };
     let received = async {
         loop {
-            let msg = read_msg(&mut rh, &mut rbuf, max).await.map_err(read)?;
+            let msg = read_msg(&mut rh, &mut rbuf, max)
+                .await
+                .map_err(read_error)?;
             let cmd = match msg {
                 StreamMsg::CloneFile { kind, path, size } => WriteCmd::File { kind, path, size },
                 StreamMsg::CloneData { data } => WriteCmd::Data(data),
@@ -523,6 +474,111 @@ pub async fn clone_from_upstream(
         blob_bytes,
         elapsed: started.elapsed(),
     })
+}
+
+type ReadHalf = tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+type WriteHalf = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+/// What the primary's CloneBegin announced: (last tid, Data.fs bytes, blob
+/// files, blob bytes).
+type Announced = (Tid, u64, u64, u64);
+
+fn read_error(e: ReadError) -> CloneError {
+    match e {
+        ReadError::Protocol(p) => CloneError::Protocol(p),
+        // A refused client certificate surfaces on the first read.
+        ReadError::Io(e) => match TlsError::from(e) {
+            TlsError::Io(e) => CloneError::Io(e),
+            t => CloneError::Tls(t),
+        },
+        ReadError::Closed => CloneError::Incomplete,
+    }
+}
+
+/// Connects, sends the CloneRequest and reads the answer: the read half,
+/// its buffer, the write half (kept so the connection stays open) and what
+/// the primary announced.
+async fn open_clone(
+    up: &Upstream,
+) -> Result<(ReadHalf, BytesMut, WriteHalf, Announced), CloneError> {
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&up.tls)?);
+    let tcp = tokio::time::timeout(up.connect_timeout, TcpStream::connect(&up.address))
+        .await
+        .map_err(|_| {
+            CloneError::Connect(
+                up.address.clone(),
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            )
+        })?
+        .map_err(|e| CloneError::Connect(up.address.clone(), e))?;
+    let _ = tcp.set_nodelay(true);
+    let (stream, _) = tls::connect(&connector, tcp, &up.server_name, up.connect_timeout).await?;
+    let (mut rh, mut wh) = tokio::io::split(stream);
+    let mut buf = BytesMut::new();
+    protocol::encode(
+        &StreamMsg::CloneRequest(CloneRequest {
+            version: PROTOCOL_VERSION,
+            cluster: up.cluster.clone(),
+            storage: up.storage.clone(),
+            node: up.node.clone(),
+        }),
+        &mut buf,
+    )?;
+    let not_allowed = || {
+        CloneError::Refused(
+            "the primary closed the connection without answering (is this node's certificate name in its allowed_peers?)".into(),
+        )
+    };
+    // The primary checks the allow-list after the handshake and just closes.
+    let cut = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    if let Err(e) = async {
+        wh.write_all(&buf).await?;
+        wh.flush().await
+    }
+    .await
+    {
+        return Err(if cut(&e) { not_allowed() } else { e.into() });
+    }
+    let mut rbuf = BytesMut::with_capacity(CHUNK_BYTES + 4096);
+    let first = tokio::time::timeout(
+        Duration::from_secs(60),
+        read_msg(&mut rh, &mut rbuf, up.max_message_bytes),
+    )
+    .await
+    .map_err(|_| CloneError::Conversation("no answer to the clone request within 60s".into()))?;
+    let first = match first {
+        Ok(m) => m,
+        Err(ReadError::Closed) => return Err(not_allowed()),
+        Err(ReadError::Io(e)) if cut(&e) => return Err(not_allowed()),
+        Err(e) => return Err(read_error(e)),
+    };
+    match first {
+        StreamMsg::CloneBegin {
+            last_tid,
+            data_fs_bytes,
+            blob_files,
+            blob_bytes,
+            ..
+        } => Ok((
+            rh,
+            rbuf,
+            wh,
+            (last_tid, data_fs_bytes, blob_files, blob_bytes),
+        )),
+        StreamMsg::Refuse { reason, message } => {
+            Err(CloneError::Refused(format!("{reason}: {message}")))
+        }
+        other => Err(CloneError::Conversation(format!(
+            "unexpected {} message",
+            other.kind()
+        ))),
+    }
 }
 
 /// The writing thread: applies the commands, then verifies and installs.

@@ -2,7 +2,8 @@
 //! its committed prefix, the part `zrelay clone` may copy while runzeo keeps
 //! appending.
 //!
-//! Layout (ZODB `FileStorage/format.py`): the magic `FS21`, then transaction
+//! Layout (ZODB `FileStorage/format.py`): a 4-byte magic (`FS30` as written
+//! by ZODB on Python 3, `FS21` by Python 2; same layout), then transaction
 //! records back to back. Each starts with a 23-byte header — tid (8),
 //! `tlen` (8, big-endian: the record's length minus the trailing 8 bytes),
 //! status (1), then the lengths of user, description and extension (2 each)
@@ -25,8 +26,9 @@ use std::os::unix::fs::FileExt;
 
 use super::txn::{tid_hex, Tid, Z64};
 
-/// The file's first 4 bytes.
-pub const MAGIC: &[u8; 4] = b"FS21";
+/// The file's first 4 bytes (ZODB `_compat.FILESTORAGE_MAGIC`): Python 3
+/// ZODB writes `FS30`, Python 2 wrote `FS21`.
+pub const MAGICS: [&[u8; 4]; 2] = [b"FS30", b"FS21"];
 /// Length of a transaction header (`TRANS_HDR = ">8sQcHHH"`).
 pub const TXN_HEADER_LEN: u64 = 23;
 
@@ -58,7 +60,7 @@ pub enum Stop {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error("not a FileStorage file (no FS21 magic)")]
+    #[error("not a FileStorage file (no FS30/FS21 magic)")]
     BadMagic,
     #[error("corrupt transaction header at offset {pos}: {problem}")]
     Corrupt { pos: u64, problem: String },
@@ -97,7 +99,7 @@ pub fn committed_prefix<R: ReadAt + ?Sized>(f: &R, size: u64) -> Result<Boundary
         return Err(FsError::BadMagic);
     }
     f.read_exact_at(&mut magic, 0)?;
-    if &magic != MAGIC {
+    if !MAGICS.contains(&&magic) {
         return Err(FsError::BadMagic);
     }
     let mut b = Boundary {
@@ -195,7 +197,7 @@ mod tests {
     }
 
     fn file(txns: &[Vec<u8>]) -> Vec<u8> {
-        let mut f = MAGIC.to_vec();
+        let mut f = b"FS30".to_vec();
         for t in txns {
             f.extend(t);
         }
@@ -218,10 +220,12 @@ mod tests {
 
     #[test]
     fn empty_storage() {
-        let b = scan(MAGIC).unwrap();
-        assert_eq!((b.end, b.last_tid, b.txns), (4, Z64, 0));
+        for magic in MAGICS {
+            let b = scan(magic).unwrap();
+            assert_eq!((b.end, b.last_tid, b.txns), (4, Z64, 0));
+        }
         assert!(matches!(scan(b"FS2"), Err(FsError::BadMagic)));
-        assert!(matches!(scan(b"FS30xxxx"), Err(FsError::BadMagic)));
+        assert!(matches!(scan(b"FS40xxxx"), Err(FsError::BadMagic)));
     }
 
     #[test]
