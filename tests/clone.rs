@@ -232,9 +232,10 @@ fn clone_while_writing_then_stream_catches_up() {
 }
 
 /// Forwards TCP to `target`, but passes at most `limit` bytes from the
-/// server back to the client and then holds the rest: a clone through it
-/// stalls half-way, deterministically.
-fn stalling_forwarder(target: SocketAddr, limit: u64) -> (SocketAddr, Arc<AtomicU64>) {
+/// server back to the client and then holds the rest (`cut`: closes the
+/// client's connection instead): a clone through it stops half-way,
+/// deterministically.
+fn stalling_forwarder(target: SocketAddr, limit: u64, cut: bool) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let passed = Arc::new(AtomicU64::new(0));
@@ -255,6 +256,11 @@ fn stalling_forwarder(target: SocketAddr, limit: u64) -> (SocketAddr, Arc<Atomic
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let room = limit.saturating_sub(counter.load(Ordering::SeqCst));
+                    if room == 0 && cut {
+                        let _ = c_out.shutdown(std::net::Shutdown::Both);
+                        let _ = s_in.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
                     if room == 0 {
                         // Hold the connection open, forward nothing more.
                         thread::sleep(Duration::from_secs(120));
@@ -332,11 +338,41 @@ fn clone_refused_and_interrupted() {
     }
     p.node.assert_healthy();
 
-    // 2. SIGKILL half-way: the primary's bytes stall after 5 MB of ~21 MB.
-    let (fwd, passed) = stalling_forwarder(p.node.repl(), 5 * 1024 * 1024);
     let mut rzeo = Zeo::prepare(Enc::Pickle, ZeoOpts::default());
     let replica = p.replica_node(&rzeo, "replica");
     let partial: PathBuf = rzeo.dir().join("Data.fs.clone-partial");
+
+    // 2. The connection cut after Data.fs, amid the blob files (3 of
+    // ~100 KB): the clone fails and installs nothing.
+    let data_fs_len = fs::metadata(p.zeo.dir().join("Data.fs")).unwrap().len();
+    let (cut_at, _) = stalling_forwarder(p.node.repl(), data_fs_len + 150_000, true);
+    let out = clone_with(
+        replica.config_path(),
+        &[
+            "--upstream",
+            &cut_at.to_string(),
+            "--upstream-name",
+            "primary",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("before the clone was complete"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !rzeo.dir().join("Data.fs").exists(),
+        "a cut clone installed Data.fs"
+    );
+    assert!(
+        !rzeo.dir().join("blobs").exists(),
+        "a cut clone installed blobs"
+    );
+    assert!(!partial.exists(), "a failed clone left its partial file");
+
+    // 3. SIGKILL half-way: the primary's bytes stall after 5 MB of ~21 MB.
+    let (fwd, passed) = stalling_forwarder(p.node.repl(), 5 * 1024 * 1024, false);
     let mut child = zrelay(&[
         "clone",
         "--config",
@@ -373,7 +409,7 @@ fn clone_refused_and_interrupted() {
     assert!(stderr(&busy).contains("locked"), "{}", stderr(&busy));
     rzeo.stop();
 
-    // 3. Again (replacing runzeo's empty file): leftovers go, the copy lands.
+    // 4. Again (replacing runzeo's empty file): leftovers go, the copy lands.
     let out = clone_with(replica.config_path(), &["--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(value_of(&stdout(&out), "last_tid"), last);

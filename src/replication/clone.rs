@@ -396,6 +396,8 @@ enum WriteCmd {
     },
     Data(Bytes),
     End([u8; 32]),
+    /// CloneEnd: everything was sent; verify and install.
+    Finish,
 }
 
 /// Copies the primary's committed `Data.fs` prefix and blobs over the
@@ -424,7 +426,9 @@ pub async fn clone_from_upstream(
     let (tx, rx) = mpsc::channel::<WriteCmd>(8);
     let writer = {
         let pb = pb.clone();
-        tokio::task::spawn_blocking(move || write_all(staging, rx, pb, last_tid, data_fs_bytes))
+        tokio::task::spawn_blocking(move || {
+            write_all(staging, rx, pb, last_tid, data_fs_bytes, blob_files + 1)
+        })
     };
     let received = async {
         loop {
@@ -435,7 +439,7 @@ pub async fn clone_from_upstream(
                 StreamMsg::CloneFile { kind, path, size } => WriteCmd::File { kind, path, size },
                 StreamMsg::CloneData { data } => WriteCmd::Data(data),
                 StreamMsg::CloneFileEnd { sha256 } => WriteCmd::End(sha256),
-                StreamMsg::CloneEnd { .. } => return Ok(()),
+                StreamMsg::CloneEnd { .. } => WriteCmd::Finish,
                 other => {
                     return Err(CloneError::Conversation(format!(
                         "unexpected {} message during the copy",
@@ -443,8 +447,10 @@ pub async fn clone_from_upstream(
                     )))
                 }
             };
-            if tx.send(cmd).await.is_err() {
-                // The writer stopped: its error is the one to report.
+            let last = matches!(cmd, WriteCmd::Finish);
+            if tx.send(cmd).await.is_err() || last {
+                // Done, or the writer stopped (its error is the one to
+                // report).
                 return Ok(());
             }
         }
@@ -456,16 +462,10 @@ pub async fn clone_from_upstream(
         .map_err(|e| CloneError::Target(format!("clone writer: {e}")))?;
     pb.finish_and_clear();
     // A writer error explains a cut-off conversation better than the cut.
-    let (files, transactions) = match (written, received) {
+    let transactions = match (written, received) {
         (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
-        (Ok(w), Ok(())) => w,
+        (Ok(t), Ok(())) => t,
     };
-    if files != blob_files + 1 {
-        return Err(CloneError::Verify(format!(
-            "{files} files received, {} announced",
-            blob_files + 1
-        )));
-    }
     Ok(CloneReport {
         last_tid,
         data_fs_bytes,
@@ -581,22 +581,29 @@ async fn open_clone(
     }
 }
 
-/// The writing thread: applies the commands, then verifies and installs.
-/// Returns (files written, transactions in the copy). On any error the
-/// staged files are removed.
+/// The writing thread: applies the commands; on `Finish` (and only then)
+/// checks that every announced file arrived, verifies and installs.
+/// Returns the number of transactions in the copy. On any error, or if the
+/// commands end without `Finish` (connection lost), the staged files are
+/// removed and nothing is installed.
 fn write_all(
     mut staging: Staging,
     mut rx: mpsc::Receiver<WriteCmd>,
     pb: ProgressBar,
     last_tid: Tid,
     data_fs_bytes: u64,
-) -> Result<(u64, u64), CloneError> {
+    announced_files: u64,
+) -> Result<u64, CloneError> {
     let r = (|| {
         let mut current: Option<(CloneFileKind, StagedFile)> = None;
         let mut files = 0u64;
-        let mut complete = false;
+        let mut finished = false;
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
+                WriteCmd::Finish => {
+                    finished = true;
+                    break;
+                }
                 WriteCmd::File { kind, path, size } => {
                     if current.is_some() {
                         return Err(CloneError::Conversation(
@@ -639,21 +646,25 @@ fn write_all(
                         staging.data_fs_done = true;
                     }
                     files += 1;
-                    complete = staging.data_fs_done;
                 }
             }
         }
-        if current.is_some() || !complete {
+        if !finished {
             return Err(CloneError::Incomplete);
         }
-        Ok(files)
+        if current.is_some() || !staging.data_fs_done || files != announced_files {
+            return Err(CloneError::Verify(format!(
+                "{files} complete files received, {announced_files} announced"
+            )));
+        }
+        Ok(())
     })();
     match r {
-        Ok(files) => {
+        Ok(()) => {
             let tmp = staging.tmp_data_fs.clone();
             let blob_tmp = staging.tmp_blob_dir.clone();
             match staging.install(&last_tid, data_fs_bytes) {
-                Ok(txns) => Ok((files, txns)),
+                Ok(txns) => Ok(txns),
                 Err(e) => {
                     let _ = fs::remove_file(tmp);
                     if let Some(b) = blob_tmp {
