@@ -853,3 +853,143 @@ pub async fn run_command(a: CloneArgs) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-transaction Data.fs (tid 5, no records).
+    fn data_fs() -> Vec<u8> {
+        let tlen = filestorage::TXN_HEADER_LEN;
+        let mut v = b"FS30".to_vec();
+        v.extend(5u64.to_be_bytes());
+        v.extend(tlen.to_be_bytes());
+        v.push(b' ');
+        v.extend([0u8; 6]);
+        v.extend(tlen.to_be_bytes());
+        v
+    }
+
+    fn target(dir: &Path) -> CloneTarget {
+        CloneTarget {
+            data_fs: dir.join("Data.fs"),
+            blob_dir: Some(dir.join("blobs")),
+            force: false,
+            progress: false,
+        }
+    }
+
+    /// Feeds `cmds` to the writer as the network task would; the writer
+    /// expects Data.fs and one blob file.
+    fn write(dir: &Path, cmds: Vec<WriteCmd>) -> Result<u64, CloneError> {
+        let staging = Staging::prepare(&target(dir)).unwrap();
+        let (tx, rx) = mpsc::channel(cmds.len() + 1);
+        for c in cmds {
+            tx.try_send(c).ok().unwrap();
+        }
+        drop(tx);
+        let len = data_fs().len() as u64;
+        write_all(
+            staging,
+            rx,
+            ProgressBar::hidden(),
+            5u64.to_be_bytes(),
+            len,
+            2,
+        )
+    }
+
+    fn file_cmds(path: &str, kind: CloneFileKind, bytes: &[u8]) -> Vec<WriteCmd> {
+        vec![
+            WriteCmd::File {
+                kind,
+                path: path.into(),
+                size: bytes.len() as u64,
+            },
+            WriteCmd::Data(Bytes::copy_from_slice(bytes)),
+            WriteCmd::End(Sha256::digest(bytes).into()),
+        ]
+    }
+
+    fn whole() -> Vec<WriteCmd> {
+        let mut c = file_cmds("Data.fs", CloneFileKind::DataFs, &data_fs());
+        c.extend(file_cmds("0x00/0x05.blob", CloneFileKind::Blob, b"blob"));
+        c
+    }
+
+    #[test]
+    fn installs_only_after_finish() {
+        let d = tempfile::tempdir().unwrap();
+        // Every file complete, but the connection ended before CloneEnd.
+        assert!(matches!(
+            write(d.path(), whole()),
+            Err(CloneError::Incomplete)
+        ));
+        assert!(!d.path().join("Data.fs").exists());
+        assert!(!d.path().join("blobs").exists());
+        assert!(!d.path().join("Data.fs.clone-partial").exists());
+        // CloneEnd with a file missing.
+        let mut cmds = file_cmds("Data.fs", CloneFileKind::DataFs, &data_fs());
+        cmds.push(WriteCmd::Finish);
+        assert!(matches!(write(d.path(), cmds), Err(CloneError::Verify(_))));
+        assert!(!d.path().join("Data.fs").exists());
+        // The whole conversation.
+        let mut cmds = whole();
+        cmds.push(WriteCmd::Finish);
+        assert_eq!(write(d.path(), cmds).unwrap(), 1);
+        assert_eq!(fs::read(d.path().join("Data.fs")).unwrap(), data_fs());
+        assert_eq!(
+            fs::read(d.path().join("blobs/0x00/0x05.blob")).unwrap(),
+            b"blob"
+        );
+        assert!(!d.path().join("blobs.clone-partial").exists());
+    }
+
+    #[test]
+    fn bad_digest_path_or_size_installs_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cmds = whole();
+        cmds[2] = WriteCmd::End([0; 32]);
+        cmds.push(WriteCmd::Finish);
+        assert!(matches!(write(d.path(), cmds), Err(CloneError::Verify(_))));
+        let mut cmds = file_cmds("Data.fs", CloneFileKind::DataFs, &data_fs());
+        cmds.extend(file_cmds("../evil.blob", CloneFileKind::Blob, b"x"));
+        cmds.push(WriteCmd::Finish);
+        assert!(matches!(
+            write(d.path(), cmds),
+            Err(CloneError::Conversation(_))
+        ));
+        assert!(!d.path().join("evil.blob").exists());
+        // A Data.fs whose content is not committed up to its end.
+        let mut short = data_fs();
+        let n = short.len();
+        short[n - 1] ^= 1;
+        let mut cmds = file_cmds("Data.fs", CloneFileKind::DataFs, &short);
+        cmds.extend(file_cmds("0x00/0x05.blob", CloneFileKind::Blob, b"blob"));
+        cmds.push(WriteCmd::Finish);
+        assert!(matches!(write(d.path(), cmds), Err(CloneError::Verify(_))));
+        assert!(!d.path().join("Data.fs").exists());
+        assert!(!d.path().join("blobs").exists());
+    }
+
+    #[test]
+    fn existing_target_needs_force() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("Data.fs"), b"FS30").unwrap();
+        let e = Staging::prepare(&target(d.path())).err().unwrap();
+        assert!(e.to_string().contains("--force"), "{e}");
+        let t = CloneTarget {
+            force: true,
+            ..target(d.path())
+        };
+        // A previous clone's leftovers are removed.
+        fs::write(d.path().join("Data.fs.clone-partial"), b"old").unwrap();
+        let s = Staging::prepare(&t).unwrap();
+        assert!(!d.path().join("Data.fs.clone-partial").exists());
+        // While held, a second clone (or runzeo) cannot take the lock.
+        let e = Staging::prepare(&t).err().unwrap();
+        assert!(e.to_string().contains("locked"), "{e}");
+        drop(s);
+        Staging::prepare(&t).unwrap();
+    }
+}
