@@ -1,7 +1,7 @@
 # zrelay: the front door.
 #   make demo   primary + replica on loopback with a sample workload (Ctrl-C to stop)
 #   make test   everything CI runs: fmt, clippy, unit and integration tests
-#   make bench  side-by-side benchmark (direct ZEO vs through zrelay) and replication lag/catch-up
+#   make bench  side-by-side benchmark (direct ZEO vs through zrelay), replication lag/catch-up, clone vs catch-up
 SHELL := /bin/bash
 CARGO ?= cargo
 # Integration tests each start runzeo and zrelay processes; on a 2-core
@@ -38,6 +38,7 @@ bench: venv release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/repl_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/door_bench.py --zrelay target/release/zrelay
+	.venv/bin/python bench/clone_bench.py --zrelay target/release/zrelay
 
 clean:
 	$(CARGO) clean

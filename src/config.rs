@@ -188,6 +188,15 @@ pub struct BackendConfig {
     /// replays). Generous: a 50 MB transaction takes a while to restore.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+    /// The backend's FileStorage file (runzeo's `<filestorage> path`). On a
+    /// primary: read-only source of `zrelay clone` (absent: clones are
+    /// refused). For `zrelay clone`: where the copy is written.
+    #[serde(default)]
+    pub data_fs: Option<PathBuf>,
+    /// The backend's blob directory (`<filestorage> blob-dir`), if any; same
+    /// roles as `data_fs`.
+    #[serde(default)]
+    pub blob_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,6 +269,13 @@ impl BackendConfig {
     }
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
+    }
+    /// What `zrelay clone` clients may copy (needs `data_fs`).
+    pub fn clone_source(&self) -> Option<crate::replication::clone_serve::CloneSource> {
+        Some(crate::replication::clone_serve::CloneSource {
+            data_fs: self.data_fs.clone()?,
+            blob_dir: self.blob_dir.clone(),
+        })
     }
 }
 

@@ -64,6 +64,43 @@ enum Command {
         #[arg(long, default_value = "1")]
         storage: String,
     },
+    /// Make this node's Data.fs and blob directory a copy of the primary's
+    /// (over the replication channel) or of a backup file, at disk speed.
+    /// Run it while this node's runzeo is stopped; then start runzeo and
+    /// the replica zrelay, which streams from the copy's last tid.
+    Clone {
+        /// This node's config: [replication] upstream, upstream_name,
+        /// cluster and TLS files, [backend] data_fs and blob_dir.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The primary zrelay's replication address (default: the config's
+        /// replication.upstream).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Node name the primary's certificate must carry (default: the
+        /// config's, else the host of --upstream).
+        #[arg(long)]
+        upstream_name: Option<String>,
+        /// Where to write Data.fs (default: the config's backend.data_fs).
+        #[arg(long)]
+        data_fs: Option<PathBuf>,
+        /// Where to write the blob files (default: the config's
+        /// backend.blob_dir).
+        #[arg(long)]
+        blob_dir: Option<PathBuf>,
+        /// Copy this local Data.fs (a backup) instead of asking the primary.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+        /// With --from-file: the backup's blob directory.
+        #[arg(long, requires = "from_file")]
+        from_blob_dir: Option<PathBuf>,
+        /// Replace an existing Data.fs and blob directory.
+        #[arg(long)]
+        force: bool,
+        /// No progress bar even on a terminal.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Show every node's role, state and lag (like `patronictl list`).
     Status {
         #[arg(long = "admin", required = true)]
@@ -136,6 +173,30 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        Command::Clone {
+            config,
+            upstream,
+            upstream_name,
+            data_fs,
+            blob_dir,
+            from_file,
+            from_blob_dir,
+            force,
+            quiet,
+        } => {
+            let args = zrelay::replication::clone::CloneArgs {
+                config,
+                upstream,
+                upstream_name,
+                data_fs,
+                blob_dir,
+                from_file,
+                from_blob_dir,
+                force,
+                progress: !quiet,
+            };
+            block_on(async move { zrelay::replication::clone::run_command(args).await })
+        }
         Command::Status { admins } => block_on(zrelay::admin::cli::status_command(&admins)),
         Command::Check {
             admin,

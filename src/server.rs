@@ -289,6 +289,7 @@ async fn start_feed(
         handshake_timeout: Duration::from_secs(10),
         cluster: Some(env.cluster.clone()),
         doors: Some(env.doors.clone()),
+        clone_source: cfg.backend.clone_source(),
     };
     tasks.push(tokio::spawn(feed::serve_replicas(
         listener,

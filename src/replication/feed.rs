@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
+use super::clone_serve::{self, CloneServeError, CloneSource};
 use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
 use super::protocol::{self, StreamMsg};
 use super::sender::{SenderConfig, SenderMode, SenderState};
@@ -230,6 +231,8 @@ pub struct ListenerConfig {
     pub cluster: Option<Arc<crate::cluster::ClusterView>>,
     /// Where door sessions go; `None`: doors are refused.
     pub doors: Option<DoorSink>,
+    /// The backend's files for `zrelay clone` (None: clones are refused).
+    pub clone_source: Option<CloneSource>,
 }
 
 /// Accepts replica connections until shutdown. A refused or failed peer
@@ -296,6 +299,13 @@ pub async fn serve_replicas(
                         admit_door(stream, rbuf, d, &name, peer.to_string(), &cfg, &status).await;
                         return;
                     }
+                    Ok(StreamMsg::CloneRequest(req)) => {
+                        // A clone instead of a stream (see protocol's module doc).
+                        if let Err(e) = serve_clone(stream, &req, &cfg, &shutdown).await {
+                            warn!(error = %e, "clone ended");
+                        }
+                        return;
+                    }
                     Ok(other) => {
                         warn!(
                             got = other.kind(),
@@ -357,6 +367,8 @@ enum StreamError {
     Closed,
     #[error("refused replica: {0}")]
     Refused(String),
+    #[error("clone: {0}")]
+    Clone(#[from] CloneServeError),
 }
 
 impl From<ReadError> for StreamError {
@@ -374,6 +386,40 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Sends a copy of the backend's files to a `zrelay clone` client.
+async fn serve_clone<S>(
+    stream: S,
+    req: &protocol::CloneRequest,
+    cfg: &ListenerConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), StreamError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (_rh, mut wh) = tokio::io::split(stream);
+    info!(node = %req.node, "clone requested");
+    let r = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = clone_serve::serve(&mut wh, req, cfg.clone_source.as_ref(), &cfg.sender) => r,
+    };
+    match r {
+        Ok(s) => {
+            let secs = s.elapsed.as_secs_f64().max(1e-6);
+            info!(
+                last_tid = %tid_hex(&s.last_tid),
+                files = s.files,
+                bytes = s.bytes,
+                seconds = secs,
+                mb_per_second = s.bytes as f64 / secs / 1e6,
+                "clone sent"
+            );
+            Ok(())
+        }
+        Err(CloneServeError::Refused(m)) => Err(StreamError::Refused(m)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A door's session: checked (cluster, storage, this node is the primary),

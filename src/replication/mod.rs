@@ -2,7 +2,10 @@
 
 pub mod applied;
 pub mod applier;
+pub mod clone;
+pub mod clone_serve;
 pub mod feed;
+pub mod filestorage;
 pub mod history;
 pub mod protocol;
 pub mod receiver;

@@ -9,10 +9,21 @@
 //! primary sends `Txn`s in strictly increasing tid order (each naming the tid
 //! sent before it on this stream, so a gap is detectable), a `Live` marker
 //! once caught up, and `Heartbeat`s when idle; the replica sends `Ack`s.
+//!
+//! Clone (`zrelay clone`): the same listener, TLS and allow-list serve a
+//! second kind of conversation, chosen by the client's first message: a
+//! [`StreamMsg::CloneRequest`] instead of a Hello. The primary answers
+//! `CloneBegin` (or `Refuse`), then for each file a `CloneFile`, its bytes in
+//! `CloneData` chunks and a `CloneFileEnd` with its sha256 — the committed
+//! prefix of the backend's `Data.fs` first, then the blob files of the
+//! copied transactions — and finally `CloneEnd`, and closes. A new first
+//! message rather than a flag in Hello: a clone has none of a stream's state
+//! (position, digest, acks), and an older primary refuses it as a protocol
+//! error instead of streaming to a client that cannot apply.
 
 use std::io::Cursor;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::txn::{serde_bin, tid_hex, Tid, Txn};
@@ -83,6 +94,26 @@ pub struct RosterEntry {
     pub reported_by: String,
 }
 
+/// The clone client's opening message (instead of a Hello).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneRequest {
+    pub version: u32,
+    pub cluster: String,
+    pub storage: String,
+    /// The cloning node's name.
+    pub node: String,
+}
+
+/// What a cloned file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CloneFileKind {
+    /// The committed prefix of the backend's `Data.fs`.
+    DataFs,
+    /// A file of the blob directory (`path` relative to it: a blob file or
+    /// the `.layout` marker).
+    Blob,
+}
+
 /// Why a primary refuses a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RefuseReason {
@@ -96,6 +127,8 @@ pub enum RefuseReason {
     Busy,
     /// The peer broke the conversation (e.g. a second Hello).
     Protocol,
+    /// A clone was asked of a node that has no `[backend] data_fs`.
+    CloneUnavailable,
 }
 
 impl RefuseReason {
@@ -108,6 +141,7 @@ impl RefuseReason {
             RefuseReason::NotPrimary => "not_primary",
             RefuseReason::Busy => "busy",
             RefuseReason::Protocol => "protocol",
+            RefuseReason::CloneUnavailable => "clone_unavailable",
         }
     }
 }
@@ -174,6 +208,37 @@ pub enum StreamMsg {
     /// its replicas, and what its own upstream told it). Roles and positions
     /// reach other nodes only this way, over the authenticated stream.
     Roster { nodes: Vec<RosterEntry> },
+    /// clone client -> primary, first message.
+    CloneRequest(CloneRequest),
+    /// primary -> clone client: accepted; what will follow.
+    CloneBegin {
+        version: u32,
+        node: String,
+        /// The last tid of the copied `Data.fs` prefix.
+        #[serde(with = "serde_bin::array")]
+        last_tid: Tid,
+        data_fs_bytes: u64,
+        blob_files: u64,
+        blob_bytes: u64,
+    },
+    /// primary -> clone client: a file starts; `size` bytes follow.
+    CloneFile {
+        kind: CloneFileKind,
+        path: String,
+        size: u64,
+    },
+    /// primary -> clone client: the next bytes of the current file.
+    CloneData {
+        #[serde(with = "serde_bin::bytes")]
+        data: Bytes,
+    },
+    /// primary -> clone client: the current file is complete.
+    CloneFileEnd {
+        #[serde(with = "serde_bin::array")]
+        sha256: [u8; 32],
+    },
+    /// primary -> clone client: every file was sent.
+    CloneEnd { files: u64, bytes: u64 },
 }
 
 impl StreamMsg {
@@ -190,6 +255,12 @@ impl StreamMsg {
             StreamMsg::Door(_) => "door",
             StreamMsg::DoorWelcome { .. } => "door_welcome",
             StreamMsg::Roster { .. } => "roster",
+            StreamMsg::CloneRequest(_) => "clone_request",
+            StreamMsg::CloneBegin { .. } => "clone_begin",
+            StreamMsg::CloneFile { .. } => "clone_file",
+            StreamMsg::CloneData { .. } => "clone_data",
+            StreamMsg::CloneFileEnd { .. } => "clone_file_end",
+            StreamMsg::CloneEnd { .. } => "clone_end",
         }
     }
 }
@@ -299,7 +370,6 @@ fn parse_payload(frame: &[u8]) -> Result<StreamMsg, ProtocolError> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
 
     use super::*;
     use crate::replication::txn::{Record, Z64};
@@ -337,6 +407,7 @@ mod tests {
             RefuseReason::NotPrimary,
             RefuseReason::Busy,
             RefuseReason::Protocol,
+            RefuseReason::CloneUnavailable,
         ];
         let mut v = vec![
             StreamMsg::Hello(Hello {
@@ -387,6 +458,38 @@ mod tests {
                 primary_time_unix_ms: 1_700_000_000_123,
             },
             StreamMsg::Ack { tid: [6; 8] },
+            StreamMsg::CloneRequest(CloneRequest {
+                version: PROTOCOL_VERSION,
+                cluster: "c1".into(),
+                storage: "1".into(),
+                node: "new-replica".into(),
+            }),
+            StreamMsg::CloneBegin {
+                version: PROTOCOL_VERSION,
+                node: "p".into(),
+                last_tid: [7; 8],
+                data_fs_bytes: 1 << 40,
+                blob_files: 3,
+                blob_bytes: 12345,
+            },
+            StreamMsg::CloneFile {
+                kind: CloneFileKind::DataFs,
+                path: "Data.fs".into(),
+                size: 99,
+            },
+            StreamMsg::CloneFile {
+                kind: CloneFileKind::Blob,
+                path: "0x00/0x01/0x03f6.blob".into(),
+                size: 0,
+            },
+            StreamMsg::CloneData {
+                data: Bytes::from(vec![0x5a; 1000]),
+            },
+            StreamMsg::CloneFileEnd { sha256: [8; 32] },
+            StreamMsg::CloneEnd {
+                files: 4,
+                bytes: 1 << 33,
+            },
         ];
         for r in reasons {
             v.push(StreamMsg::Refuse {

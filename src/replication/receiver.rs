@@ -299,7 +299,13 @@ impl ReceiverState {
             StreamMsg::Hello(_)
             | StreamMsg::Ack { .. }
             | StreamMsg::Door(_)
-            | StreamMsg::DoorWelcome { .. } => {
+            | StreamMsg::DoorWelcome { .. }
+            | StreamMsg::CloneRequest(_)
+            | StreamMsg::CloneBegin { .. }
+            | StreamMsg::CloneFile { .. }
+            | StreamMsg::CloneData { .. }
+            | StreamMsg::CloneFileEnd { .. }
+            | StreamMsg::CloneEnd { .. } => {
                 self.expect(kind, false)?;
                 Ok(Incoming::Nothing)
             }
