@@ -396,6 +396,29 @@ impl Config {
                 }
             }
         }
+        if let Some(a) = &self.admin {
+            crate::admin::auth::AdminAuth::load(a).map_err(|e| invalid("admin.token_file", e))?;
+            if !a.admin_allowed.is_empty() && a.tls.is_none() {
+                return Err(invalid(
+                    "admin.admin_allowed",
+                    "client certificates need [admin.tls]; over plain HTTP use token_file".into(),
+                ));
+            }
+            if let Some(t) = &a.tls {
+                for (key, p) in [
+                    ("admin.tls.ca_file", &t.ca_file),
+                    ("admin.tls.cert_file", &t.cert_file),
+                    ("admin.tls.key_file", &t.key_file),
+                ] {
+                    if !p.is_file() {
+                        return Err(invalid(
+                            key,
+                            format!("{} is not a readable file", p.display()),
+                        ));
+                    }
+                }
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(invalid(
                 "log_level",

@@ -7,9 +7,12 @@
 pub mod admin;
 pub mod certgen;
 pub mod config;
+pub mod control;
+pub mod live;
 pub mod metrics;
 pub mod monitor;
 pub mod relay;
+pub mod reload;
 pub mod replication;
 pub mod server;
 pub mod status;

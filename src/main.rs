@@ -69,6 +69,26 @@ enum Command {
         #[arg(long = "admin", required = true)]
         admins: Vec<String>,
     },
+    /// Stop accepting new client sessions on a node; open ones end at their
+    /// next safe point (POST /drain). Exit 0 done, 1 refused, 2 unreachable.
+    Drain {
+        #[arg(long)]
+        admin: String,
+        /// File holding the admin bearer token (the node's admin.token_file).
+        #[arg(long, env = "ZRELAY_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        #[arg(long, default_value = "10s", value_parser = zrelay::admin::cli::parse_duration)]
+        timeout: Duration,
+    },
+    /// Make a node re-read its configuration file, like SIGHUP (POST /reload).
+    Reload {
+        #[arg(long)]
+        admin: String,
+        #[arg(long, env = "ZRELAY_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        #[arg(long, default_value = "10s", value_parser = zrelay::admin::cli::parse_duration)]
+        timeout: Duration,
+    },
     /// Nagios/SlapOS check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
     Check {
         #[arg(long)]
@@ -142,6 +162,22 @@ fn main() -> ExitCode {
             max_lag,
             timeout,
         } => block_on(zrelay::admin::cli::check_command(&admin, max_lag, timeout)),
+        Command::Drain {
+            admin,
+            token_file,
+            timeout,
+        } => block_on(async move {
+            zrelay::admin::cli::control_command(&admin, "/drain", token_file.as_deref(), timeout)
+                .await
+        }),
+        Command::Reload {
+            admin,
+            token_file,
+            timeout,
+        } => block_on(async move {
+            zrelay::admin::cli::control_command(&admin, "/reload", token_file.as_deref(), timeout)
+                .await
+        }),
         Command::CheckConfig { file } => match zrelay::config::Config::load(&file) {
             Ok(_) => {
                 println!("{}: OK", file.display());
@@ -160,7 +196,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match zrelay::server::run(cfg) {
+            match zrelay::server::run_file(cfg, Some(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("zrelay: {e:#}");

@@ -1,6 +1,7 @@
 //! Process wiring: logging, metrics recorder, the runtime, listeners, the
 //! role's tasks and signal handling. Owns no protocol logic.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,9 +10,14 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::admin::auth::AdminAuth;
+use crate::admin::http::AdminSettings;
 use crate::config::{Config, ReplicationConfig, RoleConfig};
+use crate::control::Control;
+use crate::live::Live;
 use crate::relay::listener::{ClientListener, HooksFactory};
 use crate::relay::{PassThrough, SessionHooks, SessionLimits};
+use crate::reload::{LogFilterSetter, Reloadables};
 use crate::replication::applied::AppliedLog;
 use crate::replication::applier::Applier;
 use crate::replication::feed::{self, BackendLink, FeedHandle, ListenerConfig};
@@ -23,10 +29,23 @@ use crate::replication::txn::Z64;
 use crate::status::{Role, StatusHub};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    run_file(cfg, None)
+}
+
+/// Runs the proxy; `path` is the file `cfg` came from, re-read on SIGHUP
+/// and `POST /reload` (None: reload reports an error).
+pub fn run_file(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log_level))
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    builder.init();
+    let log_filter: LogFilterSetter = Box::new(move |directive: &str| {
+        let filter =
+            tracing_subscriber::EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
     // One worker thread by default: a session's hops then never cross
     // threads (no futex wake-ups between the I/O driver and the task), which
     // is what costs latency on a small host shared with the ZEO server.
@@ -42,10 +61,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .build()
     }
     .context("start the tokio runtime")?;
-    runtime.block_on(serve(cfg))
+    runtime.block_on(serve(cfg, path, log_filter))
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    path: Option<PathBuf>,
+    log_filter: LogFilterSetter,
+) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&crate::admin::LATENCY_BUCKETS)
         .context("configure histogram buckets")?
@@ -54,6 +77,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     metrics::set_global_recorder(recorder).context("install the metrics recorder")?;
     crate::metrics::describe();
     tls::describe();
+    crate::reload::describe();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
@@ -67,6 +91,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.backend.addr().to_string(),
     ));
     let shutdown = CancellationToken::new();
+    // Drain (POST /drain) stops the client listener only; shutdown implies it.
+    let drain = shutdown.child_token();
+    let (control, reload_requests) = Control::new(drain.clone(), status.clone());
+    let mut reloadables = Reloadables {
+        log_filter: Some(log_filter),
+        ..Reloadables::default()
+    };
     let mut tasks = Vec::new();
 
     tasks.push(tokio::spawn(crate::monitor::backend_monitor(
@@ -88,12 +119,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
-            start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+            start_feed(
+                r,
+                &cfg,
+                &link,
+                &status,
+                &shutdown,
+                &mut tasks,
+                &mut reloadables,
+            )
+            .await?;
             Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
         }
         Some(r) => {
             let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
-            start_replica(
+            let connector = start_replica(
                 r,
                 &cfg,
                 &link,
@@ -102,11 +142,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 &shutdown,
                 &mut tasks,
             )?;
+            reloadables.repl_connector = Some(connector);
             if r.listen.is_some() {
                 // Cascading: what this replica's backend commits (the
                 // applier's replays, in tid order) is fed downstream exactly
                 // as a primary feeds its replicas.
-                start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+                start_feed(
+                    r,
+                    &cfg,
+                    &link,
+                    &status,
+                    &shutdown,
+                    &mut tasks,
+                    &mut reloadables,
+                )
+                .await?;
             }
             let allow_pack = r.allow_pack;
             Arc::new(move || {
@@ -120,16 +170,46 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(a.listen)
             .await
             .with_context(|| format!("listen for admin HTTP on {}", a.listen))?;
-        info!(listen = %a.listen, "admin HTTP (metrics, health, status)");
+        let settings = Live::new(AdminSettings {
+            max_replica_lag: a.max_replica_lag(),
+            auth: AdminAuth::load(a)
+                .map_err(anyhow::Error::msg)
+                .context("admin.token_file")?,
+        });
+        let admin_tls = match &a.tls {
+            Some(files) => Some(Live::new(tokio_rustls::TlsAcceptor::from(
+                tls::admin_server_config(files).context("load admin TLS files")?,
+            ))),
+            None => None,
+        };
+        info!(listen = %a.listen, tls = admin_tls.is_some(), "admin HTTP (metrics, health, status, control)");
+        reloadables.admin = Some(settings.clone());
+        reloadables.admin_tls = admin_tls.clone();
         tasks.push(tokio::spawn(crate::admin::http::serve(
             l,
             crate::admin::http::AdminState {
                 status: status.clone(),
                 prometheus: prometheus.clone(),
-                max_replica_lag: a.max_replica_lag(),
+                settings,
+                control: Some(control.clone()),
+                tls: admin_tls,
             },
             shutdown.clone(),
         )));
+    }
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            tasks.push(tokio::spawn(crate::reload::run(
+                path,
+                text,
+                reloadables,
+                reload_requests,
+                shutdown.clone(),
+            )));
+        }
+        None => drop(reload_requests),
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.client.listen)
@@ -156,7 +236,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_connections: cfg.client.max_connections,
         hooks,
     };
-    let serving = tokio::spawn(clients.serve(shutdown.clone()));
+    let serving = tokio::spawn(clients.serve(drain.clone()));
 
     wait_for_signal().await?;
     info!(
@@ -181,8 +261,13 @@ async fn start_feed(
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    reloadables: &mut Reloadables,
 ) -> anyhow::Result<()> {
     let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
+    let acceptor = Live::new(tokio_rustls::TlsAcceptor::from(server_cfg));
+    let allowed_peers = Live::new(r.allowed_peers.clone());
+    reloadables.repl_acceptor = Some(acceptor.clone());
+    reloadables.repl_allowed = Some(allowed_peers.clone());
     let listen = r.listen.context("replication.listen")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -203,8 +288,8 @@ async fn start_feed(
         shutdown.clone(),
     )));
     let lcfg = ListenerConfig {
-        acceptor: tokio_rustls::TlsAcceptor::from(server_cfg),
-        allowed_peers: r.allowed_peers.clone(),
+        acceptor,
+        allowed_peers,
         sender: SenderConfig {
             cluster: r.cluster.clone(),
             storage: link.storage.clone(),
@@ -238,8 +323,9 @@ fn start_replica(
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Arc<Live<tokio_rustls::TlsConnector>>> {
     let client_cfg = tls::client_config(&r.tls).context("load replication TLS files")?;
+    let connector = Live::new(tokio_rustls::TlsConnector::from(client_cfg));
     let upstream = r.upstream.clone().context("replication.upstream")?;
     info!(upstream = %upstream, cluster = %r.cluster, "replication: replica, read-only service");
     let applier = Applier::new(
@@ -256,7 +342,7 @@ fn start_replica(
         node: cfg.node_name.clone(),
         upstream_name: r.upstream_server_name(),
         upstream,
-        connector: tokio_rustls::TlsConnector::from(client_cfg),
+        connector: connector.clone(),
         stale_after: Duration::from_millis(r.stale_after_ms),
         max_message_bytes: r.max_message_bytes,
         connect_timeout: link.connect_timeout,
@@ -267,7 +353,7 @@ fn start_replica(
         status.clone(),
         shutdown.clone(),
     )));
-    Ok(())
+    Ok(connector)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -75,6 +75,8 @@ pub struct NodeStatus {
     pub upstream: Option<UpstreamStatus>,
     /// Writer: the primary feed, one entry per connected or known replica.
     pub replicas: BTreeMap<String, ReplicaPeerStatus>,
+    /// Writer: `control::Control::drain`. No new client sessions accepted.
+    pub draining: bool,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -97,6 +99,7 @@ impl StatusHub {
                 storage_last_commit_unix: None,
                 upstream: None,
                 replicas: BTreeMap::new(),
+                draining: false,
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

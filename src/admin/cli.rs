@@ -111,6 +111,17 @@ pub(crate) async fn request(
     path: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    request_as(admin, method, path, None, timeout).await
+}
+
+/// [`request`] with an optional bearer token.
+pub(crate) async fn request_as(
+    admin: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
     let host = authority(admin)?;
     let exchange = async {
         let stream = TcpStream::connect(host).await.map_err(|e| e.to_string())?;
@@ -118,12 +129,14 @@ pub(crate) async fn request(
             .await
             .map_err(|e| e.to_string())?;
         let driver = tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(HOST, host)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
+            .header(HOST, host);
+        if let Some(t) = token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, MAX_BODY_BYTES)
@@ -137,6 +150,40 @@ pub(crate) async fn request(
     match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// `zrelay drain` / `zrelay reload`: POSTs `path` with the token read from
+/// `token_file` (if given), prints the answer, exits 0 on 200, 1 on a
+/// refusal or error answer, 2 if the node could not be reached.
+pub async fn control_command(
+    admin: &str,
+    path: &str,
+    token_file: Option<&std::path::Path>,
+    timeout: Duration,
+) -> i32 {
+    let token = match token_file.map(std::fs::read_to_string).transpose() {
+        Ok(t) => t.map(|t| t.trim().to_string()),
+        Err(e) => {
+            eprintln!("zrelay: token file: {e}");
+            return 2;
+        }
+    };
+    match request_as(admin, Method::POST, path, token.as_deref(), timeout).await {
+        Ok((code, _, body)) => {
+            let text = String::from_utf8_lossy(&body);
+            if code == StatusCode::OK {
+                print!("{text}");
+                0
+            } else {
+                eprint!("zrelay: {admin}{path}: HTTP {code}: {text}");
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("zrelay: {admin}{path}: {e}");
+            2
+        }
     }
 }
 

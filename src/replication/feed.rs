@@ -29,6 +29,7 @@ use super::stream_io::{read_msg, ReadError};
 use super::tls;
 use super::txn::{tid_after, tid_hex, Tid, Txn, Z64};
 use crate::config::BackendAddr;
+use crate::live::Live;
 use crate::metrics as m;
 use crate::status::{ReplicaPeerStatus, StatusHub, StreamState};
 use crate::wire::calls::ServerMsg;
@@ -203,8 +204,10 @@ fn set_last(last_tid: &watch::Sender<Tid>, status: Option<&StatusHub>, tid: Tid)
 /// Settings of the replication listener on a primary.
 #[derive(Clone)]
 pub struct ListenerConfig {
-    pub acceptor: TlsAcceptor,
-    pub allowed_peers: Vec<String>,
+    /// Replaced on reload: new handshakes use the new certificate files,
+    /// open streams keep theirs.
+    pub acceptor: Arc<Live<TlsAcceptor>>,
+    pub allowed_peers: Arc<Live<Vec<String>>>,
     pub sender: SenderConfig,
     pub max_message_bytes: usize,
     pub handshake_timeout: Duration,
@@ -242,9 +245,9 @@ pub async fn serve_replicas(
         tokio::spawn(
             async move {
                 let (stream, name) = match tls::accept(
-                    &cfg.acceptor,
+                    &cfg.acceptor.get(),
                     tcp,
-                    &cfg.allowed_peers,
+                    &cfg.allowed_peers.get(),
                     cfg.handshake_timeout,
                 )
                 .await

@@ -23,6 +23,7 @@ use super::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
 use super::stream_io::{self, ReadError};
 use super::tls;
 use super::txn::{tid_hex, tid_unix_secs, Tid, Z64};
+use crate::live::Live;
 use crate::metrics as m;
 use crate::status::{StatusHub, StreamState, UpstreamStatus};
 
@@ -33,7 +34,9 @@ pub struct ReplicaConfig {
     pub node: String,
     pub upstream: String,
     pub upstream_name: String,
-    pub connector: TlsConnector,
+    /// Replaced on reload (certificate rotation): the next connection uses
+    /// the new files, an open stream keeps running.
+    pub connector: Arc<Live<TlsConnector>>,
     pub stale_after: Duration,
     pub max_message_bytes: usize,
     pub connect_timeout: Duration,
@@ -241,14 +244,20 @@ async fn stream_once(
         })?
         .map_err(|e| RunError::Connect(cfg.upstream.clone(), e))?;
     let _ = tcp.set_nodelay(true);
-    let (stream, peer) =
-        match tls::connect(&cfg.connector, tcp, &cfg.upstream_name, cfg.connect_timeout).await {
-            Ok(x) => x,
-            Err(e) => {
-                tls::record_handshake_failure(&e);
-                return Err(e.into());
-            }
-        };
+    let (stream, peer) = match tls::connect(
+        &cfg.connector.get(),
+        tcp,
+        &cfg.upstream_name,
+        cfg.connect_timeout,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tls::record_handshake_failure(&e);
+            return Err(e.into());
+        }
+    };
     let (mut rh, mut wh) = tokio::io::split(stream);
     let mut wbuf = BytesMut::new();
     protocol::encode(&st.hello(&cfg.cluster, &cfg.storage, &cfg.node), &mut wbuf)?;
