@@ -314,6 +314,14 @@ impl Node {
         );
     }
 
+    /// SIGHUP: reload the config file.
+    pub fn hup(&mut self) {
+        self.proc
+            .as_mut()
+            .expect("zrelay running")
+            .signal(libc::SIGHUP);
+    }
+
     /// SIGKILL (the stream is cut without a goodbye).
     pub fn kill(&mut self) {
         self.proc.take().expect("zrelay running").kill();
@@ -395,6 +403,8 @@ pub struct ClusterOpts {
     pub primary_replication: String,
     pub replica_replication: String,
     pub replica_admin: String,
+    /// Extra `[admin]` lines of the primary.
+    pub primary_admin: String,
 }
 
 impl ClusterOpts {
@@ -407,6 +417,7 @@ impl ClusterOpts {
             primary_replication: String::new(),
             replica_replication: String::new(),
             replica_admin: String::new(),
+            primary_admin: String::new(),
         }
     }
 }
@@ -448,7 +459,7 @@ impl Cluster {
             },
             tls: certs.tls("primary"),
             backend_extra: BACKEND_EXTRA.into(),
-            admin_extra: String::new(),
+            admin_extra: opts.primary_admin.clone(),
             replication_extra: opts.primary_replication.clone(),
         });
         primary.start();

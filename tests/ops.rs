@@ -1,0 +1,247 @@
+//! Operations on a live primary + replica with real ZEO clients: admin
+//! authentication, SIGHUP / POST /reload (certificate rotation without
+//! dropping the stream, keys that need a restart), and drain.
+
+#[allow(unused_imports)] // shared harness: this file uses part of it
+mod support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::cluster::{metric_value, wait_until, Cluster, ClusterOpts};
+use support::{Enc, Py};
+use zrelay::replication::tls;
+
+const SYNC: Duration = Duration::from_secs(30);
+const TOKEN: &str = "ops-test-token-0123456789abcdef";
+
+fn zrelay(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zrelay"))
+        .args(args)
+        .output()
+        .expect("run zrelay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The DER of the certificate the replication listener at `addr` presents
+/// to a replica holding `client` files.
+fn presented_cert(addr: SocketAddr, client: &tls::TlsFiles) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connector = tokio_rustls::TlsConnector::from(tls::client_config(client).unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = tls::connect(&connector, tcp, "primary", Duration::from_secs(10))
+            .await
+            .unwrap();
+        stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    })
+}
+
+fn pem_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .to_vec()
+}
+
+/// Replaces `dst` by `src` the way a rotation tool does: write aside, rename.
+fn replace_file(src: &Path, dst: &Path) {
+    let tmp = dst.with_extension("new");
+    std::fs::copy(src, &tmp).unwrap();
+    std::fs::rename(&tmp, dst).unwrap();
+}
+
+fn auth_failures(metrics: &str, reason: &str) -> f64 {
+    metric_value(
+        metrics,
+        &format!("zrelay_admin_auth_failures_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+#[test]
+fn reload_rotation_and_drain_with_real_clients() {
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let admin = format!("token_file = {:?}\n", token_file.display().to_string());
+    let mut opts = ClusterOpts::new(Enc::Pickle);
+    opts.primary_admin = admin.clone();
+    opts.replica_admin = admin;
+    let mut c = Cluster::with(opts);
+    let tf = token_file.display().to_string();
+    let p_admin = c.primary.admin().to_string();
+    let r_admin = c.replica.admin().to_string();
+    c.run_py(&["set", &c.primary.addr().to_string(), "k1", "1"]);
+    c.wait_in_sync(SYNC);
+
+    // --- authentication: no token / a wrong one are refused and counted.
+    let (code, text) = zrelay(&["drain", "--admin", &p_admin]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("401"), "{text}");
+    let wrong = token_dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-token-0123456789").unwrap();
+    let (code, text) = zrelay(&[
+        "reload",
+        "--admin",
+        &p_admin,
+        "--token-file",
+        &wrong.display().to_string(),
+    ]);
+    assert_eq!(code, 1, "{text}");
+    let m = c.primary.metrics();
+    assert_eq!(auth_failures(&m, "missing"), 1.0, "{m}");
+    assert_eq!(auth_failures(&m, "invalid_token"), 1.0);
+    assert_eq!(c.primary.get("/readiness").0, 200);
+
+    // --- rotation on the primary: new certificate files, SIGHUP; a new
+    // handshake presents the new certificate, the stream stays up.
+    let replica_files = tls::TlsFiles {
+        ca_file: c.certs.ca(),
+        cert_file: c.certs.tls("replica").cert,
+        key_file: c.certs.tls("replica").key,
+    };
+    let old = pem_der(&c.certs.tls("primary").cert);
+    assert_eq!(presented_cert(c.primary.repl(), &replica_files), old);
+    let (code, text) = zrelay(&[
+        "cert",
+        "--dir",
+        &c.certs.dir().display().to_string(),
+        "primary",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let new = pem_der(&c.certs.tls("primary").cert);
+    assert_ne!(new, old, "zrelay cert reissued the same certificate");
+    c.primary.hup();
+    wait_until(
+        SYNC,
+        "the primary to present the rotated certificate",
+        || presented_cert(c.primary.repl(), &replica_files) == new,
+    );
+    assert_eq!(
+        metric_value(
+            &c.primary.metrics(),
+            "zrelay_config_reloads_total{result=\"ok\"}"
+        ),
+        1.0
+    );
+
+    // --- rotation on the replica: its certificate now names "replica-b".
+    // SIGHUP keeps the open stream; the next connection presents the new
+    // certificate (the primary logs the name it saw).
+    let (code, text) = zrelay(&[
+        "cert",
+        "--dir",
+        &c.certs.dir().display().to_string(),
+        "replica-b",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let b = c.certs.tls("replica-b");
+    let r = c.certs.tls("replica");
+    replace_file(&b.key, &r.key);
+    replace_file(&b.cert, &r.cert);
+    let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &tf]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("replication.tls"), "{text}");
+    let tid = {
+        c.run_py(&["set", &c.primary.addr().to_string(), "k2", "2"]);
+        c.wait_in_sync(SYNC)
+    };
+    assert_eq!(c.replica.upstream_state(), "live");
+    assert_eq!(
+        c.replica.log().matches("replication stream up").count(),
+        1,
+        "the stream was re-established"
+    );
+    assert!(!c.primary.log().contains("node=\"replica-b\""));
+    assert_eq!(c.replica.applied_tid().as_deref(), Some(tid.as_str()));
+    c.primary.restart();
+    wait_until(
+        SYNC,
+        "the replica to reconnect with its new certificate",
+        || c.primary.log().contains("node=\"replica-b\""),
+    );
+
+    // --- a key that needs a restart is refused by name; the rest applies.
+    let cfg = std::fs::read_to_string(c.replica.config_path()).unwrap();
+    let changed = cfg
+        .replace(
+            "log_level = \"info,zrelay=debug,zrelay::monitor=info\"",
+            "log_level = \"info\"",
+        )
+        .replace("probe_interval_ms = 200", "probe_interval_ms = 300");
+    assert_ne!(changed, cfg);
+    std::fs::write(c.replica.config_path(), changed).unwrap();
+    let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &tf]);
+    assert_eq!(code, 0, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["needs_restart"],
+        serde_json::json!(["backend.probe_interval_ms"]),
+        "{v}"
+    );
+    assert!(
+        v["applied"]
+            .as_array()
+            .unwrap()
+            .contains(&"log_level".into()),
+        "{v}"
+    );
+    assert!(c
+        .replica
+        .log()
+        .lines()
+        .any(|l| l.contains("needs a restart") && l.contains("backend.probe_interval_ms")));
+    // A file that does not load changes nothing and says why.
+    std::fs::write(c.replica.config_path(), "[client]\nlisten = 1\n").unwrap();
+    let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &tf]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("500"), "{text}");
+    c.replica.hup();
+    wait_until(SYNC, "the failed SIGHUP reload to be counted", || {
+        metric_value(
+            &c.replica.metrics(),
+            "zrelay_config_reloads_total{result=\"error\"}",
+        ) == 2.0
+    });
+
+    // --- drain the primary while a real client is mid-transaction.
+    let mut hold = Py::new("ops.py")
+        .args(&["hold", &c.primary.addr().to_string()])
+        .spawn();
+    hold.expect_line("BEGUN", SYNC);
+    let (code, text) = zrelay(&["drain", "--admin", &p_admin, "--token-file", &tf]);
+    assert_eq!(code, 0, "{text}");
+    let (code, body) = c.primary.get("/readiness");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    assert_eq!(c.primary.get("/health").0, 200);
+    // No new sessions: the listener is closed.
+    let client: SocketAddr = c.primary.addr().to_string().parse().unwrap();
+    wait_until(SYNC, "the client port to refuse connections", || {
+        TcpStream::connect_timeout(&client, Duration::from_secs(1)).is_err()
+    });
+    Py::new("ops.py")
+        .args(&["refused", &c.primary.addr().to_string()])
+        .run();
+    // The open transaction still commits, then the session ends.
+    hold.send_line("finish");
+    hold.expect_line("CLOSED", SYNC);
+    let out = hold.finish();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let committed = support::cluster::value_of(&out, "committed").to_string();
+    // It reached the primary's backend and, as usual, the replica.
+    assert_eq!(c.last_tid(c.pzeo.addr()), committed);
+    c.wait_applied(&committed, SYNC);
+    assert!(c.primary.log().contains("draining"));
+    c.assert_healthy();
+}
