@@ -472,6 +472,14 @@ pub(crate) mod tests {
     /// Starts `serve` on 127.0.0.1:0 with its own recorder: the global one
     /// can be installed once per process, so tests never touch it.
     pub(crate) async fn start(role: Role) -> TestServer {
+        start_with(role, None, &[]).await
+    }
+
+    pub(crate) async fn start_with(
+        role: Role,
+        tls: Option<TlsAcceptor>,
+        allowed: &[&str],
+    ) -> TestServer {
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, crate::metrics::describe);
         let status = Arc::new(StatusHub::new(
@@ -495,10 +503,10 @@ pub(crate) mod tests {
             prometheus: recorder.handle(),
             settings: Live::new(AdminSettings {
                 max_replica_lag: Duration::from_secs(5),
-                auth: AdminAuth::for_tests(Some(TEST_TOKEN), &[]),
+                auth: AdminAuth::for_tests(Some(TEST_TOKEN), allowed),
             }),
             control: Some(control),
-            tls: None,
+            tls: tls.map(Live::new),
         };
         let task = tokio::spawn(serve(listener, state, shutdown.clone()));
         TestServer {
@@ -778,6 +786,76 @@ pub(crate) mod tests {
         assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(String::from_utf8_lossy(&body).contains("bad file"));
         answer.await.unwrap();
+        s.shutdown.cancel();
+        s.task.await.unwrap();
+    }
+
+    /// Admin over TLS: probes need no certificate; mutating calls accept a
+    /// certificate named in admin_allowed, refuse other names (403), and
+    /// still accept the token.
+    #[tokio::test]
+    async fn admin_tls_with_client_certificates() {
+        use crate::admin::cli::{request_tls, AdminTls};
+        use crate::replication::tls as rtls;
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = ["node2", "ops", "replica1"].map(String::from).to_vec();
+        crate::certgen::run_cert_command(dir.path(), &names, 30).unwrap();
+        let f = |n: &str| dir.path().join(n);
+        let files = rtls::TlsFiles {
+            ca_file: f("ca.pem"),
+            cert_file: f("node2.pem"),
+            key_file: f("node2-key.pem"),
+        };
+        let acceptor = TlsAcceptor::from(rtls::admin_server_config(&files).unwrap());
+        let s = start_with(Role::Primary, Some(acceptor), &["ops"]).await;
+        let url = format!("https://{}", s.addr);
+        let anon = AdminTls::load(&f("ca.pem"), None, Some("node2".into())).unwrap();
+        let ops = AdminTls::load(
+            &f("ca.pem"),
+            Some((&f("ops.pem"), &f("ops-key.pem"))),
+            Some("node2".into()),
+        )
+        .unwrap();
+        let other = AdminTls::load(
+            &f("ca.pem"),
+            Some((&f("replica1.pem"), &f("replica1-key.pem"))),
+            None,
+        )
+        .unwrap();
+        let call = |m: Method, p: &'static str, tls: &AdminTls, token: Option<&'static str>| {
+            let (url, tls) = (url.clone(), tls.clone());
+            async move {
+                request_tls(&url, m, p, token, Some(&tls), T)
+                    .await
+                    .unwrap()
+                    .0
+            }
+        };
+        assert_eq!(
+            call(Method::GET, "/health", &anon, None).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(Method::POST, "/drain", &anon, None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        // The server name defaults to the address's host (127.0.0.1 is a SAN).
+        assert_eq!(
+            call(Method::POST, "/drain", &other, None).await,
+            StatusCode::FORBIDDEN
+        );
+        assert!(!s.drain.is_cancelled());
+        assert_eq!(
+            call(Method::POST, "/drain", &other, Some(TEST_TOKEN)).await,
+            StatusCode::OK
+        );
+        assert!(s.drain.is_cancelled());
+        assert_eq!(
+            call(Method::POST, "/drain", &ops, None).await,
+            StatusCode::OK
+        );
+        // Plain HTTP to a TLS listener gets nothing useful.
+        assert!(request(&s.addr, Method::GET, "/health", T).await.is_err());
         s.shutdown.cancel();
         s.task.await.unwrap();
     }

@@ -323,6 +323,34 @@ pub fn admin_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsErr
     Ok(Arc::new(config))
 }
 
+/// A client of an `https://` admin listener (`zrelay drain|reload`): trusts
+/// `ca_file`; presents a client certificate if `client` names one.
+pub fn https_client_config(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = load_roots(ca_file)?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls13_only)?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let files = TlsFiles {
+                ca_file: ca_file.to_path_buf(),
+                cert_file: cert.to_path_buf(),
+                key_file: key.to_path_buf(),
+            };
+            builder
+                .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+                .map_err(|e| identity_error(&files, e))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The replica's side: TLS 1.3 only, the server must present a certificate
 /// issued by `ca_file` valid for the name dialled, and this node presents
 /// `cert_file`/`key_file` as its client certificate. No session resumption.
