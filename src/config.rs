@@ -94,6 +94,10 @@ pub struct ReplicationConfig {
     /// Replica: forward clients' pack() to the backend (default: refuse).
     #[serde(default)]
     pub allow_pack: bool,
+    /// Primary: replay clients' packs on the replicas (as an operation in
+    /// the stream); replica: execute them on its backend. Default on.
+    #[serde(default = "default_true")]
+    pub replicate_pack: bool,
     /// Largest stream message (one transaction with its blobs).
     #[serde(default = "default_stream_max_bytes")]
     pub max_message_bytes: usize,
@@ -110,6 +114,9 @@ pub struct ReplicationConfig {
     pub tls: crate::replication::tls::TlsFiles,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_cluster() -> String {
     "zrelay".to_string()
 }

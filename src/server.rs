@@ -21,11 +21,12 @@ use crate::reload::{LogFilterSetter, Reloadables};
 use crate::replication::applied::AppliedLog;
 use crate::replication::applier::Applier;
 use crate::replication::feed::{self, BackendLink, FeedHandle, ListenerConfig};
+use crate::replication::pack::{self, PackCapture, PackOp, PackRunner};
 use crate::replication::replica::{self, ReplicaConfig};
 use crate::replication::replica_session::ReplicaHooks;
 use crate::replication::sender::SenderConfig;
 use crate::replication::tls;
-use crate::replication::txn::Z64;
+use crate::replication::txn::{Tid, Z64};
 use crate::status::{Role, StatusHub};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -78,12 +79,16 @@ async fn serve(
     crate::metrics::describe();
     tls::describe();
     crate::reload::describe();
+    pack::describe();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
         _ => Role::Primary,
     };
     crate::metrics::init_series(role == Role::Replica, cfg.replication.is_some());
+    if cfg.replication.is_some() {
+        pack::init_series(role == Role::Replica);
+    }
     let storage = cfg.backend.storages[0].clone();
     let status = Arc::new(StatusHub::new(
         cfg.node_name.clone(),
@@ -119,7 +124,7 @@ async fn serve(
 
     let hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
-            start_feed(
+            let feed = start_feed(
                 r,
                 &cfg,
                 &link,
@@ -129,25 +134,31 @@ async fn serve(
                 &mut reloadables,
             )
             .await?;
-            Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
+            if r.replicate_pack {
+                // Client packs are seen in the sessions and replayed on the
+                // replicas (see replication::pack).
+                let (captured, packs) = tokio::sync::mpsc::channel(16);
+                tasks.push(tokio::spawn(pack::relay_packs(
+                    link.clone(),
+                    packs,
+                    feed.published,
+                    feed.packs,
+                    shutdown.clone(),
+                )));
+                Arc::new(move || {
+                    Box::new(PackCapture::new(captured.clone())) as Box<dyn SessionHooks>
+                })
+            } else {
+                Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
+            }
         }
         Some(r) => {
             let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
-            let connector = start_replica(
-                r,
-                &cfg,
-                &link,
-                applied.clone(),
-                &status,
-                &shutdown,
-                &mut tasks,
-            )?;
-            reloadables.repl_connector = Some(connector);
-            if r.listen.is_some() {
+            let downstream = if r.listen.is_some() {
                 // Cascading: what this replica's backend commits (the
                 // applier's replays, in tid order) is fed downstream exactly
-                // as a primary feeds its replicas.
-                start_feed(
+                // as a primary feeds its replicas; so are its packs.
+                let feed = start_feed(
                     r,
                     &cfg,
                     &link,
@@ -157,7 +168,26 @@ async fn serve(
                     &mut reloadables,
                 )
                 .await?;
-            }
+                Some(feed.packs)
+            } else {
+                None
+            };
+            let packer = r.replicate_pack.then(|| {
+                let (p, task) = PackRunner::start(link.clone(), downstream, shutdown.clone());
+                tasks.push(task);
+                p
+            });
+            let connector = start_replica(
+                r,
+                &cfg,
+                &link,
+                applied.clone(),
+                &status,
+                &shutdown,
+                &mut tasks,
+                packer,
+            )?;
+            reloadables.repl_connector = Some(connector);
             let allow_pack = r.allow_pack;
             Arc::new(move || {
                 Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
@@ -252,6 +282,13 @@ async fn serve(
     Ok(())
 }
 
+/// What [`start_feed`] hands back: where packs to replay go, and the
+/// feed's last published tid.
+struct FeedOut {
+    packs: watch::Sender<Option<PackOp>>,
+    published: watch::Receiver<Tid>,
+}
+
 /// The commit feed and the replication listener: on a primary, and on a
 /// replica that feeds further replicas.
 async fn start_feed(
@@ -262,7 +299,7 @@ async fn start_feed(
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
     reloadables: &mut Reloadables,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<FeedOut> {
     let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
     let acceptor = Live::new(tokio_rustls::TlsAcceptor::from(server_cfg));
     let allowed_peers = Live::new(r.allowed_peers.clone());
@@ -279,6 +316,7 @@ async fn start_feed(
     // is busy writing; it holds at most this many transactions.
     let (commits, _) = broadcast::channel(256);
     let (last_tx, last_rx) = watch::channel(Z64);
+    let (packs_tx, packs_rx) = watch::channel(None);
     let report = (r.role == RoleConfig::Primary).then(|| status.clone());
     tasks.push(tokio::spawn(feed::run_feed(
         link.clone(),
@@ -307,14 +345,19 @@ async fn start_feed(
         link.clone(),
         FeedHandle {
             commits,
-            last_tid: last_rx,
+            last_tid: last_rx.clone(),
+            packs: packs_rx,
         },
         status.clone(),
         shutdown.clone(),
     )));
-    Ok(())
+    Ok(FeedOut {
+        packs: packs_tx,
+        published: last_rx,
+    })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_replica(
     r: &ReplicationConfig,
     cfg: &Config,
@@ -323,6 +366,7 @@ fn start_replica(
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    packer: Option<PackRunner>,
 ) -> anyhow::Result<Arc<Live<tokio_rustls::TlsConnector>>> {
     let client_cfg = tls::client_config(&r.tls).context("load replication TLS files")?;
     let connector = Live::new(tokio_rustls::TlsConnector::from(client_cfg));
@@ -346,6 +390,7 @@ fn start_replica(
         stale_after: Duration::from_millis(r.stale_after_ms),
         max_message_bytes: r.max_message_bytes,
         connect_timeout: link.connect_timeout,
+        packer,
     };
     tasks.push(tokio::spawn(replica::run_replica(
         rcfg,

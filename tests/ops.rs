@@ -245,3 +245,61 @@ fn reload_rotation_and_drain_with_real_clients() {
     assert!(c.primary.log().contains("draining"));
     c.assert_healthy();
 }
+
+/// A pack on the primary is replayed on the replica: its Data.fs shrinks
+/// too, both stay identical (verify), and the stream goes on.
+#[test]
+fn pack_on_the_primary_is_replicated() {
+    let mut c = Cluster::start(Enc::Pickle);
+    let p = c.primary.addr().to_string();
+    let out = Py::new("ops.py").args(&["churn", &p, "40"]).run();
+    let last =
+        support::cluster::value_of(&String::from_utf8_lossy(&out.stdout), "last").to_string();
+    c.wait_applied(&last, SYNC);
+    let size = |dir: &Path| std::fs::metadata(dir.join("Data.fs")).unwrap().len();
+    let (p_before, r_before) = (size(c.pzeo.dir()), size(c.rzeo.dir()));
+    assert!(r_before > 40 * 20_000, "{r_before}");
+    c.run_py(&["pack", &p]);
+    let p_after = size(c.pzeo.dir());
+    assert!(p_after < p_before / 4, "primary {p_before} -> {p_after}");
+    wait_until(
+        SYNC,
+        "the replica's Data.fs to shrink like the primary's",
+        || size(c.rzeo.dir()) < r_before / 4,
+    );
+    wait_until(SYNC, "the replica to count the pack", || {
+        metric_value(
+            &c.replica.metrics(),
+            "zrelay_replication_packs_applied_total{result=\"ok\"}",
+        ) == 1.0
+    });
+    assert_eq!(
+        metric_value(
+            &c.primary.metrics(),
+            "zrelay_replication_packs_captured_total"
+        ),
+        1.0
+    );
+    assert!(c
+        .replica
+        .log()
+        .contains("packed the replica backend like the primary"));
+    let (pd, rd) = c.data_fs_digests();
+    assert_eq!(pd, rd, "packed Data.fs files differ");
+    // The stream goes on after the pack, and the two stay identical.
+    let out = Py::new("ops.py").args(&["churn", &p, "3"]).run();
+    let last =
+        support::cluster::value_of(&String::from_utf8_lossy(&out.stdout), "last").to_string();
+    c.wait_applied(&last, SYNC);
+    let (code, text) = zrelay(&[
+        "verify",
+        "--primary",
+        &c.pzeo.addr().to_string(),
+        "--replica",
+        &c.rzeo.addr().to_string(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.starts_with("OK"), "{text}");
+    assert!(c.compare().starts_with("identical"));
+    c.assert_healthy();
+}

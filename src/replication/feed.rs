@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
+use super::pack::{PackGate, PackOp};
 use super::protocol::{self, StreamMsg};
 use super::sender::{SenderConfig, SenderMode, SenderState};
 use super::stream_io::{read_msg, ReadError};
@@ -69,6 +70,8 @@ pub struct FeedHandle {
     pub commits: broadcast::Sender<Arc<Txn>>,
     /// Newest tid known committed on the backend.
     pub last_tid: watch::Receiver<Tid>,
+    /// The latest pack to replay on replicas (see [`super::pack`]).
+    pub packs: watch::Receiver<Option<PackOp>>,
 }
 
 /// Runs the observer and fetcher until shutdown, reconnecting on errors.
@@ -438,6 +441,8 @@ where
             }
         }
     });
+    let features_pack = hello.features.iter().any(|f| f == protocol::FEATURE_PACK);
+    let mut packs = PackGate::new(feed.packs.clone(), features_pack, hello.last_tid);
     let result = stream_loop(
         &mut state,
         &mut wh,
@@ -445,6 +450,7 @@ where
         &mut conn,
         &mut live,
         &mut ack_rx,
+        &mut packs,
         &feed,
         name,
         &peer_addr,
@@ -464,6 +470,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     conn: &mut ZeoConn,
     live: &mut broadcast::Receiver<Arc<Txn>>,
     acks: &mut mpsc::Receiver<Result<Tid, StreamError>>,
+    packs: &mut PackGate,
     feed: &FeedHandle,
     name: &str,
     peer_addr: &str,
@@ -502,6 +509,13 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             }
             protocol::encode(&msg, wbuf)?;
         }
+        if let Some(msg) = packs.poll(state.last_sent()) {
+            info!(
+                replica = name,
+                "replaying a pack of the primary on the replica"
+            );
+            protocol::encode(&msg, wbuf)?;
+        }
         if !wbuf.is_empty() {
             wh.write_all(wbuf).await?;
             wbuf.clear();
@@ -524,6 +538,9 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 Some(Ok(tid)) => state.on_ack(tid)?,
                 Some(Err(e)) => return Err(e),
                 None => return Err(StreamError::Closed),
+            },
+            open = packs.changed(), if packs.is_open() => if open {
+                packs.on_changed()
             },
             _ = tokio::time::sleep_until(wake.into()) => {}
         }

@@ -4,6 +4,7 @@ pub mod applied;
 pub mod applier;
 pub mod feed;
 pub mod history;
+pub mod pack;
 pub mod protocol;
 pub mod receiver;
 pub mod replica;

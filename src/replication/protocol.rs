@@ -9,6 +9,12 @@
 //! primary sends `Txn`s in strictly increasing tid order (each naming the tid
 //! sent before it on this stream, so a gap is detectable), a `Live` marker
 //! once caught up, and `Heartbeat`s when idle; the replica sends `Ack`s.
+//!
+//! Optional messages are negotiated by `Hello.features` rather than by a
+//! version bump: `Pack` (a pack of the primary, see
+//! [`super::pack`]) is sent only to a replica that announced `"pack"`. An
+//! older replica announces nothing and never sees one; an older primary
+//! ignores the field and never sends one.
 
 use std::io::Cursor;
 
@@ -38,6 +44,20 @@ pub struct Hello {
     /// Digest ([`Txn::digest`]) of the transaction `last_tid`, if known.
     #[serde(with = "serde_bin::opt_array")]
     pub last_digest: Option<[u8; 32]>,
+    /// Optional stream messages this replica understands (e.g.
+    /// [`FEATURE_PACK`]). Added after version 1 without a version bump: an
+    /// older primary ignores the field, an older replica sends none and
+    /// is sent none of them.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// Feature: the replica executes [`StreamMsg::Pack`].
+pub const FEATURE_PACK: &str = "pack";
+
+/// The features this build's replica announces.
+pub fn replica_features() -> Vec<String> {
+    vec![FEATURE_PACK.to_string()]
 }
 
 /// Why a primary refuses a replica.
@@ -76,7 +96,7 @@ impl std::fmt::Display for RefuseReason {
 }
 
 /// One message of the replication stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StreamMsg {
     /// replica -> primary, first message.
     Hello(Hello),
@@ -118,6 +138,16 @@ pub enum StreamMsg {
         #[serde(with = "serde_bin::array")]
         tid: Tid,
     },
+    /// primary -> replica (only to replicas announcing [`FEATURE_PACK`]): a
+    /// client packed the primary's storage with `pack(pack_time_unix)`. Sent
+    /// after the `Txn` `upto` (the primary's last tid when the pack was
+    /// done), so the replica packs its own backend with the same time once
+    /// everything up to it is applied. Creates no transaction.
+    Pack {
+        pack_time_unix: f64,
+        #[serde(with = "serde_bin::array")]
+        upto: Tid,
+    },
 }
 
 impl StreamMsg {
@@ -131,6 +161,7 @@ impl StreamMsg {
             StreamMsg::Live { .. } => "live",
             StreamMsg::Heartbeat { .. } => "heartbeat",
             StreamMsg::Ack { .. } => "ack",
+            StreamMsg::Pack { .. } => "pack",
         }
     }
 }
@@ -287,6 +318,7 @@ mod tests {
                 node: "replica-a".into(),
                 last_tid: [1, 2, 3, 4, 5, 6, 7, 8],
                 last_digest: Some([9; 32]),
+                features: replica_features(),
             }),
             StreamMsg::Hello(Hello {
                 version: 7,
@@ -295,6 +327,7 @@ mod tests {
                 node: "n".into(),
                 last_tid: Z64,
                 last_digest: None,
+                features: vec![],
             }),
             StreamMsg::Welcome {
                 version: PROTOCOL_VERSION,

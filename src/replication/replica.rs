@@ -40,6 +40,9 @@ pub struct ReplicaConfig {
     pub stale_after: Duration,
     pub max_message_bytes: usize,
     pub connect_timeout: Duration,
+    /// `replicate_pack`: where packs from the stream are executed (None:
+    /// they are ignored).
+    pub packer: Option<super::pack::PackRunner>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,6 +293,35 @@ async fn stream_once(
             Incoming::Nothing | Incoming::Skip => {}
             Incoming::Refused { reason, message } => {
                 return Err(RunError::Refused(format!("{reason}: {message}")));
+            }
+            Incoming::Pack {
+                pack_time_unix,
+                upto,
+            } => {
+                // In tid order: everything received before it is applied
+                // first.
+                if applier.has_pending() {
+                    let r = applier.complete().await;
+                    confirm(applier, st, &mut inflight, &mut wbuf)?;
+                    r?;
+                }
+                match &cfg.packer {
+                    Some(p) if st.applied() >= upto => p.submit(super::pack::PackOp {
+                        pack_time_unix,
+                        upto,
+                    }),
+                    Some(_) => warn!(
+                        upto = %tid_hex(&upto),
+                        applied = %tid_hex(&st.applied()),
+                        "pack from the primary ahead of what is applied; not packing"
+                    ),
+                    None => {
+                        info!(
+                            pack_time = pack_time_unix,
+                            "pack on the primary; replicate_pack = false here"
+                        )
+                    }
+                }
             }
             Incoming::Apply { txn, digest } => {
                 inflight.push_back((txn.tid, digest, txn.size_bytes(), Instant::now()));

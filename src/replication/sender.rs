@@ -620,6 +620,7 @@ mod tests {
             node: "r".into(),
             last_tid: last,
             last_digest: digest,
+            features: vec![],
         }
     }
 

@@ -9,6 +9,8 @@ Commands:
                   it (prints committed=<hex>), then waits until the proxy
                   closes the session (prints CLOSED)
   refused ADDR    a new ClientStorage cannot connect (prints refused)
+  churn ADDR N    N commits rewriting one 20 kB object (garbage for a pack);
+                  prints last=<hex>
 """
 import sys
 
@@ -57,6 +59,22 @@ def refused(addr):
         return
     st.close()
     raise Failure('a new client connected to a draining proxy')
+
+
+@command
+def churn(addr, n):
+    from persistent.mapping import PersistentMapping
+    from zclient import new_conn, open_db
+    db = open_db(addr)
+    try:
+        tm, conn = new_conn(db)
+        for i in range(int(n)):
+            tm.begin()
+            conn.root()['churn'] = PersistentMapping(i=i, pad='x' * 20000)
+            tm.commit()
+        print(f'last={db.storage.lastTransaction().hex()}', flush=True)
+    finally:
+        db.close()
 
 
 if __name__ == '__main__':
