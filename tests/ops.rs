@@ -172,13 +172,33 @@ fn reload_rotation_and_drain_with_real_clients() {
     );
 
     // --- a key that needs a restart is refused by name; the rest applies.
+    // Log level: a client session on the replica logs "session ended" at
+    // DEBUG; after the reload to "info" it no longer does. The counter is
+    // bumped just before that line, in the same step of the same task.
+    let ended = |c: &Cluster| {
+        metric_value(
+            &c.replica.metrics(),
+            "zrelay_client_sessions_ended_total{reason=\"client_closed\"}",
+        )
+    };
+    let session_logs = |c: &Cluster| {
+        let mark = c.replica.log().len();
+        let n = ended(c);
+        c.last_tid(c.replica.addr());
+        wait_until(SYNC, "the replica session to end", || ended(c) > n);
+        c.replica.log()[mark..].contains("session ended")
+    };
+    assert!(session_logs(&c), "DEBUG lines before the reload");
+    let new_token = token_dir.path().join("admin2.token");
+    std::fs::write(&new_token, "rotated-token-0123456789abcdef\n").unwrap();
     let cfg = std::fs::read_to_string(c.replica.config_path()).unwrap();
     let changed = cfg
         .replace(
             "log_level = \"info,zrelay=debug,zrelay::monitor=info\"",
             "log_level = \"info\"",
         )
-        .replace("probe_interval_ms = 200", "probe_interval_ms = 300");
+        .replace("probe_interval_ms = 200", "probe_interval_ms = 300")
+        .replace(&tf, &new_token.display().to_string());
     assert_ne!(changed, cfg);
     std::fs::write(c.replica.config_path(), changed).unwrap();
     let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &tf]);
@@ -201,9 +221,17 @@ fn reload_rotation_and_drain_with_real_clients() {
         .log()
         .lines()
         .any(|l| l.contains("needs a restart") && l.contains("backend.probe_interval_ms")));
+    assert!(!session_logs(&c), "DEBUG lines after the reload to info");
+    // The admin token was replaced: the old one is refused now.
+    let nt = new_token.display().to_string();
+    let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &tf]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("401"), "{text}");
+    let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &nt]);
+    assert_eq!(code, 0, "{text}");
     // A file that does not load changes nothing and says why.
     std::fs::write(c.replica.config_path(), "[client]\nlisten = 1\n").unwrap();
-    let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &tf]);
+    let (code, text) = zrelay(&["reload", "--admin", &r_admin, "--token-file", &nt]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("500"), "{text}");
     c.replica.hup();
