@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::cluster::{metric_value, wait_until, Cluster, ClusterOpts};
-use support::{Enc, Py};
+use support::cluster::{metric_value, wait_until, Cluster, ClusterOpts, Node, NodeRole, NodeSpec};
+use support::{Enc, Py, Zeo, ZeoOpts};
 use zrelay::replication::tls;
 
 const SYNC: Duration = Duration::from_secs(30);
@@ -274,18 +274,42 @@ fn reload_rotation_and_drain_with_real_clients() {
     c.assert_healthy();
 }
 
-/// A pack on the primary is replayed on the replica: its Data.fs shrinks
-/// too, both stay identical (verify), and the stream goes on.
+/// A pack on the primary is replayed on the replica, and by the replica on
+/// a cascaded one: their Data.fs files shrink too, all stay identical
+/// (verify), and the streams go on.
 #[test]
 fn pack_on_the_primary_is_replicated() {
-    let mut c = Cluster::start(Enc::Pickle);
+    let mut opts = ClusterOpts::new(Enc::Pickle);
+    let mid_repl = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    opts.replica_replication = format!("listen = \"{mid_repl}\"\n");
+    opts.extra_certs = vec!["replica2".into()];
+    let mut c = Cluster::with(opts);
+    let zeo2 = Zeo::start(Enc::Pickle, ZeoOpts::default());
+    let mut leaf = Node::prepare(&NodeSpec {
+        name: "replica2".into(),
+        backend: zeo2.addr().clone(),
+        role: NodeRole::Replica {
+            upstream: mid_repl,
+            upstream_name: "replica".into(),
+        },
+        tls: c.certs.tls("replica2"),
+        backend_extra: "probe_interval_ms = 200".into(),
+        admin_extra: String::new(),
+        replication_extra: String::new(),
+    });
+    leaf.start();
     let p = c.primary.addr().to_string();
-    let out = Py::new("ops.py").args(&["churn", &p, "40"]).run();
-    let last =
-        support::cluster::value_of(&String::from_utf8_lossy(&out.stdout), "last").to_string();
+    let churn = |n: &str| {
+        let out = Py::new("ops.py").args(&["churn", &p, n]).run();
+        support::cluster::value_of(&String::from_utf8_lossy(&out.stdout), "last").to_string()
+    };
+    let last = churn("40");
     c.wait_applied(&last, SYNC);
+    wait_until(SYNC, "replica2 to apply the churn", || {
+        leaf.applied_tid().as_deref() == Some(last.as_str())
+    });
     let size = |dir: &Path| std::fs::metadata(dir.join("Data.fs")).unwrap().len();
-    let (p_before, r_before) = (size(c.pzeo.dir()), size(c.rzeo.dir()));
+    let (p_before, r_before, l_before) = (size(c.pzeo.dir()), size(c.rzeo.dir()), size(zeo2.dir()));
     assert!(r_before > 40 * 20_000, "{r_before}");
     c.run_py(&["pack", &p]);
     let p_after = size(c.pzeo.dir());
@@ -295,12 +319,17 @@ fn pack_on_the_primary_is_replicated() {
         "the replica's Data.fs to shrink like the primary's",
         || size(c.rzeo.dir()) < r_before / 4,
     );
-    wait_until(SYNC, "the replica to count the pack", || {
-        metric_value(
-            &c.replica.metrics(),
-            "zrelay_replication_packs_applied_total{result=\"ok\"}",
-        ) == 1.0
+    wait_until(SYNC, "the cascaded replica's Data.fs to shrink too", || {
+        size(zeo2.dir()) < l_before / 4
     });
+    for node in [&c.replica, &leaf] {
+        wait_until(SYNC, "the replica to count the pack", || {
+            metric_value(
+                &node.metrics(),
+                "zrelay_replication_packs_applied_total{result=\"ok\"}",
+            ) == 1.0
+        });
+    }
     assert_eq!(
         metric_value(
             &c.primary.metrics(),
@@ -314,20 +343,28 @@ fn pack_on_the_primary_is_replicated() {
         .contains("packed the replica backend like the primary"));
     let (pd, rd) = c.data_fs_digests();
     assert_eq!(pd, rd, "packed Data.fs files differ");
-    // The stream goes on after the pack, and the two stay identical.
-    let out = Py::new("ops.py").args(&["churn", &p, "3"]).run();
-    let last =
-        support::cluster::value_of(&String::from_utf8_lossy(&out.stdout), "last").to_string();
+    assert_eq!(
+        support::cluster::sha256_file(&zeo2.dir().join("Data.fs")),
+        pd
+    );
+    // The streams go on after the pack, and all stay identical.
+    let last = churn("3");
     c.wait_applied(&last, SYNC);
-    let (code, text) = zrelay(&[
-        "verify",
-        "--primary",
-        &c.pzeo.addr().to_string(),
-        "--replica",
-        &c.rzeo.addr().to_string(),
-    ]);
-    assert_eq!(code, 0, "{text}");
-    assert!(text.starts_with("OK"), "{text}");
+    wait_until(SYNC, "replica2 to apply the new commits", || {
+        leaf.applied_tid().as_deref() == Some(last.as_str())
+    });
+    for replica in [c.rzeo.addr().to_string(), zeo2.addr().to_string()] {
+        let (code, text) = zrelay(&[
+            "verify",
+            "--primary",
+            &c.pzeo.addr().to_string(),
+            "--replica",
+            &replica,
+        ]);
+        assert_eq!(code, 0, "{text}");
+        assert!(text.starts_with("OK"), "{text}");
+    }
     assert!(c.compare().starts_with("identical"));
     c.assert_healthy();
+    leaf.assert_healthy();
 }
