@@ -71,44 +71,60 @@ pub fn describe() {
     }
 }
 
-/// Serves reload requests (SIGHUP and `requests`) until shutdown.
-pub async fn run(
-    path: PathBuf,
-    text: String,
-    pieces: Reloadables,
-    mut requests: mpsc::Receiver<ReloadReply>,
-    shutdown: CancellationToken,
-) {
+/// Installs the SIGHUP handler. Call first thing at start-up: until a
+/// handler is installed, SIGHUP's default action ends the process.
+pub fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
+    match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             error!(error = %e, "cannot install the SIGHUP handler; reload only via POST /reload");
             None
         }
+    }
+}
+
+/// Serves reload requests (SIGHUP and `requests`) until shutdown. `source`:
+/// the config file and the text it had at start-up (None: every reload
+/// fails, there is no file to re-read).
+pub async fn run(
+    source: Option<(PathBuf, String)>,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    pieces: Reloadables,
+    mut requests: mpsc::Receiver<ReloadReply>,
+    shutdown: CancellationToken,
+) {
+    let (path, mut current) = match source {
+        Some((p, t)) => (Some(p), t),
+        None => (None, String::new()),
     };
-    let mut current = text;
+    let file = path
+        .as_ref()
+        .map_or_else(|| "<none>".to_string(), |p| p.display().to_string());
     loop {
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return,
             Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                info!(file = %path.display(), "SIGHUP: reloading the configuration");
+                info!(file = %file, "SIGHUP: reloading the configuration");
                 None
             }
             r = requests.recv() => match r {
                 Some(r) => {
-                    info!(file = %path.display(), "reload requested over admin HTTP");
+                    info!(file = %file, "reload requested over admin HTTP");
                     Some(r)
                 }
                 None => return,
             },
         };
-        let result = reload_once(&path, &mut current, &pieces);
+        let result = match &path {
+            Some(path) => reload_once(path, &mut current, &pieces),
+            None => Err("zrelay was started without a config file to re-read".to_string()),
+        };
         let label = match &result {
             Ok(r) if r.needs_restart.is_empty() => "ok",
             Ok(_) => "needs_restart",
             Err(e) => {
-                error!(file = %path.display(), error = %e, "reload failed; nothing changed");
+                error!(file = %file, error = %e, "reload failed; nothing changed");
                 "error"
             }
         };

@@ -70,6 +70,7 @@ async fn serve(
     path: Option<PathBuf>,
     log_filter: LogFilterSetter,
 ) -> anyhow::Result<()> {
+    let hup = crate::reload::hangup_signal();
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&crate::admin::LATENCY_BUCKETS)
         .context("configure histogram buckets")?
@@ -227,20 +228,21 @@ async fn serve(
             shutdown.clone(),
         )));
     }
-    match path {
+    let source = match path {
         Some(path) => {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("read {}", path.display()))?;
-            tasks.push(tokio::spawn(crate::reload::run(
-                path,
-                text,
-                reloadables,
-                reload_requests,
-                shutdown.clone(),
-            )));
+            Some((path, text))
         }
-        None => drop(reload_requests),
-    }
+        None => None,
+    };
+    tasks.push(tokio::spawn(crate::reload::run(
+        source,
+        hup,
+        reloadables,
+        reload_requests,
+        shutdown.clone(),
+    )));
 
     let listener = tokio::net::TcpListener::bind(cfg.client.listen)
         .await
