@@ -258,12 +258,14 @@ fn reload_rotation_and_drain_with_real_clients() {
     wait_until(SYNC, "the client port to refuse connections", || {
         TcpStream::connect_timeout(&client, Duration::from_secs(1)).is_err()
     });
+    // The open transaction still commits (within client.shutdown_grace_ms
+    // of the drain: keep the steps above quick), then the session ends.
+    hold.send_line("finish");
+    hold.expect_line("CLOSED", SYNC);
+    // A new ZEO client cannot connect.
     Py::new("ops.py")
         .args(&["refused", &c.primary.addr().to_string()])
         .run();
-    // The open transaction still commits, then the session ends.
-    hold.send_line("finish");
-    hold.expect_line("CLOSED", SYNC);
     let out = hold.finish();
     let out = String::from_utf8_lossy(&out.stdout).to_string();
     let committed = support::cluster::value_of(&out, "committed").to_string();
