@@ -28,7 +28,8 @@ with db.transaction("demo: create") as conn:
         root["articles"][f"a{i:04}"] = PersistentMapping(title=f"Article {i}")
     root["stamp"] = time.time()
     stamp = root["stamp"]
-print(f"committed 10 articles (now {n + 10}) and stamp={stamp:.3f} via {write_addr}")
+# repr on both sides: the exact float, so equal values print identically.
+print(f"committed 10 articles (now {n + 10}) and stamp={stamp!r} via {write_addr}")
 last = db.storage.lastTransaction().hex()
 db.close()
 

@@ -100,6 +100,10 @@ pub struct ReplicationConfig {
     /// Replica: forward clients' pack() to the backend (default: refuse).
     #[serde(default)]
     pub allow_pack: bool,
+    /// Primary: replay clients' packs on the replicas (as an operation in
+    /// the stream); replica: execute them on its backend. Default on.
+    #[serde(default = "default_true")]
+    pub replicate_pack: bool,
     /// Largest stream message (one transaction with its blobs).
     #[serde(default = "default_stream_max_bytes")]
     pub max_message_bytes: usize,
@@ -116,6 +120,9 @@ pub struct ReplicationConfig {
     pub tls: crate::replication::tls::TlsFiles,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_cluster() -> String {
     "zrelay".to_string()
 }
@@ -415,6 +422,29 @@ impl Config {
                         key,
                         format!("{} is not a readable file", p.display()),
                     ));
+                }
+            }
+        }
+        if let Some(a) = &self.admin {
+            crate::admin::auth::AdminAuth::load(a).map_err(|e| invalid("admin.token_file", e))?;
+            if !a.admin_allowed.is_empty() && a.tls.is_none() {
+                return Err(invalid(
+                    "admin.admin_allowed",
+                    "client certificates need [admin.tls]; over plain HTTP use token_file".into(),
+                ));
+            }
+            if let Some(t) = &a.tls {
+                for (key, p) in [
+                    ("admin.tls.ca_file", &t.ca_file),
+                    ("admin.tls.cert_file", &t.cert_file),
+                    ("admin.tls.key_file", &t.key_file),
+                ] {
+                    if !p.is_file() {
+                        return Err(invalid(
+                            key,
+                            format!("{} is not a readable file", p.display()),
+                        ));
+                    }
                 }
             }
         }

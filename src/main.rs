@@ -106,6 +106,31 @@ enum Command {
         #[arg(long = "admin", required = true)]
         admins: Vec<String>,
     },
+    /// Stop accepting new client sessions on a node; open ones end at their
+    /// next safe point (POST /drain). Exit 0 done, 1 refused, 2 unreachable.
+    Drain {
+        /// host:port, or https://host:port for an admin listener with TLS.
+        #[arg(long)]
+        admin: String,
+        /// File holding the admin bearer token (the node's admin.token_file).
+        #[arg(long, env = "ZRELAY_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: AdminTlsArgs,
+        #[arg(long, default_value = "10s", value_parser = zrelay::admin::cli::parse_duration)]
+        timeout: Duration,
+    },
+    /// Make a node re-read its configuration file, like SIGHUP (POST /reload).
+    Reload {
+        #[arg(long)]
+        admin: String,
+        #[arg(long, env = "ZRELAY_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: AdminTlsArgs,
+        #[arg(long, default_value = "10s", value_parser = zrelay::admin::cli::parse_duration)]
+        timeout: Duration,
+    },
     /// Nagios/SlapOS check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
     Check {
         #[arg(long)]
@@ -115,6 +140,61 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = zrelay::admin::cli::parse_duration)]
         timeout: Duration,
     },
+}
+
+/// TLS options of the commands that call mutating admin endpoints.
+#[derive(clap::Args)]
+struct AdminTlsArgs {
+    /// https:// admin address: CA that issued the admin certificate.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate to authenticate with (a name in admin_allowed).
+    #[arg(long, requires = "key_file", requires = "ca_file")]
+    cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// Name the admin certificate must carry (default: the address's host).
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+impl AdminTlsArgs {
+    fn load(&self) -> Result<Option<zrelay::admin::cli::AdminTls>, String> {
+        let Some(ca) = &self.ca_file else {
+            return Ok(None);
+        };
+        let client = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        zrelay::admin::cli::AdminTls::load(ca, client, self.server_name.clone()).map(Some)
+    }
+}
+
+fn control(
+    admin: String,
+    path: &'static str,
+    token_file: Option<PathBuf>,
+    tls: AdminTlsArgs,
+    timeout: Duration,
+) -> ExitCode {
+    let tls = match tls.load() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("zrelay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    block_on(async move {
+        zrelay::admin::cli::control_command(
+            &admin,
+            path,
+            token_file.as_deref(),
+            tls.as_ref(),
+            timeout,
+        )
+        .await
+    })
 }
 
 fn block_on(f: impl std::future::Future<Output = i32>) -> ExitCode {
@@ -203,6 +283,18 @@ fn main() -> ExitCode {
             max_lag,
             timeout,
         } => block_on(zrelay::admin::cli::check_command(&admin, max_lag, timeout)),
+        Command::Drain {
+            admin,
+            token_file,
+            tls,
+            timeout,
+        } => control(admin, "/drain", token_file, tls, timeout),
+        Command::Reload {
+            admin,
+            token_file,
+            tls,
+            timeout,
+        } => control(admin, "/reload", token_file, tls, timeout),
         Command::CheckConfig { file } => match zrelay::config::Config::load(&file) {
             Ok(_) => {
                 println!("{}: OK", file.display());
@@ -221,7 +313,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match zrelay::server::run(cfg) {
+            match zrelay::server::run_file(cfg, Some(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("zrelay: {e:#}");

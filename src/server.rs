@@ -1,6 +1,7 @@
 //! Process wiring: logging, metrics recorder, the runtime, listeners, the
 //! role's tasks and signal handling. Owns no protocol logic.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,14 +10,20 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::admin::auth::AdminAuth;
+use crate::admin::http::AdminSettings;
 use crate::cluster::ClusterView;
 use crate::config::{Config, ReplicationConfig, RoleConfig};
+use crate::control::Control;
 use crate::door::{Door, DoorParts};
+use crate::live::Live;
 use crate::relay::listener::{ClientListener, HooksFactory, InjectedClient};
 use crate::relay::{PassThrough, SessionHooks, SessionLimits};
+use crate::reload::{LogFilterSetter, Reloadables};
 use crate::replication::applied::AppliedLog;
 use crate::replication::applier::Applier;
 use crate::replication::feed::{self, BackendLink, DoorSink, FeedHandle, ListenerConfig};
+use crate::replication::pack::{self, PackCapture, PackOp, PackRunner};
 use crate::replication::replica::{self, ReplicaConfig};
 use crate::replication::replica_session::ReplicaHooks;
 use crate::replication::sender::SenderConfig;
@@ -25,10 +32,23 @@ use crate::replication::txn::{Tid, Z64};
 use crate::status::{Role, StatusHub};
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    run_file(cfg, None)
+}
+
+/// Runs the proxy; `path` is the file `cfg` came from, re-read on SIGHUP
+/// and `POST /reload` (None: reload reports an error).
+pub fn run_file(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log_level))
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    builder.init();
+    let log_filter: LogFilterSetter = Box::new(move |directive: &str| {
+        let filter =
+            tracing_subscriber::EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
     // One worker thread by default: a session's hops then never cross
     // threads (no futex wake-ups between the I/O driver and the task), which
     // is what costs latency on a small host shared with the ZEO server.
@@ -44,10 +64,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .build()
     }
     .context("start the tokio runtime")?;
-    runtime.block_on(serve(cfg))
+    runtime.block_on(serve(cfg, path, log_filter))
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    path: Option<PathBuf>,
+    log_filter: LogFilterSetter,
+) -> anyhow::Result<()> {
+    let hup = crate::reload::hangup_signal();
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&crate::admin::LATENCY_BUCKETS)
         .context("configure histogram buckets")?
@@ -56,12 +81,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     metrics::set_global_recorder(recorder).context("install the metrics recorder")?;
     crate::metrics::describe();
     tls::describe();
+    crate::reload::describe();
+    pack::describe();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
         _ => Role::Primary,
     };
     crate::metrics::init_series(role == Role::Replica, cfg.replication.is_some());
+    if cfg.replication.is_some() {
+        pack::init_series(role == Role::Replica);
+    }
     let storage = cfg.backend.storages[0].clone();
     let status = Arc::new(StatusHub::new(
         cfg.node_name.clone(),
@@ -69,6 +99,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.backend.addr().to_string(),
     ));
     let shutdown = CancellationToken::new();
+    // Drain (POST /drain) stops the client listener only; shutdown implies it.
+    let drain = shutdown.child_token();
+    let (control, reload_requests) = Control::new(drain.clone(), status.clone());
+    let mut reloadables = Reloadables {
+        log_filter: Some(log_filter),
+        ..Reloadables::default()
+    };
     let mut tasks = Vec::new();
     let cluster = Arc::new(ClusterView::new(
         cfg.cluster.clone(),
@@ -121,14 +158,65 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // a primary's never moves.
     let (applied_tx, applied_rx) = watch::channel(Z64);
     let applied_tx = Arc::new(applied_tx);
+    let mut door_connector = None;
     let local_hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
-            start_feed(r, &cfg, &env, &link, &status, &shutdown, &mut tasks).await?;
-            Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
+            let feed = start_feed(
+                r,
+                &cfg,
+                &env,
+                &link,
+                &status,
+                &shutdown,
+                &mut tasks,
+                &mut reloadables,
+            )
+            .await?;
+            if r.replicate_pack {
+                // Client packs are seen in the sessions and replayed on the
+                // replicas (see replication::pack).
+                let (captured, packs) = tokio::sync::mpsc::channel(16);
+                tasks.push(tokio::spawn(pack::relay_packs(
+                    link.clone(),
+                    packs,
+                    feed.published,
+                    feed.packs,
+                    shutdown.clone(),
+                )));
+                Arc::new(move || {
+                    Box::new(PackCapture::new(captured.clone())) as Box<dyn SessionHooks>
+                })
+            } else {
+                Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
+            }
         }
         Some(r) => {
             let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
-            start_replica(
+            let downstream = if r.listen.is_some() {
+                // Cascading: what this replica's backend commits (the
+                // applier's replays, in tid order) is fed downstream exactly
+                // as a primary feeds its replicas; so are its packs.
+                let feed = start_feed(
+                    r,
+                    &cfg,
+                    &env,
+                    &link,
+                    &status,
+                    &shutdown,
+                    &mut tasks,
+                    &mut reloadables,
+                )
+                .await?;
+                Some(feed.packs)
+            } else {
+                None
+            };
+            let packer = r.replicate_pack.then(|| {
+                let (p, task) = PackRunner::start(link.clone(), downstream, shutdown.clone());
+                tasks.push(task);
+                p
+            });
+            let connector = start_replica(
                 r,
                 &cfg,
                 &link,
@@ -137,13 +225,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 &status,
                 &shutdown,
                 &mut tasks,
+                packer,
             )?;
-            if r.listen.is_some() {
-                // Cascading: what this replica's backend commits (the
-                // applier's replays, in tid order) is fed downstream exactly
-                // as a primary feeds its replicas.
-                start_feed(r, &cfg, &env, &link, &status, &shutdown, &mut tasks).await?;
-            }
+            door_connector = Some(connector.clone());
+            reloadables.repl_connector = Some(connector);
             let allow_pack = r.allow_pack;
             Arc::new(move || {
                 Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
@@ -155,12 +240,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // session is served (see crate::door).
     let hooks: HooksFactory = match &cfg.replication {
         Some(r) => {
+            let connector = match door_connector {
+                Some(c) => c,
+                None => Live::new(tokio_rustls::TlsConnector::from(
+                    tls::client_config(&r.tls).context("load replication TLS files")?,
+                )),
+            };
             let door = Door::new(DoorParts {
                 cfg: cfg.door.clone(),
                 cluster: cluster.clone(),
-                connector: tokio_rustls::TlsConnector::from(
-                    tls::client_config(&r.tls).context("load replication TLS files")?,
-                ),
+                connector,
                 cluster_name: r.cluster.clone(),
                 storage: storage.clone(),
                 node: cfg.node_name.clone(),
@@ -183,18 +272,49 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(a.listen)
             .await
             .with_context(|| format!("listen for admin HTTP on {}", a.listen))?;
-        info!(listen = %a.listen, "admin HTTP (metrics, health, status)");
+        let settings = Live::new(AdminSettings {
+            max_replica_lag: a.max_replica_lag(),
+            auth: AdminAuth::load(a)
+                .map_err(anyhow::Error::msg)
+                .context("admin.token_file")?,
+        });
+        let admin_tls = match &a.tls {
+            Some(files) => Some(Live::new(tokio_rustls::TlsAcceptor::from(
+                tls::admin_server_config(files).context("load admin TLS files")?,
+            ))),
+            None => None,
+        };
+        info!(listen = %a.listen, tls = admin_tls.is_some(), "admin HTTP (metrics, health, status, control)");
+        reloadables.admin = Some(settings.clone());
+        reloadables.admin_tls = admin_tls.clone();
         tasks.push(tokio::spawn(crate::admin::http::serve(
             l,
             crate::admin::http::AdminState {
                 status: status.clone(),
                 prometheus: prometheus.clone(),
-                max_replica_lag: a.max_replica_lag(),
+                settings,
+                control: Some(control.clone()),
+                tls: admin_tls,
                 cluster: Some(cluster.clone()),
             },
             shutdown.clone(),
         )));
     }
+    let source = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            Some((path, text))
+        }
+        None => None,
+    };
+    tasks.push(tokio::spawn(crate::reload::run(
+        source,
+        hup,
+        reloadables,
+        reload_requests,
+        shutdown.clone(),
+    )));
 
     let listener = tokio::net::TcpListener::bind(cfg.client.listen)
         .await
@@ -221,7 +341,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         hooks,
         injected: Some(door_rx),
     };
-    let serving = tokio::spawn(clients.serve(shutdown.clone()));
+    let serving = tokio::spawn(clients.serve(drain.clone()));
 
     wait_for_signal().await?;
     info!(
@@ -243,8 +363,16 @@ struct Env {
     doors: DoorSink,
 }
 
+/// What [`start_feed`] hands back: where packs to replay go, and the
+/// feed's last published tid.
+struct FeedOut {
+    packs: watch::Sender<Option<PackOp>>,
+    published: watch::Receiver<Tid>,
+}
+
 /// The commit feed and the replication listener: on a primary, and on a
 /// replica that feeds further replicas.
+#[allow(clippy::too_many_arguments)]
 async fn start_feed(
     r: &ReplicationConfig,
     cfg: &Config,
@@ -253,8 +381,13 @@ async fn start_feed(
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<()> {
+    reloadables: &mut Reloadables,
+) -> anyhow::Result<FeedOut> {
     let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
+    let acceptor = Live::new(tokio_rustls::TlsAcceptor::from(server_cfg));
+    let allowed_peers = Live::new(r.allowed_peers.clone());
+    reloadables.repl_acceptor = Some(acceptor.clone());
+    reloadables.repl_allowed = Some(allowed_peers.clone());
     let listen = r.listen.context("replication.listen")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -266,6 +399,7 @@ async fn start_feed(
     // is busy writing; it holds at most this many transactions.
     let (commits, _) = broadcast::channel(256);
     let (last_tx, last_rx) = watch::channel(Z64);
+    let (packs_tx, packs_rx) = watch::channel(None);
     let report = (r.role == RoleConfig::Primary).then(|| status.clone());
     tasks.push(tokio::spawn(feed::run_feed(
         link.clone(),
@@ -275,8 +409,8 @@ async fn start_feed(
         shutdown.clone(),
     )));
     let lcfg = ListenerConfig {
-        acceptor: tokio_rustls::TlsAcceptor::from(server_cfg),
-        allowed_peers: r.allowed_peers.clone(),
+        acceptor,
+        allowed_peers,
         sender: SenderConfig {
             cluster: r.cluster.clone(),
             storage: link.storage.clone(),
@@ -297,12 +431,16 @@ async fn start_feed(
         link.clone(),
         FeedHandle {
             commits,
-            last_tid: last_rx,
+            last_tid: last_rx.clone(),
+            packs: packs_rx,
         },
         status.clone(),
         shutdown.clone(),
     )));
-    Ok(())
+    Ok(FeedOut {
+        packs: packs_tx,
+        published: last_rx,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -315,8 +453,10 @@ fn start_replica(
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<()> {
+    packer: Option<PackRunner>,
+) -> anyhow::Result<Arc<Live<tokio_rustls::TlsConnector>>> {
     let client_cfg = tls::client_config(&r.tls).context("load replication TLS files")?;
+    let connector = Live::new(tokio_rustls::TlsConnector::from(client_cfg));
     let upstream = r.upstream.clone().context("replication.upstream")?;
     info!(upstream = %upstream, cluster = %r.cluster, "replication: replica, read-only service");
     let applier = Applier::new(
@@ -333,7 +473,7 @@ fn start_replica(
         node: cfg.node_name.clone(),
         upstream_name: r.upstream_server_name(),
         upstream,
-        connector: tokio_rustls::TlsConnector::from(client_cfg),
+        connector: connector.clone(),
         stale_after: Duration::from_millis(r.stale_after_ms),
         max_message_bytes: r.max_message_bytes,
         connect_timeout: link.connect_timeout,
@@ -349,6 +489,7 @@ fn start_replica(
             .clone()
             .or_else(|| r.listen.map(|a| a.to_string())),
         applied: applied_tx,
+        packer,
     };
     tasks.push(tokio::spawn(replica::run_replica(
         rcfg,
@@ -356,7 +497,7 @@ fn start_replica(
         status.clone(),
         shutdown.clone(),
     )));
-    Ok(())
+    Ok(connector)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

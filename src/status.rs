@@ -85,6 +85,8 @@ pub struct NodeStatus {
     /// `crate::cluster`).
     #[serde(skip)]
     pub upstream_roster: Vec<crate::replication::protocol::RosterEntry>,
+    /// Writer: `control::Control::drain`. No new client sessions accepted.
+    pub draining: bool,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -121,6 +123,7 @@ impl StatusHub {
                 replica_adverts: BTreeMap::new(),
                 door: None,
                 upstream_roster: Vec::new(),
+                draining: false,
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

@@ -127,32 +127,152 @@ pub(crate) async fn request(
     path: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, HeaderMap, Bytes), String> {
-    let host = authority(admin)?;
-    let exchange = async {
-        let stream = TcpStream::connect(host).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
+    request_as(admin, method, path, None, timeout).await
+}
+
+/// How to reach an `https://` admin address: the CA that issued the
+/// admin certificate and, optionally, a client certificate to present.
+#[derive(Clone)]
+pub struct AdminTls {
+    pub connector: tokio_rustls::TlsConnector,
+    /// Name the server certificate must carry; default: the address's host.
+    pub server_name: Option<String>,
+}
+
+impl AdminTls {
+    pub fn load(
+        ca_file: &std::path::Path,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+        server_name: Option<String>,
+    ) -> Result<AdminTls, String> {
+        let cfg = crate::replication::tls::https_client_config(ca_file, client)
             .map_err(|e| e.to_string())?;
-        let driver = tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, host)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_BODY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        driver.abort();
-        Ok((parts.status, parts.headers, body))
+        Ok(AdminTls {
+            connector: tokio_rustls::TlsConnector::from(cfg),
+            server_name,
+        })
+    }
+}
+
+/// [`request`] with an optional bearer token, over TLS when `admin` is an
+/// `https://` address (then `tls` is required).
+pub(crate) async fn request_as(
+    admin: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    request_tls(admin, method, path, token, None, timeout).await
+}
+
+pub(crate) async fn request_tls(
+    admin: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    tls: Option<&AdminTls>,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let (https, host) = match admin.strip_prefix("https://") {
+        Some(rest) => (true, authority(rest)?),
+        None => (false, authority(admin)?),
     };
-    match tokio::time::timeout(timeout, exchange).await {
+    let req = async {
+        let stream = TcpStream::connect(host).await.map_err(|e| e.to_string())?;
+        if !https {
+            return exchange(stream, host, method, path, token).await;
+        }
+        let tls = tls.ok_or("an https:// admin address needs --ca-file")?;
+        let name = match &tls.server_name {
+            Some(n) => n.clone(),
+            None => host
+                .rsplit_once(':')
+                .map_or(host, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(name)
+            .map_err(|e| format!("TLS server name: {e}"))?;
+        let stream = tls
+            .connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        exchange(stream, host, method, path, token).await
+    };
+    match tokio::time::timeout(timeout, req).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+async fn exchange<IO>(
+    io: IO,
+    host: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(StatusCode, HeaderMap, Bytes), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, host);
+    if let Some(t) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+        .to_bytes();
+    driver.abort();
+    Ok((parts.status, parts.headers, body))
+}
+
+/// `zrelay drain` / `zrelay reload`: POSTs `path` with the token read from
+/// `token_file` (if given), prints the answer, exits 0 on 200, 1 on a
+/// refusal or error answer, 2 if the node could not be reached.
+pub async fn control_command(
+    admin: &str,
+    path: &str,
+    token_file: Option<&std::path::Path>,
+    tls: Option<&AdminTls>,
+    timeout: Duration,
+) -> i32 {
+    let token = match token_file.map(std::fs::read_to_string).transpose() {
+        Ok(t) => t.map(|t| t.trim().to_string()),
+        Err(e) => {
+            eprintln!("zrelay: token file: {e}");
+            return 2;
+        }
+    };
+    match request_tls(admin, Method::POST, path, token.as_deref(), tls, timeout).await {
+        Ok((code, _, body)) => {
+            let text = String::from_utf8_lossy(&body);
+            if code == StatusCode::OK {
+                print!("{text}");
+                0
+            } else {
+                eprint!("zrelay: {admin}{path}: HTTP {code}: {text}");
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("zrelay: {admin}{path}: {e}");
+            2
+        }
     }
 }
 

@@ -137,6 +137,7 @@ pub fn evaluate(check: Check, st: &NodeStatus, now: Now, max_lag: Duration) -> (
             Role::Replica => replica(st, lag, max_lag),
         },
     };
+    let verdict = verdict.and_then(|()| not_draining(check, st));
     let mut body = json!({
         "status": if verdict.is_ok() { "ok" } else { "unavailable" },
         "check": check.name(),
@@ -153,6 +154,18 @@ pub fn evaluate(check: Check, st: &NodeStatus, now: Now, max_lag: Duration) -> (
             body["reason"] = Value::String(reason);
             (StatusCode::SERVICE_UNAVAILABLE, body)
         }
+    }
+}
+
+/// A draining node takes no new client sessions: the probes load balancers
+/// route clients by turn 503 at once. `/primary` and `/health` keep telling
+/// the node's role and backend state.
+fn not_draining(check: Check, st: &NodeStatus) -> Result<(), String> {
+    match check {
+        Check::Readiness | Check::Replica | Check::ReadOnly if st.draining => {
+            Err("draining: not accepting new client sessions".into())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -253,6 +266,7 @@ pub(crate) mod tests {
             replica_adverts: BTreeMap::new(),
             door: None,
             upstream_roster: Vec::new(),
+            draining: false,
             started: None,
         }
     }
@@ -285,6 +299,29 @@ pub(crate) mod tests {
         assert_eq!(body["state"], "live");
         assert_eq!(body["lag_seconds"], 0.1);
         assert!(body.get("reason").is_none());
+    }
+
+    #[test]
+    fn draining_fails_the_routing_probes_at_once() {
+        let mut st = node(Role::Replica, Some(upstream(StreamState::Live, 0.1)));
+        st.draining = true;
+        for c in [Check::Readiness, Check::Replica, Check::ReadOnly] {
+            assert_eq!(code(c, &st, MAX), StatusCode::SERVICE_UNAVAILABLE, "{c:?}");
+        }
+        let (_, body) = evaluate(Check::Readiness, &st, Now::current(), MAX);
+        assert!(
+            body["reason"].as_str().unwrap().contains("draining"),
+            "{body}"
+        );
+        assert_eq!(code(Check::Health, &st, MAX), StatusCode::OK);
+        assert_eq!(code(Check::Liveness, &st, MAX), StatusCode::OK);
+        let mut p = node(Role::Primary, None);
+        p.draining = true;
+        assert_eq!(
+            code(Check::Readiness, &p, MAX),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(code(Check::Primary, &p, MAX), StatusCode::OK);
     }
 
     #[test]

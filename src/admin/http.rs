@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -22,20 +24,37 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::auth::{self, AdminAuth};
 use super::cli::parse_duration;
 use super::gauges;
 use super::health::{self, Check, Now};
+use crate::control::Control;
+use crate::live::Live;
 use crate::status::StatusHub;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
 
 /// What the admin server reads. Cheap to clone (one per connection).
 #[derive(Clone)]
 pub struct AdminState {
     pub status: Arc<StatusHub>,
     pub prometheus: PrometheusHandle,
-    /// Default maximum lag for `/replica`, `/read-only` and `/readiness`.
-    pub max_replica_lag: Duration,
+    /// What a reload may change (lag threshold, credentials).
+    pub settings: Arc<Live<AdminSettings>>,
+    /// Drain and reload; None where nothing can be controlled.
+    pub control: Option<Arc<Control>>,
+    /// `[admin.tls]`: the acceptor, replaced on reload (certificate rotation).
+    pub tls: Option<Arc<Live<TlsAcceptor>>>,
     /// The node's cluster view, shown in `/status`.
     pub cluster: Option<Arc<crate::cluster::ClusterView>>,
+}
+
+/// The admin settings a reload replaces.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Default maximum lag for `/replica`, `/read-only` and `/readiness`.
+    pub max_replica_lag: Duration,
+    pub auth: AdminAuth,
 }
 
 /// Probes are tiny; more concurrent connections than this wait in the
@@ -58,6 +77,7 @@ const JSON_CONTENT_TYPE: &str = "application/json";
 /// the listener kept.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     gauges::describe();
+    auth::describe();
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "admin HTTP serving");
     }
@@ -129,14 +149,52 @@ async fn connection(
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
+    let Some(tls) = state.tls.clone() else {
+        return http_connection(stream, peer, None, state, shutdown).await;
+    };
+    let acceptor = tls.get();
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)) => r,
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let cert_name = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(crate::replication::tls::peer_name);
+            http_connection(stream, peer, cert_name, state, shutdown).await
+        }
+        Ok(Err(e)) => debug!(%peer, error = %e, "admin TLS handshake failed"),
+        Err(_) => debug!(%peer, "admin TLS handshake timed out"),
+    }
+}
+
+/// One HTTP/1.1 connection, plain or TLS. `cert_name`: the node name of
+/// the client certificate the TLS layer verified, if any.
+async fn http_connection<IO>(
+    io: IO,
+    peer: SocketAddr,
+    cert_name: Option<String>,
+    state: AdminState,
+    shutdown: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cert_name: Option<Arc<str>> = cert_name.map(Arc::from);
     let svc = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+        let caller = Caller {
+            peer,
+            cert_name: cert_name.clone(),
+        };
+        async move { Ok::<_, Infallible>(handle(&state, &caller, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -151,12 +209,20 @@ async fn connection(
     }
 }
 
+/// Who is calling, for the mutating endpoints' check and log line.
+struct Caller {
+    peer: SocketAddr,
+    cert_name: Option<Arc<str>>,
+}
+
 /// What a path leads to.
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
     Metrics,
     Status,
     Probe(Check),
+    Drain,
+    Reload,
 }
 
 const ROUTES: &[(&str, Endpoint)] = &[
@@ -169,23 +235,65 @@ const ROUTES: &[(&str, Endpoint)] = &[
     ("/read-only", Endpoint::Probe(Check::ReadOnly)),
     ("/liveness", Endpoint::Probe(Check::Liveness)),
     ("/readiness", Endpoint::Probe(Check::Readiness)),
+    ("/drain", Endpoint::Drain),
+    ("/reload", Endpoint::Reload),
 ];
 
 const READ_METHODS: &[Method] = &[Method::GET, Method::HEAD];
+const WRITE_METHODS: &[Method] = &[Method::POST];
 
 impl Endpoint {
-    /// Methods the endpoint answers. A mutating endpoint (switchover,
-    /// pause...) answers `POST` only, and its handler starts with
-    /// `authorize(&req, &state)?` (a token header compared in constant
-    /// time against the configured secret) before reading the body.
+    /// Methods the endpoint answers. A mutating endpoint answers `POST`
+    /// only and is routed through [`refusal`] before its handler runs.
     fn methods(self) -> &'static [Method] {
-        READ_METHODS
+        if self.mutates() {
+            WRITE_METHODS
+        } else {
+            READ_METHODS
+        }
+    }
+
+    fn mutates(self) -> bool {
+        matches!(self, Endpoint::Drain | Endpoint::Reload)
     }
 }
 
-async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The check every mutating route passes first: admitted callers are
+/// logged (None), refused ones counted and answered 401/403 (the answer).
+fn refusal(
+    state: &AdminState,
+    caller: &Caller,
+    req: &Request<Incoming>,
+) -> Option<Response<Full<Bytes>>> {
+    let settings = state.settings.get();
+    match settings
+        .auth
+        .authorize(req.headers(), caller.cert_name.as_deref())
+    {
+        Ok(who) => {
+            info!(peer = %caller.peer, by = %who, path = req.uri().path(), "admin request authorized");
+            None
+        }
+        Err(denied) => {
+            auth::record_denied(&denied);
+            warn!(peer = %caller.peer, path = req.uri().path(), reason = denied.reason(), "admin request refused");
+            let mut resp = problem(denied.status(), "denied", denied.message());
+            if denied.status() == StatusCode::UNAUTHORIZED {
+                resp.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Some(resp)
+        }
+    }
+}
+
+async fn handle(
+    state: &AdminState,
+    caller: &Caller,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
-    let resp = route(state, req).await;
+    let resp = route(state, caller, req).await;
     if head {
         without_body(resp)
     } else {
@@ -193,7 +301,11 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
     }
 }
 
-async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    state: &AdminState,
+    caller: &Caller,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let Some(&(_, endpoint)) = ROUTES.iter().find(|(p, _)| *p == path) else {
         return problem(
@@ -219,6 +331,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         return resp;
     }
+    if endpoint.mutates() {
+        if let Some(resp) = refusal(state, caller, &req) {
+            return resp;
+        }
+    }
     match endpoint {
         Endpoint::Metrics => metrics(state),
         Endpoint::Status => {
@@ -230,11 +347,46 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             json_response(StatusCode::OK, &body)
         }
         Endpoint::Probe(check) => probe(state, check, req.uri().query()),
+        Endpoint::Drain => match &state.control {
+            Some(c) => {
+                let first = c.drain();
+                if first {
+                    info!("draining: no new client sessions; open ones end at a safe point");
+                }
+                json_response(
+                    StatusCode::OK,
+                    &json!({ "status": "draining", "already": !first }),
+                )
+            }
+            None => uncontrollable(),
+        },
+        Endpoint::Reload => match &state.control {
+            Some(c) => match c.reload().await {
+                Ok(report) => json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "status": "ok",
+                        "applied": report.applied,
+                        "needs_restart": report.needs_restart,
+                    }),
+                ),
+                Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "error", e),
+            },
+            None => uncontrollable(),
+        },
     }
 }
 
+fn uncontrollable() -> Response<Full<Bytes>> {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "this server has no control handle".into(),
+    )
+}
+
 fn probe(state: &AdminState, check: Check, query: Option<&str>) -> Response<Full<Bytes>> {
-    let mut max_lag = state.max_replica_lag;
+    let mut max_lag = state.settings.get().max_replica_lag;
     if check.takes_lag_param() {
         if let Some(raw) = query_param(query, "lag") {
             match parse_duration(raw) {
@@ -316,11 +468,23 @@ pub(crate) mod tests {
         pub status: Arc<StatusHub>,
         pub shutdown: CancellationToken,
         pub task: tokio::task::JoinHandle<()>,
+        pub drain: CancellationToken,
+        pub reloads: tokio::sync::mpsc::Receiver<crate::control::ReloadReply>,
     }
+
+    pub(crate) const TEST_TOKEN: &str = "test-token-0123456789";
 
     /// Starts `serve` on 127.0.0.1:0 with its own recorder: the global one
     /// can be installed once per process, so tests never touch it.
     pub(crate) async fn start(role: Role) -> TestServer {
+        start_with(role, None, &[]).await
+    }
+
+    pub(crate) async fn start_with(
+        role: Role,
+        tls: Option<TlsAcceptor>,
+        allowed: &[&str],
+    ) -> TestServer {
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, crate::metrics::describe);
         let status = Arc::new(StatusHub::new(
@@ -337,11 +501,18 @@ pub(crate) mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
+        let drain = CancellationToken::new();
+        let (control, reloads) = Control::new(drain.clone(), status.clone());
         let state = AdminState {
             cluster: None,
             status: status.clone(),
             prometheus: recorder.handle(),
-            max_replica_lag: Duration::from_secs(5),
+            settings: Live::new(AdminSettings {
+                max_replica_lag: Duration::from_secs(5),
+                auth: AdminAuth::for_tests(Some(TEST_TOKEN), allowed),
+            }),
+            control: Some(control),
+            tls: tls.map(Live::new),
         };
         let task = tokio::spawn(serve(listener, state, shutdown.clone()));
         TestServer {
@@ -349,6 +520,8 @@ pub(crate) mod tests {
             status,
             shutdown,
             task,
+            drain,
+            reloads,
         }
     }
 
@@ -547,6 +720,150 @@ pub(crate) mod tests {
         s.shutdown.cancel();
         tokio::time::timeout(T, s.task).await.unwrap().unwrap();
         assert!(TcpStream::connect(&addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn mutating_endpoints_need_credentials() {
+        use crate::admin::cli::request_as;
+        let mut s = start(Role::Replica).await;
+        let (code, headers, _) = request(&s.addr, Method::POST, "/drain", T).await.unwrap();
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers.get(WWW_AUTHENTICATE).unwrap(), "Bearer");
+        let (code, _, _) = request_as(
+            &s.addr,
+            Method::POST,
+            "/drain",
+            Some("wrong-token-0123456"),
+            T,
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        let (code, headers, _) = request_as(&s.addr, Method::GET, "/drain", Some(TEST_TOKEN), T)
+            .await
+            .unwrap();
+        assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers.get(ALLOW).unwrap(), "POST");
+        assert!(!s.drain.is_cancelled());
+        assert_eq!(get(&s, "/readiness").await.0, StatusCode::OK);
+
+        let (code, _, body) = request_as(&s.addr, Method::POST, "/drain", Some(TEST_TOKEN), T)
+            .await
+            .unwrap();
+        assert_eq!(code, StatusCode::OK);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["already"], false);
+        assert!(s.drain.is_cancelled());
+        let (code, body) = get(&s, "/readiness").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["reason"].as_str().unwrap().contains("draining"));
+        assert_eq!(get(&s, "/health").await.0, StatusCode::OK);
+        let (_, _, body) = request_as(&s.addr, Method::POST, "/drain", Some(TEST_TOKEN), T)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["already"],
+            true
+        );
+
+        // Reload: the request reaches the server's reload task and its
+        // report comes back.
+        let (code, _, _) = request(&s.addr, Method::POST, "/reload", T).await.unwrap();
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        let mut reloads = std::mem::replace(&mut s.reloads, tokio::sync::mpsc::channel(1).1);
+        let answer = tokio::spawn(async move {
+            let reply = reloads.recv().await.unwrap();
+            let _ = reply.send(Ok(crate::control::ReloadReport {
+                applied: vec!["log_level".into()],
+                needs_restart: vec!["client.listen".into()],
+            }));
+            let reply = reloads.recv().await.unwrap();
+            let _ = reply.send(Err("bad file".into()));
+        });
+        let (code, _, body) = request_as(&s.addr, Method::POST, "/reload", Some(TEST_TOKEN), T)
+            .await
+            .unwrap();
+        assert_eq!(code, StatusCode::OK);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["needs_restart"][0], "client.listen");
+        let (code, _, body) = request_as(&s.addr, Method::POST, "/reload", Some(TEST_TOKEN), T)
+            .await
+            .unwrap();
+        assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(String::from_utf8_lossy(&body).contains("bad file"));
+        answer.await.unwrap();
+        s.shutdown.cancel();
+        s.task.await.unwrap();
+    }
+
+    /// Admin over TLS: probes need no certificate; mutating calls accept a
+    /// certificate named in admin_allowed, refuse other names (403), and
+    /// still accept the token.
+    #[tokio::test]
+    async fn admin_tls_with_client_certificates() {
+        use crate::admin::cli::{request_tls, AdminTls};
+        use crate::replication::tls as rtls;
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = ["node2", "ops", "replica1"].map(String::from).to_vec();
+        crate::certgen::run_cert_command(dir.path(), &names, 30).unwrap();
+        let f = |n: &str| dir.path().join(n);
+        let files = rtls::TlsFiles {
+            ca_file: f("ca.pem"),
+            cert_file: f("node2.pem"),
+            key_file: f("node2-key.pem"),
+        };
+        let acceptor = TlsAcceptor::from(rtls::admin_server_config(&files).unwrap());
+        let s = start_with(Role::Primary, Some(acceptor), &["ops"]).await;
+        let url = format!("https://{}", s.addr);
+        let anon = AdminTls::load(&f("ca.pem"), None, Some("node2".into())).unwrap();
+        let ops = AdminTls::load(
+            &f("ca.pem"),
+            Some((&f("ops.pem"), &f("ops-key.pem"))),
+            Some("node2".into()),
+        )
+        .unwrap();
+        let other = AdminTls::load(
+            &f("ca.pem"),
+            Some((&f("replica1.pem"), &f("replica1-key.pem"))),
+            None,
+        )
+        .unwrap();
+        let call = |m: Method, p: &'static str, tls: &AdminTls, token: Option<&'static str>| {
+            let (url, tls) = (url.clone(), tls.clone());
+            async move {
+                request_tls(&url, m, p, token, Some(&tls), T)
+                    .await
+                    .unwrap()
+                    .0
+            }
+        };
+        assert_eq!(
+            call(Method::GET, "/health", &anon, None).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(Method::POST, "/drain", &anon, None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        // The server name defaults to the address's host (127.0.0.1 is a SAN).
+        assert_eq!(
+            call(Method::POST, "/drain", &other, None).await,
+            StatusCode::FORBIDDEN
+        );
+        assert!(!s.drain.is_cancelled());
+        assert_eq!(
+            call(Method::POST, "/drain", &other, Some(TEST_TOKEN)).await,
+            StatusCode::OK
+        );
+        assert!(s.drain.is_cancelled());
+        assert_eq!(
+            call(Method::POST, "/drain", &ops, None).await,
+            StatusCode::OK
+        );
+        // Plain HTTP to a TLS listener gets nothing useful.
+        assert!(request(&s.addr, Method::GET, "/health", T).await.is_err());
+        s.shutdown.cancel();
+        s.task.await.unwrap();
     }
 
     #[test]

@@ -35,15 +35,24 @@
 //! commit time (tids are timestamps); while the stream is down it grows with
 //! the time since the last message from the primary (see [`health`]).
 //!
-//! No endpoint mutates anything yet; the router in [`http`] is laid out so a
-//! `POST` route behind a token check can be added.
+//! Mutating endpoints answer `POST` only and run [`auth::AdminAuth::authorize`]
+//! first (bearer token from `token_file`, or a client certificate named in
+//! `admin_allowed`); a refusal is 401/403 and counted in
+//! `zrelay_admin_auth_failures_total{reason}`:
+//!
+//! | path | effect | answer |
+//! |---|---|---|
+//! | `POST /drain` | stop accepting client sessions; open ones end at their next safe point (no transaction open, no call outstanding) or at `client.shutdown_grace_ms`; `/readiness`, `/replica`, `/read-only` answer 503 at once | 200 `{"status":"draining","already":bool}` |
+//! | `POST /reload` | same as `SIGHUP`: re-read the config file, apply what can change live | 200 `{"status":"ok","applied":[keys],"needs_restart":[keys]}`, 500 if the file is invalid (nothing applied) |
 
+pub mod auth;
 pub mod cli;
 pub mod gauges;
 pub mod health;
 pub mod http;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -66,6 +75,18 @@ pub struct AdminConfig {
     /// `/readiness`.
     #[serde(default = "default_max_replica_lag_ms")]
     pub max_replica_lag_ms: u64,
+    /// File holding the bearer token that mutating endpoints (`POST /drain`,
+    /// `POST /reload`) accept. Absent: no token is accepted.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate names (DNS SAN or CN, issued by `tls.ca_file`)
+    /// allowed to call mutating endpoints; needs `[admin.tls]`.
+    #[serde(default)]
+    pub admin_allowed: Vec<String>,
+    /// Serve the admin endpoints over TLS 1.3 (client certificates optional:
+    /// probes need none; mutating calls may authenticate with one).
+    #[serde(default)]
+    pub tls: Option<crate::replication::tls::TlsFiles>,
 }
 
 fn default_max_replica_lag_ms() -> u64 {

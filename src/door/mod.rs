@@ -121,7 +121,8 @@ pub enum WritePolicy {
 pub struct Door {
     cfg: DoorConfig,
     cluster: Arc<ClusterView>,
-    connector: TlsConnector,
+    /// Shared with the replica task: a certificate reload applies here too.
+    connector: Arc<crate::live::Live<TlsConnector>>,
     cluster_name: String,
     storage: String,
     node: String,
@@ -143,7 +144,7 @@ pub struct Door {
 pub struct DoorParts {
     pub cfg: DoorConfig,
     pub cluster: Arc<ClusterView>,
-    pub connector: TlsConnector,
+    pub connector: Arc<crate::live::Live<TlsConnector>>,
     pub cluster_name: String,
     pub storage: String,
     pub node: String,
@@ -215,7 +216,7 @@ impl Door {
                     node: self.node.clone(),
                     read_only,
                 },
-                connector: self.connector.clone(),
+                connector: (*self.connector.get()).clone(),
                 timeout: self.connect_timeout,
             }),
             keep_local,

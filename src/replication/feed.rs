@@ -24,12 +24,14 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use super::clone_serve::{self, CloneServeError, CloneSource};
 use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
+use super::pack::{PackGate, PackOp};
 use super::protocol::{self, StreamMsg};
 use super::sender::{SenderConfig, SenderMode, SenderState};
 use super::stream_io::{read_msg, ReadError};
 use super::tls;
 use super::txn::{tid_after, tid_hex, Tid, Txn, Z64};
 use crate::config::BackendAddr;
+use crate::live::Live;
 use crate::metrics as m;
 use crate::status::{ReplicaPeerStatus, StatusHub, StreamState};
 use crate::wire::calls::ServerMsg;
@@ -69,6 +71,8 @@ pub struct FeedHandle {
     pub commits: broadcast::Sender<Arc<Txn>>,
     /// Newest tid known committed on the backend.
     pub last_tid: watch::Receiver<Tid>,
+    /// The latest pack to replay on replicas (see [`super::pack`]).
+    pub packs: watch::Receiver<Option<PackOp>>,
 }
 
 /// Runs the observer and fetcher until shutdown, reconnecting on errors.
@@ -222,8 +226,10 @@ pub type DoorSink = Arc<dyn Fn(DoorConn) + Send + Sync>;
 /// Settings of the replication listener on a primary.
 #[derive(Clone)]
 pub struct ListenerConfig {
-    pub acceptor: TlsAcceptor,
-    pub allowed_peers: Vec<String>,
+    /// Replaced on reload: new handshakes use the new certificate files,
+    /// open streams keep theirs.
+    pub acceptor: Arc<Live<TlsAcceptor>>,
+    pub allowed_peers: Arc<Live<Vec<String>>>,
     pub sender: SenderConfig,
     pub max_message_bytes: usize,
     pub handshake_timeout: Duration,
@@ -267,9 +273,9 @@ pub async fn serve_replicas(
         tokio::spawn(
             async move {
                 let (stream, name) = match tls::accept(
-                    &cfg.acceptor,
+                    &cfg.acceptor.get(),
                     tcp,
-                    &cfg.allowed_peers,
+                    &cfg.allowed_peers.get(),
                     cfg.handshake_timeout,
                 )
                 .await
@@ -603,6 +609,8 @@ where
             }
         }
     });
+    let features_pack = hello.features.iter().any(|f| f == protocol::FEATURE_PACK);
+    let mut packs = PackGate::new(feed.packs.clone(), features_pack, hello.last_tid);
     let result = stream_loop(
         &mut state,
         &mut wh,
@@ -610,6 +618,7 @@ where
         &mut conn,
         &mut live,
         &mut ack_rx,
+        &mut packs,
         &feed,
         name,
         &peer_addr,
@@ -630,6 +639,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     conn: &mut ZeoConn,
     live: &mut broadcast::Receiver<Arc<Txn>>,
     acks: &mut mpsc::Receiver<Result<Tid, StreamError>>,
+    packs: &mut PackGate,
     feed: &FeedHandle,
     name: &str,
     peer_addr: &str,
@@ -676,6 +686,13 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 next_roster = Instant::now() + ROSTER_INTERVAL;
             }
         }
+        if let Some(msg) = packs.poll(state.last_sent()) {
+            info!(
+                replica = name,
+                "replaying a pack of the primary on the replica"
+            );
+            protocol::encode(&msg, wbuf)?;
+        }
         if !wbuf.is_empty() {
             wh.write_all(wbuf).await?;
             wbuf.clear();
@@ -701,6 +718,9 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 Some(Ok(tid)) => state.on_ack(tid)?,
                 Some(Err(e)) => return Err(e),
                 None => return Err(StreamError::Closed),
+            },
+            open = packs.changed(), if packs.is_open() => if open {
+                packs.on_changed()
             },
             _ = tokio::time::sleep_until(wake.into()) => {}
         }

@@ -7,6 +7,7 @@ pub mod clone_serve;
 pub mod feed;
 pub mod filestorage;
 pub mod history;
+pub mod pack;
 pub mod protocol;
 pub mod receiver;
 pub mod replica;

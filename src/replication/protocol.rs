@@ -20,6 +20,11 @@
 //! message rather than a flag in Hello: a clone has none of a stream's state
 //! (position, digest, acks), and an older primary refuses it as a protocol
 //! error instead of streaming to a client that cannot apply.
+//! Optional messages are negotiated by `Hello.features` rather than by a
+//! version bump: `Pack` (a pack of the primary, see
+//! [`super::pack`]) is sent only to a replica that announced `"pack"`. An
+//! older replica announces nothing and never sees one; an older primary
+//! ignores the field and never sends one.
 
 use std::io::Cursor;
 
@@ -56,6 +61,20 @@ pub struct Hello {
     /// Where the replica accepts replicas and door sessions (if it does).
     #[serde(default)]
     pub replication_addr: Option<String>,
+    /// Optional stream messages this replica understands (e.g.
+    /// [`FEATURE_PACK`]). Added after version 1 without a version bump: an
+    /// older primary ignores the field, an older replica sends none and
+    /// is sent none of them.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// Feature: the replica executes [`StreamMsg::Pack`].
+pub const FEATURE_PACK: &str = "pack";
+
+/// The features this build's replica announces.
+pub fn replica_features() -> Vec<String> {
+    vec![FEATURE_PACK.to_string()]
 }
 
 /// A door's opening message: instead of a replication stream, relay one ZEO
@@ -153,7 +172,7 @@ impl std::fmt::Display for RefuseReason {
 }
 
 /// One message of the replication stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StreamMsg {
     /// replica -> primary, first message.
     Hello(Hello),
@@ -239,6 +258,16 @@ pub enum StreamMsg {
     },
     /// primary -> clone client: every file was sent.
     CloneEnd { files: u64, bytes: u64 },
+    /// primary -> replica (only to replicas announcing [`FEATURE_PACK`]): a
+    /// client packed the primary's storage with `pack(pack_time_unix)`. Sent
+    /// after the `Txn` `upto` (the primary's last tid when the pack was
+    /// done), so the replica packs its own backend with the same time once
+    /// everything up to it is applied. Creates no transaction.
+    Pack {
+        pack_time_unix: f64,
+        #[serde(with = "serde_bin::array")]
+        upto: Tid,
+    },
 }
 
 impl StreamMsg {
@@ -261,6 +290,7 @@ impl StreamMsg {
             StreamMsg::CloneData { .. } => "clone_data",
             StreamMsg::CloneFileEnd { .. } => "clone_file_end",
             StreamMsg::CloneEnd { .. } => "clone_end",
+            StreamMsg::Pack { .. } => "pack",
         }
     }
 }
@@ -419,6 +449,7 @@ mod tests {
                 last_digest: Some([9; 32]),
                 client_addr: None,
                 replication_addr: None,
+                features: replica_features(),
             }),
             StreamMsg::Hello(Hello {
                 version: 7,
@@ -429,6 +460,7 @@ mod tests {
                 last_digest: None,
                 client_addr: None,
                 replication_addr: None,
+                features: vec![],
             }),
             StreamMsg::Welcome {
                 version: PROTOCOL_VERSION,

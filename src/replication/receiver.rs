@@ -118,7 +118,7 @@ pub enum ReceiverError {
 }
 
 /// What the network task does after [`ReceiverState::on_message`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
     /// Nothing (handshake, Live marker, heartbeat).
     Nothing,
@@ -134,6 +134,10 @@ pub enum Incoming {
         reason: RefuseReason,
         message: String,
     },
+    /// The primary was packed at `pack_time_unix`: pack this node's backend
+    /// the same way once everything received so far (which includes `upto`)
+    /// is applied.
+    Pack { pack_time_unix: f64, upto: Tid },
 }
 
 /// Lag of this replica.
@@ -221,6 +225,7 @@ impl ReceiverState {
             },
             client_addr: None,
             replication_addr: None,
+            features: super::protocol::replica_features(),
         })
     }
 
@@ -295,6 +300,26 @@ impl ReceiverState {
                 self.expect(kind, self.mode.connected())?;
                 self.last_contact = Some(now);
                 Ok(Incoming::Roster(nodes))
+            }
+            StreamMsg::Pack {
+                pack_time_unix,
+                upto,
+            } => {
+                self.expect(kind, self.mode.connected())?;
+                self.last_contact = Some(now);
+                // Sent after the transaction `upto`: anything else means the
+                // replica would pack without the history the primary had.
+                if upto > self.received {
+                    return Err(ProtocolError::Unexpected {
+                        got: "pack beyond the last transaction received",
+                        state: self.mode.as_str(),
+                    }
+                    .into());
+                }
+                Ok(Incoming::Pack {
+                    pack_time_unix,
+                    upto,
+                })
             }
             StreamMsg::Hello(_)
             | StreamMsg::Ack { .. }

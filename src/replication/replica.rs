@@ -24,6 +24,7 @@ use super::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
 use super::stream_io::{self, ReadError};
 use super::tls;
 use super::txn::{tid_hex, tid_unix_secs, Tid, Z64};
+use crate::live::Live;
 use crate::metrics as m;
 use crate::status::{StatusHub, StreamState, UpstreamStatus};
 
@@ -37,7 +38,9 @@ pub struct ReplicaConfig {
     pub node: String,
     pub upstream: String,
     pub upstream_name: String,
-    pub connector: TlsConnector,
+    /// Replaced on reload (certificate rotation): the next connection uses
+    /// the new files, an open stream keeps running.
+    pub connector: Arc<Live<TlsConnector>>,
     pub stale_after: Duration,
     pub max_message_bytes: usize,
     pub connect_timeout: Duration,
@@ -48,6 +51,9 @@ pub struct ReplicaConfig {
     /// Published with every confirmed apply: the newest tid committed on
     /// this node's backend (a door's offload waits on it).
     pub applied: Arc<watch::Sender<Tid>>,
+    /// `replicate_pack`: where packs from the stream are executed (None:
+    /// they are ignored).
+    pub packer: Option<super::pack::PackRunner>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,14 +258,20 @@ async fn stream_once(
         })?
         .map_err(|e| RunError::Connect(cfg.upstream.clone(), e))?;
     let _ = tcp.set_nodelay(true);
-    let (stream, peer) =
-        match tls::connect(&cfg.connector, tcp, &cfg.upstream_name, cfg.connect_timeout).await {
-            Ok(x) => x,
-            Err(e) => {
-                tls::record_handshake_failure(&e);
-                return Err(e.into());
-            }
-        };
+    let (stream, peer) = match tls::connect(
+        &cfg.connector.get(),
+        tcp,
+        &cfg.upstream_name,
+        cfg.connect_timeout,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tls::record_handshake_failure(&e);
+            return Err(e.into());
+        }
+    };
     let (mut rh, mut wh) = tokio::io::split(stream);
     let mut wbuf = BytesMut::new();
     let mut hello = st.hello(&cfg.cluster, &cfg.storage, &cfg.node);
@@ -311,6 +323,35 @@ async fn stream_once(
             Incoming::Roster(nodes) => status.update(|s| s.upstream_roster = nodes),
             Incoming::Refused { reason, message } => {
                 return Err(RunError::Refused(format!("{reason}: {message}")));
+            }
+            Incoming::Pack {
+                pack_time_unix,
+                upto,
+            } => {
+                // In tid order: everything received before it is applied
+                // first.
+                if applier.has_pending() {
+                    let r = applier.complete().await;
+                    confirm(applier, st, &mut inflight, &mut wbuf)?;
+                    r?;
+                }
+                match &cfg.packer {
+                    Some(p) if st.applied() >= upto => p.submit(super::pack::PackOp {
+                        pack_time_unix,
+                        upto,
+                    }),
+                    Some(_) => warn!(
+                        upto = %tid_hex(&upto),
+                        applied = %tid_hex(&st.applied()),
+                        "pack from the primary ahead of what is applied; not packing"
+                    ),
+                    None => {
+                        info!(
+                            pack_time = pack_time_unix,
+                            "pack on the primary; replicate_pack = false here"
+                        )
+                    }
+                }
             }
             Incoming::Apply { txn, digest } => {
                 inflight.push_back((txn.tid, digest, txn.size_bytes(), Instant::now()));

@@ -629,6 +629,7 @@ mod tests {
             last_digest: digest,
             client_addr: None,
             replication_addr: None,
+            features: vec![],
         }
     }
 

@@ -293,6 +293,64 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// The admin HTTP listener's side (`[admin.tls]`): TLS 1.3, this node
+/// presents `cert_file`/`key_file`; a client certificate issued by `ca_file`
+/// is verified if presented but not required (health probes carry none;
+/// mutating calls may authenticate with one, see `admin::auth`).
+pub fn admin_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let roots = load_roots(&files.ca_file)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| {
+            file_error(
+                &files.ca_file,
+                format!("cannot verify clients with it: {e}"),
+            )
+        })?;
+    let certs = load_certs(&files.cert_file)?;
+    let key = load_key(&files.key_file)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls13_only)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| identity_error(files, e))?;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client of an `https://` admin listener (`zrelay drain|reload`): trusts
+/// `ca_file`; presents a client certificate if `client` names one.
+pub fn https_client_config(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = load_roots(ca_file)?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls13_only)?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let files = TlsFiles {
+                ca_file: ca_file.to_path_buf(),
+                cert_file: cert.to_path_buf(),
+                key_file: key.to_path_buf(),
+            };
+            builder
+                .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+                .map_err(|e| identity_error(&files, e))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The replica's side: TLS 1.3 only, the server must present a certificate
 /// issued by `ca_file` valid for the name dialled, and this node presents
 /// `cert_file`/`key_file` as its client certificate. No session resumption.

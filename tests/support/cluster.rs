@@ -318,6 +318,14 @@ impl Node {
         );
     }
 
+    /// SIGHUP: reload the config file.
+    pub fn hup(&mut self) {
+        self.proc
+            .as_mut()
+            .expect("zrelay running")
+            .signal(libc::SIGHUP);
+    }
+
     /// SIGKILL (the stream is cut without a goodbye).
     /// SIGSTOP / SIGCONT the zrelay process (a stall, not a crash).
     pub fn pause(&mut self) {
@@ -417,6 +425,8 @@ pub struct ClusterOpts {
     /// Extra sections for the primary's / the replica's config.
     pub primary_extra: String,
     pub replica_extra: String,
+    /// Extra `[admin]` lines of the primary.
+    pub primary_admin: String,
 }
 
 impl ClusterOpts {
@@ -431,6 +441,7 @@ impl ClusterOpts {
             replica_admin: String::new(),
             primary_extra: String::new(),
             replica_extra: String::new(),
+            primary_admin: String::new(),
         }
     }
 }
@@ -472,7 +483,7 @@ impl Cluster {
             },
             tls: certs.tls("primary"),
             backend_extra: BACKEND_EXTRA.into(),
-            admin_extra: String::new(),
+            admin_extra: opts.primary_admin.clone(),
             replication_extra: opts.primary_replication.clone(),
             extra: opts.primary_extra.clone(),
         });
