@@ -191,8 +191,11 @@ def main():
         finish(client(['write', door, str(args.rate), str(args.seconds)]), args.seconds + 60)
         writer_cpu_per_s = (P.pid_cpu_seconds(pzeo_pid) - c0) / args.seconds
 
+        other = P.OtherLoad(lambda: [p.popen.pid for p in procs.procs])
+
         def measured(label, addr, ro, door_row=True):
             log(f'{label} ...')
+            o0 = other.sample()
             m0 = http(replica.admin_port, '/metrics')
             c0 = P.pid_cpu_seconds(pzeo_pid)
             t0 = time.monotonic()
@@ -210,6 +213,8 @@ def main():
                                    if door_row and local + fwd else None)
             loads_cpu = max(0.0, (c1 - c0) - writer_cpu_per_s * elapsed)
             r['primary_cpu_per_1000'] = loads_cpu / max(1, r['n']) * 1000
+            # Clients count as "other": subtract nothing, report as measured.
+            r['other_cores'] = P.OtherLoad.cores(o0, other.sample())
             rows[label] = r
 
         measured('offload on (replica door, read-write)', door, '0')
@@ -237,12 +242,12 @@ def main():
               f'"Served locally" counts the read-write rows\' loads by '
               f'`zrelay_door_loads_total`; the primary runzeo\'s CPU is what remains '
               f'after subtracting the writer alone ({writer_cpu_per_s:.3f} s/s).', '',
-              '| path | loads | p50 µs | p99 µs | served locally | primary runzeo CPU s / 1,000 loads |',
-              '|---|---:|---:|---:|---:|---:|']
+              '| path | loads | p50 µs | p99 µs | served locally | primary runzeo CPU s / 1,000 loads | other CPU (cores, incl. the clients) |',
+              '|---|---:|---:|---:|---:|---:|---:|']
     for label, r in rows.items():
         frac = '-' if r['local_fraction'] is None else f"{100 * r['local_fraction']:.1f} %"
         lines.append(f"| {label} | {r['n']} | {r['p50']:.0f} | {r['p99']:.0f} | {frac} | "
-                     f"{r['primary_cpu_per_1000']:.3f} |")
+                     f"{r['primary_cpu_per_1000']:.3f} | {r['other_cores']:.2f} |")
     on = rows.get('offload on (replica door, read-write)')
     ro = rows.get('read-only session at the replica door (local)')
     direct = rows.get('direct on the replica runzeo (no proxy)')
