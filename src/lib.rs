@@ -9,6 +9,7 @@ pub mod certgen;
 pub mod config;
 pub mod metrics;
 pub mod monitor;
+pub mod own_conns;
 pub mod relay;
 pub mod replication;
 pub mod server;

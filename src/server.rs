@@ -54,6 +54,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     metrics::set_global_recorder(recorder).context("install the metrics recorder")?;
     crate::metrics::describe();
     tls::describe();
+    crate::own_conns::describe();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
