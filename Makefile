@@ -8,7 +8,7 @@ CARGO ?= cargo
 # machine a few at a time keeps them fast and far from their deadlines.
 TEST_THREADS ?= 4
 
-.PHONY: all build release venv tools test lint demo bench clean
+.PHONY: all build release venv tools bench-tools test lint demo bench clean
 
 all: build
 
@@ -24,6 +24,10 @@ venv:
 tools:
 	@scripts/ensure-tools.sh
 
+# HAProxy and cc, which the relay benchmark compares zrelay with.
+bench-tools:
+	@scripts/ensure-bench-tools.sh
+
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -34,7 +38,7 @@ test: venv tools lint
 demo: venv release
 	@scripts/demo.sh
 
-bench: venv release
+bench: venv bench-tools release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/repl_bench.py --zrelay target/release/zrelay
 
