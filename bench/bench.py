@@ -127,6 +127,11 @@ class Endpoint:
                 'baseline': self.baseline_port,
                 'haproxy': self.haproxy_port}[mode]
 
+    def process(self, mode):
+        """The proxy process of *mode* (None for direct)."""
+        return {'direct': None, 'proxied': self.proxy,
+                'baseline': self.baseline, 'haproxy': self.haproxy}[mode]
+
 
 def build_baseline_relay(tmp):
     """Compile bench/baseline_relay.c; return the binary's path."""
@@ -157,7 +162,7 @@ frontend zeo
     bind {HOST}:{listen_port}
     default_backend zeo
 backend zeo
-    server zeo {HOST}:{backend_port}
+    server zeo {P.address(HOST, backend_port)}
 """)
 
 
@@ -168,7 +173,8 @@ def start_topology(procs, tmp, args, encodings):
         ep = Endpoint(enc)
         d = os.path.join(tmp, enc)
         os.makedirs(d)
-        ep.server_port = P.free_port()
+        ep.server_port = (os.path.join(d, 'zeo.sock') if args.backend_unix
+                          else P.free_port())
         conf = os.path.join(d, 'zeo.conf')
         P.runzeo_conf(conf, ep.server_port, d, msgpack=(enc == 'msgpack'))
         ep.server = procs.spawn(f'runzeo-{enc}',
@@ -288,8 +294,12 @@ def run_all(endpoints, settings, pool, oids, workloads, other, modes):
                 k = r % len(modes)
                 order = modes[k:] + modes[:k]
                 for mode in order:
+                    proc = ep.process(mode)
+                    cpu0 = proc.cpu_seconds() if proc else None
                     res = measure(workload, ep.port(mode), settings, pool,
                                   oids[ep.encoding])
+                    if proc:
+                        res['cpu_s'] = proc.cpu_seconds() - cpu0
                     for metric, value in res.items():
                         samples.setdefault(
                             (workload, ep.encoding, metric, mode), []
@@ -421,6 +431,32 @@ def proxy_label_of(args):
     return 'forwarder' if args.self_test else 'zrelay'
 
 
+def cpu_table(samples, workloads, encodings, modes, proxy_label):
+    """Proxy CPU time (user + system) per round trip in the raw workloads,
+    summed over all runs of a mode: far less sensitive to a busy machine
+    than wall-clock latency (10 ms clock ticks over thousands of round
+    trips)."""
+    names = {'proxied': proxy_label, 'haproxy': 'HAProxy',
+             'baseline': 'C relay'}
+    shown = [m for m in modes if m in names]
+    lines = ['| workload | enc | ' + ' | '.join(
+                 f'{names[m]} CPU µs/round trip' for m in shown) + ' |',
+             '|---|---|' + '---:|' * len(shown)]
+    for workload in workloads:
+        if workload not in ('load', 'ping'):
+            continue
+        for enc in encodings:
+            cells = []
+            for m in shown:
+                cpu = samples.get((workload, enc, 'cpu_s', m))
+                n = samples.get((workload, enc, 'n', m))
+                cells.append(f'{sum(cpu) / sum(n) * 1e6:.1f}'
+                             if cpu and n and sum(n) else '–')
+            lines.append(f'| {TITLES[workload]} | {enc} | '
+                         + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) if len(lines) > 2 else ''
+
+
 def machine_info(args):
     info = P.machine_info(['ZEO', 'ZODB', 'msgpack'])
     if args.self_test:
@@ -428,6 +464,8 @@ def machine_info(args):
                               'not zrelay'))
     else:
         info.append(P.zrelay_line(args.zrelay))
+    info.append(('backend link', 'unix socket (runzeo, direct clients and '
+                 'proxies on it)' if args.backend_unix else 'TCP loopback'))
     if args.haproxy:
         v = subprocess.run([args.haproxy, '-v'], capture_output=True,
                            text=True, timeout=10).stdout.split('\n')[0]
@@ -518,6 +556,10 @@ def parse_args(argv=None):
                          'installs it)')
     ap.add_argument('--no-haproxy', dest='haproxy', action='store_const',
                     const=None, help='do not measure HAProxy')
+    ap.add_argument('--backend-unix', action='store_true',
+                    help='runzeo listens on a unix socket: direct clients '
+                         'and the proxies reach it there (clients still '
+                         'reach the proxies over TCP)')
     ap.add_argument('--self-test', action='store_true',
                     help='put a trivial Python forwarder where zrelay goes, '
                          'to check the script without a zrelay build')
@@ -543,6 +585,8 @@ def parse_args(argv=None):
             ap.error(f'no haproxy at {args.haproxy!r}: run '
                      f'scripts/ensure-bench-tools.sh (or pass --no-haproxy)')
         args.haproxy = found
+    if args.backend_unix and (args.baseline or args.self_test):
+        ap.error('--backend-unix: the C relay and the forwarder speak TCP only')
     if args.out is None and not args.self_test:
         args.out = os.path.join(HERE, 'results-latest.md')
     return args
@@ -596,6 +640,10 @@ def main(argv=None):
         table, verdicts = build_table(samples, workloads, encodings,
                                       proxy_label, args.baseline,
                                       bool(args.haproxy))
+        cpu_tab = cpu_table(samples, workloads, encodings, modes,
+                            proxy_label)
+        if cpu_tab:
+            table += '\n\nProxy CPU per round trip (user + system, all runs):\n\n' + cpu_tab
         info = machine_info(args)
         body = render(table, verdicts,
                       proxy_lines(endpoints, proxy_label, cpu), other_cores,

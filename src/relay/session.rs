@@ -266,6 +266,10 @@ where
         let grace = self.limits.shutdown_grace;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         let mut inject = self.inject.take();
+        // One waiter registration for the whole session, not one per loop
+        // iteration (each `cancelled()` locks the token's waiter list twice).
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
 
         loop {
             if !relay.bout.is_empty() {
@@ -292,7 +296,7 @@ where
             let deadline = drain_deadline;
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {
+                _ = &mut cancelled, if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + grace);
                     continue;
                 }
