@@ -14,13 +14,19 @@ use crate::relay::listener::{ClientListener, HooksFactory};
 use crate::relay::{PassThrough, SessionHooks, SessionLimits};
 use crate::replication::applied::AppliedLog;
 use crate::replication::applier::Applier;
-use crate::replication::feed::{self, BackendLink, FeedHandle, ListenerConfig};
+use crate::replication::capture::{self, CaptureHooks, CaptureHub};
+use crate::replication::feed::{self, BackendLink, CaptureLink, FeedHandle, ListenerConfig};
 use crate::replication::replica::{self, ReplicaConfig};
 use crate::replication::replica_session::ReplicaHooks;
 use crate::replication::sender::SenderConfig;
 use crate::replication::tls;
 use crate::replication::txn::Z64;
 use crate::status::{Role, StatusHub};
+
+/// How long the feed waits for a client session whose `tpc_finish` reply
+/// races the observer's invalidation of the same commit; past it, the commit
+/// is read back (correct either way).
+const CAPTURE_WAIT: Duration = Duration::from_millis(200);
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -55,6 +61,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     crate::metrics::describe();
     tls::describe();
     crate::own_conns::describe();
+    capture::describe();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
@@ -89,8 +96,31 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
-            start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
-            Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
+            let capture = (r.capture_max_bytes > 0).then(|| CaptureLink {
+                hub: CaptureHub::new(),
+                verify: r.capture_verify,
+                wait: CAPTURE_WAIT,
+            });
+            start_feed(
+                r,
+                &cfg,
+                &link,
+                &status,
+                &shutdown,
+                &mut tasks,
+                capture.clone(),
+            )
+            .await?;
+            match capture {
+                Some(c) => {
+                    capture::init_series();
+                    let max = r.capture_max_bytes;
+                    Arc::new(move || {
+                        Box::new(CaptureHooks::new(c.hub.clone(), max)) as Box<dyn SessionHooks>
+                    })
+                }
+                None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
+            }
         }
         Some(r) => {
             let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
@@ -107,7 +137,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 // Cascading: what this replica's backend commits (the
                 // applier's replays, in tid order) is fed downstream exactly
                 // as a primary feeds its replicas.
-                start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks).await?;
+                start_feed(r, &cfg, &link, &status, &shutdown, &mut tasks, None).await?;
             }
             let allow_pack = r.allow_pack;
             Arc::new(move || {
@@ -182,6 +212,7 @@ async fn start_feed(
     status: &Arc<StatusHub>,
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    capture: Option<CaptureLink>,
 ) -> anyhow::Result<()> {
     let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
     let listen = r.listen.context("replication.listen")?;
@@ -202,6 +233,7 @@ async fn start_feed(
         last_tx,
         report,
         shutdown.clone(),
+        capture,
     )));
     let lcfg = ListenerConfig {
         acceptor: tokio_rustls::TlsAcceptor::from(server_cfg),

@@ -2,6 +2,7 @@
 
 pub mod applied;
 pub mod applier;
+pub mod capture;
 pub mod feed;
 pub mod history;
 pub mod protocol;
