@@ -154,8 +154,8 @@ struct Building {
     /// `storeBlobEnd`s in arrival order; committed after the stores, last
     /// first.
     blob_stores: Vec<Stored>,
-    /// Chunks since `storeBlobStart`.
-    chunks: Option<Vec<Bytes>>,
+    /// The blob bytes since `storeBlobStart`.
+    chunks: Option<Vec<u8>>,
     size: usize,
     fallback: Option<Reason>,
 }
@@ -196,8 +196,11 @@ pub struct Capture {
     finishing: bool,
 }
 
+/// A copy, not a slice of the received frame: a slice would keep the
+/// session's whole read buffer alive for as long as the transaction sits in
+/// the replicas' queues (their byte limits count record bytes only).
 fn bytes_arg(args: &[Value], i: usize) -> Option<Bytes> {
-    args.get(i)?.as_bytes_buf().cloned()
+    args.get(i)?.as_bytes().map(Bytes::copy_from_slice)
 }
 
 fn oid_arg(args: &[Value], i: usize) -> Option<Oid> {
@@ -333,11 +336,11 @@ impl Capture {
                     "deleteObject" => b.fail(Reason::Delete),
                     "storeBlobShared" => b.fail(Reason::BlobNotAtHand),
                     "storeBlobStart" => b.chunks = Some(Vec::new()),
-                    "storeBlobChunk" => match (b.chunks.is_some(), bytes_arg(args, 0)) {
-                        (true, Some(c)) => {
+                    "storeBlobChunk" => match args.first().and_then(Value::as_bytes) {
+                        Some(c) if b.chunks.is_some() => {
                             b.add_size(c.len(), max);
                             if let Some(chunks) = b.chunks.as_mut() {
-                                chunks.push(c);
+                                chunks.extend_from_slice(c);
                             }
                         }
                         _ => b.fail(Reason::Unexpected),
@@ -349,7 +352,7 @@ impl Capture {
                                 b.blob_stores.push(Stored {
                                     oid,
                                     data,
-                                    blob: Some(concat(chunks)),
+                                    blob: Some(Bytes::from(chunks)),
                                 });
                             }
                             _ => b.fail(Reason::Unexpected),
@@ -405,17 +408,6 @@ impl Capture {
         self.building = None;
         std::mem::take(&mut self.finishing).then_some(Event::FinishDone(None))
     }
-}
-
-fn concat(chunks: Vec<Bytes>) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.into_iter().next().unwrap_or_default();
-    }
-    let mut out = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
-    for c in &chunks {
-        out.extend_from_slice(c);
-    }
-    Bytes::from(out)
 }
 
 /// The transaction as the backend committed it, or why that is not proven.
