@@ -115,8 +115,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 Some(c) => {
                     capture::init_series();
                     let max = r.capture_max_bytes;
+                    let storage = storage.clone();
                     Arc::new(move || {
-                        Box::new(CaptureHooks::new(c.hub.clone(), max)) as Box<dyn SessionHooks>
+                        Box::new(CaptureHooks::new(c.hub.clone(), max, storage.clone()))
+                            as Box<dyn SessionHooks>
                     })
                 }
                 None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),

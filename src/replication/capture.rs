@@ -569,13 +569,17 @@ impl CaptureHub {
 pub struct CaptureHooks {
     capture: Capture,
     hub: Arc<CaptureHub>,
+    /// The replicated storage: commits to any other storage of the same
+    /// backend (tids are per storage) are not captured.
+    storage: String,
 }
 
 impl CaptureHooks {
-    pub fn new(hub: Arc<CaptureHub>, max_bytes: usize) -> CaptureHooks {
+    pub fn new(hub: Arc<CaptureHub>, max_bytes: usize, storage: String) -> CaptureHooks {
         CaptureHooks {
             capture: Capture::new(max_bytes),
             hub,
+            storage,
         }
     }
 }
@@ -586,8 +590,11 @@ impl SessionHooks for CaptureHooks {
         info: &SessionInfo,
         msg: &Message,
     ) -> crate::relay::ClientVerdict {
-        if let Some(ev) = self.capture.on_client(msg, info.encoding) {
-            self.hub.report(ev);
+        let replicated = matches!(&info.registered, Some((s, _)) if *s == self.storage);
+        if replicated {
+            if let Some(ev) = self.capture.on_client(msg, info.encoding) {
+                self.hub.report(ev);
+            }
         }
         crate::relay::ClientVerdict::Forward
     }

@@ -487,3 +487,28 @@ async fn hub_matches_reports_with_observed_tids() {
     hub.discard_upto(&next);
     assert!(hub.lock().done.is_empty());
 }
+
+#[test]
+fn hooks_capture_only_the_replicated_storage() {
+    let hub = CaptureHub::new();
+    let mut info = SessionInfo {
+        conn_id: 1,
+        peer: "test".into(),
+        encoding: Encoding::Pickle,
+        registered: Some(("2".into(), false)),
+        in_transaction: false,
+    };
+    let finish = Message::call(Value::Int(6), "tpc_finish", vec![Value::Int(77)]);
+    let mut other = CaptureHooks::new(hub.clone(), MAX, "1".into());
+    other.on_client_message(&info, &begin());
+    other.on_client_message(&info, &finish);
+    assert_eq!(hub.lock().finishing, 0, "a commit to storage 2 was tracked");
+    info.registered = Some(("1".into(), false));
+    let mut mine = CaptureHooks::new(hub.clone(), MAX, "1".into());
+    mine.on_client_message(&info, &begin());
+    mine.on_client_message(&info, &finish);
+    assert_eq!(hub.lock().finishing, 1);
+    // The session ends before the reply: nothing left in flight.
+    mine.on_close(&info);
+    assert_eq!(hub.lock().finishing, 0);
+}
