@@ -1,7 +1,7 @@
 # zrelay: the front door.
 #   make demo   primary + replica on loopback with a sample workload (Ctrl-C to stop)
 #   make test   everything CI runs: fmt, clippy, unit and integration tests
-#   make bench  side-by-side benchmark (direct ZEO vs through zrelay) and replication lag/catch-up
+#   make bench  side-by-side benchmark (direct ZEO vs zrelay vs HAProxy), replication lag/catch-up, memory
 SHELL := /bin/bash
 CARGO ?= cargo
 # Integration tests each start runzeo and zrelay processes; on a 2-core
@@ -41,6 +41,7 @@ demo: venv release
 bench: venv bench-tools release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/repl_bench.py --zrelay target/release/zrelay
+	.venv/bin/python bench/mem_bench.py --zrelay target/release/zrelay
 
 clean:
 	$(CARGO) clean
