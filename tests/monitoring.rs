@@ -9,18 +9,21 @@ mod support;
 use std::time::Duration;
 
 use support::cluster::{http_get, metric_value, value_of, wait_until, Cluster};
-use support::{free_port, py, Addr, Enc, Relay, RelayOpts, Zeo, ZeoOpts};
+use support::{free_port, Addr, Enc, Py, Relay, RelayOpts, Zeo, ZeoOpts};
 
 /// Clients each check opens.
 const K: u64 = 3;
 const SETTLE: Duration = Duration::from_secs(30);
 
 /// (server_status, ruok, nagios) connection counts with K clients open.
-fn counts(addr: &Addr, mode: &str) -> (u64, u64, u64) {
-    let out = py(
-        "monitoring.py",
-        &["counts", &addr.to_string(), &K.to_string(), mode],
-    );
+fn counts(enc: Enc, addr: &Addr, mode: &str) -> (u64, u64, u64) {
+    let out = Py::new("monitoring.py")
+        .args(&["counts", &addr.to_string(), &K.to_string(), mode])
+        .env(
+            "ZRELAY_EXPECT_PROTOCOL",
+            std::str::from_utf8(enc.protocol()).unwrap(),
+        )
+        .run();
     let out = String::from_utf8_lossy(&out.stdout).into_owned();
     let n = |k: &str| -> u64 {
         value_of(&out, k)
@@ -35,9 +38,19 @@ fn own_connections(metrics: &str) -> u64 {
 }
 
 #[test]
-fn zeo_monitoring_counts_only_the_clients_connections() {
-    let mut c = Cluster::start(Enc::Pickle);
-    let zeo = Zeo::start(Enc::Pickle, ZeoOpts::default());
+fn zeo_monitoring_counts_only_the_clients_connections_pickle() {
+    monitoring_counts(Enc::Pickle);
+}
+
+/// The `server_status` reply is re-encoded in the session's encoding.
+#[test]
+fn zeo_monitoring_counts_only_the_clients_connections_msgpack() {
+    monitoring_counts(Enc::Msgpack);
+}
+
+fn monitoring_counts(enc: Enc) {
+    let mut c = Cluster::start(enc);
+    let zeo = Zeo::start(enc, ZeoOpts::default());
     let relay_admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let relay = Relay::start(
         zeo.addr(),
@@ -63,10 +76,22 @@ fn zeo_monitoring_counts_only_the_clients_connections() {
             && own_connections(&relay_metrics()) >= 1
     });
 
-    assert_eq!(counts(relay.addr(), "rw"), (K, K, K), "pass-through zrelay");
-    assert_eq!(counts(c.primary.addr(), "rw"), (K, K, K), "primary zrelay");
+    assert_eq!(
+        counts(enc, relay.addr(), "rw"),
+        (K, K, K),
+        "pass-through zrelay"
+    );
+    assert_eq!(
+        counts(enc, c.primary.addr(), "rw"),
+        (K, K, K),
+        "primary zrelay"
+    );
     // Clients of a replica register read-only (read-write is refused).
-    assert_eq!(counts(c.replica.addr(), "ro"), (K, K, K), "replica zrelay");
+    assert_eq!(
+        counts(enc, c.replica.addr(), "ro"),
+        (K, K, K),
+        "replica zrelay"
+    );
 
     // Not vacuous: the backends themselves count zrelay's own connections,
     // exactly as many as its metric reports.
@@ -78,7 +103,7 @@ fn zeo_monitoring_counts_only_the_clients_connections() {
         let own = own_connections(&metrics);
         assert!(own >= 1, "{name}: no own connection reported");
         assert_eq!(
-            counts(zeo_addr, "rw"),
+            counts(enc, zeo_addr, "rw"),
             (K + own, K + own, K + own),
             "{name} backend direct, {own} own connections"
         );
