@@ -139,7 +139,18 @@ async fn feed_once(
     set_last(last_tid, status, last.max(*published));
     info!(last = %tid_hex(&last), "commit feed observing the backend");
     loop {
-        let msg = observer.read_message().await?;
+        // The reader is registered too, so the backend sends it every
+        // commit's invalidation; read and drop them while it is idle (with
+        // capture it may stay idle for long), or they pile up in the
+        // backend's output buffer.
+        reader.pending_async.clear();
+        let msg = tokio::select! {
+            m = observer.read_message() => m?,
+            m = reader.read_message() => {
+                m?;
+                continue;
+            }
+        };
         let Ok(ServerMsg::InvalidateTransaction { tid, oids }) = ServerMsg::parse(&msg) else {
             continue;
         };
@@ -588,6 +599,12 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 None => return Err(StreamError::Closed),
             },
             _ = tokio::time::sleep_until(wake.into()) => {}
+            // Idle between history rounds: drop the invalidations the
+            // backend sends this registered connection (see feed_once).
+            m = conn.read_message() => {
+                m?;
+                conn.pending_async.clear();
+            }
         }
     }
 }
