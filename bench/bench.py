@@ -511,8 +511,11 @@ def render(table, verdicts, proxy_lines_, other_cores, settings, args,
         f'- CPU used by other processes on the machine meanwhile, in cores '
         f'(of {len(os.sched_getaffinity(0))}): {other}', '',
         f'Medians over runs. ratio = proxied / direct; added = proxied − '
-        f'direct; {proxy_label_of(args)} vs HAProxy = its value − HAProxy\'s '
-        f'(latency) or its value / HAProxy\'s (throughput); spread = largest (max − min) / median of either column. '
+        f'direct; '
+        + (f'{proxy_label_of(args)} vs HAProxy = its value − HAProxy\'s '
+           f'(latency) or its value / HAProxy\'s (throughput); '
+           if args.haproxy else '')
+        + f'spread = largest (max − min) / median of either column. '
         f'{params}. Total {wall:.0f} s.',
     ])
 
