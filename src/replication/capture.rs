@@ -29,6 +29,11 @@
 //! - exactly one client commit reported this tid, and its oid set equals the
 //!   oid set of the observer's invalidation for it.
 //!
+//! Only sessions registered to the replicated storage capture (tids are per
+//! storage). A captured [`Txn`] has the read-back's user, description and
+//! extension bytes, so its digest is the same; `capture_verify` compares the
+//! two whole transactions for every captured commit.
+//!
 //! Record order is the backend's: ZEO's server applies the logged stores in
 //! order at vote, then the blob stores last-in first-out (its `blob_log` is
 //! popped from the end). Commits that bypassed the proxy have no capture and
