@@ -1,7 +1,7 @@
 # zrelay: the front door.
 #   make demo   primary + replica on loopback with a sample workload (Ctrl-C to stop)
 #   make test   everything CI runs: fmt, clippy, unit and integration tests
-#   make bench  side-by-side benchmark (direct ZEO vs through zrelay), replication lag/catch-up, clone vs catch-up, doors
+#   make bench  side-by-side benchmarks (direct ZEO vs zrelay vs HAProxy), replication lag/catch-up, memory, clone vs catch-up, doors
 #   make docker-check  build the docker/ runtime image with podman and check it (needs root; not in make test)
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -9,7 +9,7 @@ CARGO ?= cargo
 # machine a few at a time keeps them fast and far from their deadlines.
 TEST_THREADS ?= 4
 
-.PHONY: all build release venv tools test lint demo bench clean docker-check
+.PHONY: all build release venv tools bench-tools test lint demo bench clean docker-check
 
 all: build
 
@@ -25,6 +25,10 @@ venv:
 tools:
 	@scripts/ensure-tools.sh
 
+# HAProxy and cc, which the relay benchmark compares zrelay with.
+bench-tools:
+	@scripts/ensure-bench-tools.sh
+
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -35,11 +39,12 @@ test: venv tools lint
 demo: venv release
 	@scripts/demo.sh
 
-bench: venv release
+bench: venv bench-tools release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/repl_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/door_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/clone_bench.py --zrelay target/release/zrelay
+	.venv/bin/python bench/mem_bench.py --zrelay target/release/zrelay
 
 # The runtime image from a debootstrap base and the host-built binary,
 # checked by chroot (podman run does not work in every sandbox). Minutes, so

@@ -8,6 +8,11 @@ One run starts, all on 127.0.0.1 and in a temporary directory:
 * a zrelay in front of each (``--self-test``: a trivial Python forwarder
   instead, to exercise the proxied path without a zrelay build);
 * four worker processes for the ZODB clients;
+* HAProxy (``mode tcp``, one thread) in front of each server: what an
+  operator would put there instead of zrelay; zrelay is held to it (its
+  added latency at most HAProxy's, its commit throughput at least
+  HAProxy's). ``--no-haproxy`` leaves it out; ``make bench`` installs it
+  (``scripts/ensure-bench-tools.sh``);
 * with ``--baseline``, also ``bench/baseline_relay.c`` (built with cc), a
   minimal poll() relay in front of each server: its column shows what any
   same-host proxy costs on this machine, so zrelay's own share is visible.
@@ -54,7 +59,7 @@ import zeoraw            # noqa: E402
 HOST = P.HOST
 WORKLOADS = ('load', 'ping', 'commit1', 'commit4', 'bulk')
 ENCODINGS = ('pickle', 'msgpack')
-MODES = ('direct', 'proxied')          # + 'baseline' with --baseline
+MODES = ('direct', 'proxied')          # + 'haproxy', + 'baseline'
 N_WORKERS = 4
 
 # Targets the proxy is held to.
@@ -114,10 +119,18 @@ class Endpoint:
         self.proxy_rss_start = {}
         self.baseline = None
         self.baseline_port = None
+        self.haproxy = None
+        self.haproxy_port = None
 
     def port(self, mode):
         return {'direct': self.server_port, 'proxied': self.proxy_port,
-                'baseline': self.baseline_port}[mode]
+                'baseline': self.baseline_port,
+                'haproxy': self.haproxy_port}[mode]
+
+    def process(self, mode):
+        """The proxy process of *mode* (None for direct)."""
+        return {'direct': None, 'proxied': self.proxy,
+                'baseline': self.baseline, 'haproxy': self.haproxy}[mode]
 
 
 def build_baseline_relay(tmp):
@@ -132,6 +145,27 @@ def build_baseline_relay(tmp):
     return out
 
 
+def haproxy_conf(path, listen_port, backend_port):
+    """HAProxy as an operator would run it for ZEO: plain TCP relay, one
+    thread, TCP_NODELAY is its default for `mode tcp`."""
+    with open(path, 'w') as f:
+        f.write(f"""\
+global
+    nbthread 1
+    maxconn 1000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend zeo
+    bind {HOST}:{listen_port}
+    default_backend zeo
+backend zeo
+    server zeo {P.address(HOST, backend_port)}
+""")
+
+
 def start_topology(procs, tmp, args, encodings):
     baseline_bin = build_baseline_relay(tmp) if args.baseline else None
     endpoints = []
@@ -139,7 +173,8 @@ def start_topology(procs, tmp, args, encodings):
         ep = Endpoint(enc)
         d = os.path.join(tmp, enc)
         os.makedirs(d)
-        ep.server_port = P.free_port()
+        ep.server_port = (os.path.join(d, 'zeo.sock') if args.backend_unix
+                          else P.free_port())
         conf = os.path.join(d, 'zeo.conf')
         P.runzeo_conf(conf, ep.server_port, d, msgpack=(enc == 'msgpack'))
         ep.server = procs.spawn(f'runzeo-{enc}',
@@ -169,6 +204,14 @@ def start_topology(procs, tmp, args, encodings):
                 [baseline_bin, str(ep.baseline_port), str(ep.server_port)],
                 os.path.join(d, 'baseline-relay.log'), cwd=d)
             ep.baseline.wait_port(ep.baseline_port)
+        if args.haproxy:
+            ep.haproxy_port = P.free_port()
+            conf = os.path.join(d, 'haproxy.cfg')
+            haproxy_conf(conf, ep.haproxy_port, ep.server_port)
+            ep.haproxy = procs.spawn(
+                f'haproxy-{ep.encoding}', [args.haproxy, '-db', '-f', conf],
+                os.path.join(d, 'haproxy.log'), cwd=d)
+            ep.haproxy.wait_port(ep.haproxy_port)
     return endpoints
 
 
@@ -194,6 +237,7 @@ def preflight(ep, modes):
             where = {'direct': f'runzeo on port {ep.server_port}',
                      'proxied': f'{ep.proxy.name} on port {ep.proxy_port}',
                      'baseline': f'baseline relay on port {ep.baseline_port}',
+                     'haproxy': f'haproxy on port {ep.haproxy_port}',
                      }[mode]
             extra = ''
             if mode == 'proxied':
@@ -250,8 +294,12 @@ def run_all(endpoints, settings, pool, oids, workloads, other, modes):
                 k = r % len(modes)
                 order = modes[k:] + modes[:k]
                 for mode in order:
+                    proc = ep.process(mode)
+                    cpu0 = proc.cpu_seconds() if proc else None
                     res = measure(workload, ep.port(mode), settings, pool,
                                   oids[ep.encoding])
+                    if proc:
+                        res['cpu_s'] = proc.cpu_seconds() - cpu0
                     for metric, value in res.items():
                         samples.setdefault(
                             (workload, ep.encoding, metric, mode), []
@@ -288,11 +336,22 @@ def _added_us(direct, other, unit):
     return (other - direct) * (1000.0 if unit == 'ms' else 1.0)
 
 
-def build_table(samples, workloads, encodings, proxy_label, baseline):
-    """Markdown table of medians; returns ``(table, verdicts)``."""
+def build_table(samples, workloads, encodings, proxy_label, baseline,
+                haproxy):
+    """Markdown table of medians; returns ``(table, verdicts)``.
+
+    With HAProxy measured, the targets are HAProxy's figures from the same
+    run (zrelay's added p50 latency at most HAProxy's, its throughput at
+    least HAProxy's); otherwise the fixed ones (TARGET_*).
+    """
     head = ['workload', 'enc', 'metric', 'direct', proxy_label, 'ratio',
-            'added', 'target']
-    align = ['---', '---', '---', '---:', '---:', '---:', '---:', '---']
+            'added']
+    align = ['---', '---', '---', '---:', '---:', '---:', '---:']
+    if haproxy:
+        head += ['HAProxy', 'HAProxy added', f'{proxy_label} vs HAProxy']
+        align += ['---:', '---:', '---:']
+    head.append('target')
+    align.append('---')
     if baseline:
         head += ['C relay', 'C relay vs direct']
         align += ['---:', '---:']
@@ -304,21 +363,36 @@ def build_table(samples, workloads, encodings, proxy_label, baseline):
         for enc in encodings:
             for metric, unit, higher_better in METRICS[workload]:
                 runs = {mode: samples.get((workload, enc, metric, mode))
-                        for mode in ('direct', 'proxied', 'baseline')}
+                        for mode in ('direct', 'proxied', 'baseline',
+                                     'haproxy')}
                 d, p = runs['direct'], runs['proxied']
                 if not d or not p:
                     continue
                 dm, pm = statistics.median(d), statistics.median(p)
                 ratio = pm / dm if dm else float('nan')
+                h = runs['haproxy'] if haproxy else None
+                hm = statistics.median(h) if h else None
                 added = target = ''
+                us = _added_us(dm, pm, unit)
                 if not higher_better:
-                    us = _added_us(dm, pm, unit)
                     added = f'{us:+.1f} µs'
-                if metric == 'p50' and workload in ('load', 'ping'):
+                latency_goal = metric == 'p50' and workload in ('load', 'ping')
+                if latency_goal and hm is not None:
+                    h_us = _added_us(dm, hm, unit)
+                    ok = us <= h_us
+                    target = f'≤ HAProxy: {"met" if ok else "MISSED"}'
+                    verdicts.append((f'{workload} {enc} added p50 vs HAProxy',
+                                     ok))
+                elif latency_goal:
                     ok = us <= TARGET_ADDED_US
                     target = (f'≤ +{TARGET_ADDED_US:.0f} µs: '
                               f'{"met" if ok else "MISSED"}')
                     verdicts.append((f'{workload} {enc} added p50', ok))
+                elif higher_better and hm is not None:
+                    ok = pm >= hm
+                    target = f'≥ HAProxy: {"met" if ok else "MISSED"}'
+                    verdicts.append((f'{workload} {enc} throughput vs HAProxy',
+                                     ok))
                 elif higher_better:
                     ok = ratio >= TARGET_THROUGHPUT_RATIO
                     target = (f'≥ {TARGET_THROUGHPUT_RATIO:.2f}×: '
@@ -326,8 +400,19 @@ def build_table(samples, workloads, encodings, proxy_label, baseline):
                     verdicts.append((f'{workload} {enc} throughput', ok))
                 label = metric if metric == unit else f'{metric} ({unit})'
                 cells = [TITLES[workload], enc, label, fmt(dm, unit),
-                         fmt(pm, unit), f'{ratio:.3f}', added, target]
+                         fmt(pm, unit), f'{ratio:.3f}', added]
                 spread_of = [d, p]
+                if haproxy and hm is not None:
+                    cells.append(fmt(hm, unit))
+                    if higher_better:
+                        cells += [f'{hm / dm:.3f}×', f'{pm / hm:.3f}×']
+                    else:
+                        cells += [f'{_added_us(dm, hm, unit):+.1f} µs',
+                                  f'{_added_us(hm, pm, unit):+.1f} µs']
+                    spread_of.append(h)
+                elif haproxy:
+                    cells += ['', '', '']
+                cells.append(target)
                 b = runs['baseline']
                 if baseline and b:
                     bm = statistics.median(b)
@@ -342,6 +427,36 @@ def build_table(samples, workloads, encodings, proxy_label, baseline):
     return '\n'.join(lines), verdicts
 
 
+def proxy_label_of(args):
+    return 'forwarder' if args.self_test else 'zrelay'
+
+
+def cpu_table(samples, workloads, encodings, modes, proxy_label):
+    """Proxy CPU time (user + system) per round trip in the raw workloads,
+    summed over all runs of a mode: far less sensitive to a busy machine
+    than wall-clock latency (10 ms clock ticks over thousands of round
+    trips)."""
+    names = {'proxied': proxy_label, 'haproxy': 'HAProxy',
+             'baseline': 'C relay'}
+    shown = [m for m in modes if m in names]
+    lines = ['| workload | enc | ' + ' | '.join(
+                 f'{names[m]} CPU µs/round trip' for m in shown) + ' |',
+             '|---|---|' + '---:|' * len(shown)]
+    for workload in workloads:
+        if workload not in ('load', 'ping'):
+            continue
+        for enc in encodings:
+            cells = []
+            for m in shown:
+                cpu = samples.get((workload, enc, 'cpu_s', m))
+                n = samples.get((workload, enc, 'n', m))
+                cells.append(f'{sum(cpu) / sum(n) * 1e6:.1f}'
+                             if cpu and n and sum(n) else '–')
+            lines.append(f'| {TITLES[workload]} | {enc} | '
+                         + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) if len(lines) > 2 else ''
+
+
 def machine_info(args):
     info = P.machine_info(['ZEO', 'ZODB', 'msgpack'])
     if args.self_test:
@@ -349,6 +464,12 @@ def machine_info(args):
                               'not zrelay'))
     else:
         info.append(P.zrelay_line(args.zrelay))
+    info.append(('backend link', 'unix socket (runzeo, direct clients and '
+                 'proxies on it)' if args.backend_unix else 'TCP loopback'))
+    if args.haproxy:
+        v = subprocess.run([args.haproxy, '-v'], capture_output=True,
+                           text=True, timeout=10).stdout.split('\n')[0]
+        info.append(('HAProxy', f'{v.strip()} (mode tcp, nbthread 1)'))
     return info
 
 
@@ -369,13 +490,13 @@ def proxy_lines(endpoints, proxy_label, cpu_seconds):
 
 
 def render(table, verdicts, proxy_lines_, other_cores, settings, args,
-           wall):
+           wall, modes):
     met = sum(ok for _, ok in verdicts)
     missed = [name for name, ok in verdicts if not ok]
     summary = f'Targets met: {met}/{len(verdicts)}'
     if missed:
         summary += ' (missed: ' + ', '.join(missed) + ')'
-    order = ('rotating direct/proxied/baseline' if args.baseline
+    order = ('rotating ' + '/'.join(modes) if len(modes) > 2
              else 'alternating direct/proxied')
     params = (f'{settings.runs} runs per mode, {order}; '
               f'{settings.n_objects} distinct objects loaded per load run, '
@@ -390,7 +511,11 @@ def render(table, verdicts, proxy_lines_, other_cores, settings, args,
         f'- CPU used by other processes on the machine meanwhile, in cores '
         f'(of {len(os.sched_getaffinity(0))}): {other}', '',
         f'Medians over runs. ratio = proxied / direct; added = proxied − '
-        f'direct; spread = largest (max − min) / median of either column. '
+        f'direct; '
+        + (f'{proxy_label_of(args)} vs HAProxy = its value − HAProxy\'s '
+           f'(latency) or its value / HAProxy\'s (throughput); '
+           if args.haproxy else '')
+        + f'spread = largest (max − min) / median of either column. '
         f'{params}. Total {wall:.0f} s.',
     ])
 
@@ -428,6 +553,16 @@ def parse_args(argv=None):
                     help='also measure through bench/baseline_relay.c (built '
                          'with cc), a minimal relay: what any same-host '
                          'proxy costs on this machine')
+    ap.add_argument('--haproxy', default='haproxy', metavar='PATH',
+                    help='haproxy binary measured beside zrelay (default: '
+                         'haproxy on PATH; scripts/ensure-bench-tools.sh '
+                         'installs it)')
+    ap.add_argument('--no-haproxy', dest='haproxy', action='store_const',
+                    const=None, help='do not measure HAProxy')
+    ap.add_argument('--backend-unix', action='store_true',
+                    help='runzeo listens on a unix socket: direct clients '
+                         'and the proxies reach it there (clients still '
+                         'reach the proxies over TCP)')
     ap.add_argument('--self-test', action='store_true',
                     help='put a trivial Python forwarder where zrelay goes, '
                          'to check the script without a zrelay build')
@@ -447,6 +582,14 @@ def parse_args(argv=None):
         if not os.access(args.zrelay, os.X_OK):
             ap.error(f'no zrelay binary at {args.zrelay} (build it with '
                      f'`cargo build --release`, or use --self-test)')
+    if args.haproxy:
+        found = shutil.which(args.haproxy)
+        if not found:
+            ap.error(f'no haproxy at {args.haproxy!r}: run '
+                     f'scripts/ensure-bench-tools.sh (or pass --no-haproxy)')
+        args.haproxy = found
+    if args.backend_unix and (args.baseline or args.self_test):
+        ap.error('--backend-unix: the C relay and the forwarder speak TCP only')
     if args.out is None and not args.self_test:
         args.out = os.path.join(HERE, 'results-latest.md')
     return args
@@ -461,8 +604,9 @@ def main(argv=None):
     settings = Settings(args)
     workloads = [w for w in WORKLOADS if not args.only or w in args.only]
     encodings = ENCODINGS if args.encoding == 'both' else (args.encoding,)
-    proxy_label = 'forwarder' if args.self_test else 'zrelay'
-    modes = MODES + (('baseline',) if args.baseline else ())
+    proxy_label = proxy_label_of(args)
+    modes = (MODES + (('haproxy',) if args.haproxy else ())
+             + (('baseline',) if args.baseline else ()))
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
 
@@ -497,11 +641,16 @@ def main(argv=None):
                 raise RuntimeError(f'{ep.proxy.name} died during the run; log:'
                                    f'\n{P.tail(ep.proxy.log_path)}')
         table, verdicts = build_table(samples, workloads, encodings,
-                                      proxy_label, args.baseline)
+                                      proxy_label, args.baseline,
+                                      bool(args.haproxy))
+        cpu_tab = cpu_table(samples, workloads, encodings, modes,
+                            proxy_label)
+        if cpu_tab:
+            table += '\n\nProxy CPU per round trip (user + system, all runs):\n\n' + cpu_tab
         info = machine_info(args)
         body = render(table, verdicts,
                       proxy_lines(endpoints, proxy_label, cpu), other_cores,
-                      settings, args, time.monotonic() - T0)
+                      settings, args, time.monotonic() - T0, modes)
     except Exception:           # not on Ctrl-C: then just clean up
         failed = True
         raise

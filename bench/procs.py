@@ -38,11 +38,14 @@ def free_port():
 
 
 def listening(port):
-    """Is something listening on 127.0.0.1:*port*?
+    """Is something listening on 127.0.0.1:*port* (or, for a str, on the
+    unix socket at that path)?
 
     Read from /proc/net/tcp rather than by connecting, so that neither
     runzeo nor the proxy sees (and logs) a probe connection.
     """
+    if isinstance(port, str):
+        return os.path.exists(port) and _unix_listening(port)
     want = f'0100007F:{port:04X}'
     try:
         with open('/proc/net/tcp') as f:
@@ -217,10 +220,37 @@ class Procs:
                 print(f'bench: stopping {proc.name}: {e}', file=sys.stderr)
 
 
+def _unix_listening(path):
+    """A unix socket path is listening if it is in /proc/net/unix with the
+    listening flag (no probe connection)."""
+    try:
+        with open('/proc/net/unix') as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                # Flags 00010000 = __SO_ACCEPTCON (listening).
+                if len(fields) >= 8 and fields[-1] == path and \
+                        fields[3] == '00010000':
+                    return True
+    except (OSError, StopIteration):
+        pass
+    return False
+
+
+def address(host, port):
+    """A ZEO/zrelay address string: HOST:PORT, or a unix socket path."""
+    return port if isinstance(port, str) else f'{host}:{port}'
+
+
+def client_addr(host, port):
+    """A ClientStorage/socket address: (host, port) or a unix socket path."""
+    return port if isinstance(port, str) else (host, port)
+
+
 def runzeo_conf(path, port, data_dir, msgpack):
     conf = f"""\
 <zeo>
-  address {HOST}:{port}
+  address {address(HOST, port)}
   msgpack {'true' if msgpack else 'false'}
 </zeo>
 <filestorage 1>
@@ -244,7 +274,7 @@ log_level = "{log_level}"
 [client]
 listen = "{HOST}:{listen_port}"
 [backend]
-address = "{HOST}:{backend_port}"
+address = "{address(HOST, backend_port)}"
 """)
 
 

@@ -225,6 +225,8 @@ def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True):
         node.repl_port = P.free_port()
         lines += [f'listen = "{HOST}:{node.repl_port}"',
                   'allowed_peers = ["replica"]']
+        if args.no_capture:
+            lines.append('capture_max_bytes = 0')
     else:
         lines += [f'upstream = "{HOST}:{upstream}"',
                   'upstream_name = "primary"']
@@ -398,8 +400,14 @@ def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
     cnt = metric_delta(m_pri0, m_pri1, name + '_count')
     out['proxy_commit_mean_ms'] = (metric_delta(m_pri0, m_pri1, name + '_sum')
                                    / cnt * 1e3) if cnt else float('nan')
+    cap = 'zrelay_replication_capture_total{outcome="%s"}'
+    out['captured'] = metric_delta(m_pri0, m_pri1, cap % 'captured')
+    out['published'] = sum(metric_delta(m_pri0, m_pri1, k)
+                           for k in m_pri1
+                           if k.startswith('zrelay_replication_capture_total{'))
     rep = out['replica']
-    log(f'{label}: {n} txns, {out["txn_s"]:.0f} txn/s; replica lag p50 '
+    log(f'{label}: {n} txns, captured {out["captured"]:.0f}/'
+        f'{out["published"]:.0f}, {out["txn_s"]:.0f} txn/s; replica lag p50 '
         f'{rep["p50"]:.2f} p99 {rep["p99"]:.2f} max {rep["max"]:.2f} ms '
         f'(missing {rep["missing"]}); primary client p50 '
         f'{out["primary"]["p50"]:.2f} ms; cpu '
@@ -826,6 +834,10 @@ def render_variant(v, populated):
         out.append('Invalidations received by the replica\'s client carrying '
                    'the real oids (rewritten by the replica zrelay): '
                    + ', '.join(oids) + '.')
+        cap = [f'{r["captured"]:.0f}/{r["published"]:.0f}' for r in v['lag']]
+        out.append('Commits the primary published from its capture (not read '
+                   'back from its backend), of all it published: '
+                   + ', '.join(cap) + '.')
         out.append('')
     if v['rounds']:
         out.append(f'Catch-up of an empty replica: {populated["txns"]} '
@@ -880,7 +892,11 @@ def render(variants, populated, settings, args, wall, notes):
 
 
 def machine_info(args):
-    return P.machine_info(['ZEO', 'ZODB']) + [P.zrelay_line(args.zrelay)]
+    return P.machine_info(['ZEO', 'ZODB']) + [
+        P.zrelay_line(args.zrelay),
+        ('primary commits', 'read back from the backend (--no-capture)'
+         if args.no_capture else 'captured when provably exact, else read '
+         'back (see zrelay_replication_capture_total)')]
 
 
 # ------------------------------------------------------------------ main ----
@@ -963,6 +979,10 @@ def parse_args(argv=None):
                     metavar='SECONDS',
                     help='first wait up to SECONDS while bench/bench.py runs')
     ap.add_argument('--zrelay-log-level', default='warn')
+    ap.add_argument('--no-capture', action='store_true',
+                    help='primary reads every commit back from its backend '
+                         '(capture_max_bytes = 0) instead of publishing the '
+                         "client's own commit when provably exact")
     ap.add_argument('--out', default=os.path.join(HERE,
                                                   'repl-results-latest.md'))
     ap.add_argument('--keep', action='store_true',

@@ -20,6 +20,7 @@ import signal
 import time
 import traceback
 
+import procs as P
 import zeoraw
 
 BULK_OBJECTS = 100          # objects per bulk transaction
@@ -41,7 +42,8 @@ def populate(host, port, n_load, n_workers):
     from persistent.mapping import PersistentMapping
     from ZEO.ClientStorage import ClientStorage
 
-    storage = ClientStorage((host, port), wait_timeout=CONNECT_TIMEOUT)
+    storage = ClientStorage(P.client_addr(host, port),
+                            wait_timeout=CONNECT_TIMEOUT)
     db = ZODB.DB(storage)
     try:
         tm = transaction.TransactionManager()
@@ -114,7 +116,8 @@ def _commit_task(pipe, host, port, wid, kind, seconds, max_txns, go_timeout):
     import ZODB
     from ZEO.ClientStorage import ClientStorage
 
-    storage = ClientStorage((host, port), wait_timeout=CONNECT_TIMEOUT)
+    storage = ClientStorage(P.client_addr(host, port),
+                            wait_timeout=CONNECT_TIMEOUT)
     db = ZODB.DB(storage, pool_size=1)
     try:
         tm = transaction.TransactionManager()

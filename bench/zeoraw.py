@@ -78,8 +78,14 @@ class RawZeo:
         *encoding* ``None`` answers with the server's own offer, as
         ClientStorage does; ``'Z'`` or ``'M'`` forces one.
         """
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(port, str):       # a unix socket path
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(port)
+        else:
+            self.sock = socket.create_connection((host, port),
+                                                 timeout=timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray()
         self._msgid = 0
         offer = self._recv_frame()

@@ -117,6 +117,16 @@ pub struct ReplicationConfig {
     /// getInvalidations answers (older client caches are dropped).
     #[serde(default = "default_applied_log_txns")]
     pub applied_log_txns: usize,
+    /// Primary: largest client commit (record data + blob bytes) published
+    /// from what the client sent instead of being read back from the
+    /// backend (the capture fast path); bigger ones are read back. 0 turns
+    /// capture off.
+    #[serde(default = "default_capture_max_bytes")]
+    pub capture_max_bytes: usize,
+    /// Primary: also read every captured commit back and compare (a
+    /// mismatch is logged, counted, and the read-back is published).
+    #[serde(default)]
+    pub capture_verify: bool,
     pub tls: crate::replication::tls::TlsFiles,
 }
 
@@ -143,6 +153,9 @@ fn default_live_queue_bytes() -> u64 {
 }
 fn default_applied_log_txns() -> usize {
     100_000
+}
+fn default_capture_max_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 impl ReplicationConfig {

@@ -13,6 +13,7 @@ pub mod door;
 pub mod live;
 pub mod metrics;
 pub mod monitor;
+pub mod own_conns;
 pub mod relay;
 pub mod reload;
 pub mod replication;

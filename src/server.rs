@@ -17,12 +17,16 @@ use crate::config::{Config, ReplicationConfig, RoleConfig};
 use crate::control::Control;
 use crate::door::{Door, DoorParts};
 use crate::live::Live;
+use crate::relay::hooks::Chain;
 use crate::relay::listener::{ClientListener, HooksFactory, InjectedClient};
 use crate::relay::{PassThrough, SessionHooks, SessionLimits};
 use crate::reload::{LogFilterSetter, Reloadables};
 use crate::replication::applied::AppliedLog;
 use crate::replication::applier::Applier;
-use crate::replication::feed::{self, BackendLink, DoorSink, FeedHandle, ListenerConfig};
+use crate::replication::capture::{self, CaptureHooks, CaptureHub};
+use crate::replication::feed::{
+    self, BackendLink, CaptureLink, DoorSink, FeedHandle, ListenerConfig,
+};
 use crate::replication::pack::{self, PackCapture, PackOp, PackRunner};
 use crate::replication::replica::{self, ReplicaConfig};
 use crate::replication::replica_session::ReplicaHooks;
@@ -30,6 +34,11 @@ use crate::replication::sender::SenderConfig;
 use crate::replication::tls;
 use crate::replication::txn::{Tid, Z64};
 use crate::status::{Role, StatusHub};
+
+/// How long the feed waits for a client session whose `tpc_finish` reply
+/// races the observer's invalidation of the same commit; past it, the commit
+/// is read back (correct either way).
+const CAPTURE_WAIT: Duration = Duration::from_millis(200);
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     run_file(cfg, None)
@@ -83,6 +92,8 @@ async fn serve(
     tls::describe();
     crate::reload::describe();
     pack::describe();
+    crate::own_conns::describe();
+    capture::describe();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
@@ -161,6 +172,11 @@ async fn serve(
     let mut door_connector = None;
     let local_hooks: HooksFactory = match &cfg.replication {
         Some(r) if r.role == RoleConfig::Primary => {
+            let capture = (r.capture_max_bytes > 0).then(|| CaptureLink {
+                hub: CaptureHub::new(),
+                verify: r.capture_verify,
+                wait: CAPTURE_WAIT,
+            });
             let feed = start_feed(
                 r,
                 &cfg,
@@ -170,11 +186,23 @@ async fn serve(
                 &shutdown,
                 &mut tasks,
                 &mut reloadables,
+                capture.clone(),
             )
             .await?;
+            // The primary's own sessions: commits captured for the feed
+            // (replication::capture), client packs replayed on the replicas
+            // (replication::pack).
+            let mut parts: Vec<HooksFactory> = Vec::new();
+            if let Some(c) = capture {
+                capture::init_series();
+                let max = r.capture_max_bytes;
+                let storage = storage.clone();
+                parts.push(Arc::new(move || {
+                    Box::new(CaptureHooks::new(c.hub.clone(), max, storage.clone()))
+                        as Box<dyn SessionHooks>
+                }));
+            }
             if r.replicate_pack {
-                // Client packs are seen in the sessions and replayed on the
-                // replicas (see replication::pack).
                 let (captured, packs) = tokio::sync::mpsc::channel(16);
                 tasks.push(tokio::spawn(pack::relay_packs(
                     link.clone(),
@@ -183,11 +211,16 @@ async fn serve(
                     feed.packs,
                     shutdown.clone(),
                 )));
-                Arc::new(move || {
+                parts.push(Arc::new(move || {
                     Box::new(PackCapture::new(captured.clone())) as Box<dyn SessionHooks>
-                })
-            } else {
-                Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>)
+                }));
+            }
+            match parts.len() {
+                0 => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
+                1 => parts.pop().expect("one"),
+                _ => Arc::new(move || {
+                    Box::new(Chain(parts.iter().map(|f| f()).collect())) as Box<dyn SessionHooks>
+                }),
             }
         }
         Some(r) => {
@@ -205,6 +238,7 @@ async fn serve(
                     &shutdown,
                     &mut tasks,
                     &mut reloadables,
+                    None,
                 )
                 .await?;
                 Some(feed.packs)
@@ -382,6 +416,7 @@ async fn start_feed(
     shutdown: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
     reloadables: &mut Reloadables,
+    capture: Option<CaptureLink>,
 ) -> anyhow::Result<FeedOut> {
     let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
     let acceptor = Live::new(tokio_rustls::TlsAcceptor::from(server_cfg));
@@ -407,6 +442,7 @@ async fn start_feed(
         last_tx,
         report,
         shutdown.clone(),
+        capture,
     )));
     let lcfg = ListenerConfig {
         acceptor,

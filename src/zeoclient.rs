@@ -65,6 +65,8 @@ pub struct ZeoConn {
     /// `iterator_start` and `iterator_record_start`. Knowing the next one
     /// lets history reads be pipelined; every reply is checked against it.
     pub next_iterator_id: i64,
+    /// Counted among zrelay's own registered connections while held.
+    _registration: Option<crate::own_conns::Registration>,
 }
 
 impl ZeoConn {
@@ -91,6 +93,7 @@ impl ZeoConn {
             pending_async: VecDeque::new(),
             early_replies: VecDeque::new(),
             next_iterator_id: 0,
+            _registration: None,
         };
         let offer = tokio::time::timeout(connect_timeout, c.read_frame())
             .await
@@ -112,6 +115,7 @@ impl ZeoConn {
             .as_bytes()
             .map(Bytes::copy_from_slice)
             .ok_or_else(|| ZeoError::Protocol("register reply is not a tid".into()))?;
+        c._registration = Some(crate::own_conns::Registration::new(storage));
         Ok((c, last))
     }
 

@@ -184,3 +184,92 @@ pub trait SessionHooks: Send {
 pub struct PassThrough;
 
 impl SessionHooks for PassThrough {}
+
+/// Several hooks on one session, consulted in order: the first verdict that
+/// is not `Forward` wins (the later hooks do not see that message); every
+/// hook hears `on_close`. For hooks that mostly observe (capture of commits,
+/// of packs) on the same session.
+pub struct Chain(pub Vec<Box<dyn SessionHooks>>);
+
+impl SessionHooks for Chain {
+    fn on_client_message(&mut self, info: &SessionInfo, msg: &Message) -> ClientVerdict {
+        for h in &mut self.0 {
+            match h.on_client_message(info, msg) {
+                ClientVerdict::Forward => {}
+                other => return other,
+            }
+        }
+        ClientVerdict::Forward
+    }
+
+    fn on_server_message(
+        &mut self,
+        info: &SessionInfo,
+        msg: &Message,
+        answers: Option<&PendingCall>,
+    ) -> ServerVerdict {
+        for h in &mut self.0 {
+            match h.on_server_message(info, msg, answers) {
+                ServerVerdict::Forward => {}
+                other => return other,
+            }
+        }
+        ServerVerdict::Forward
+    }
+
+    fn on_close(&mut self, info: &SessionInfo) {
+        for h in &mut self.0 {
+            h.on_close(info);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Refuse;
+    impl SessionHooks for Refuse {
+        fn on_client_message(&mut self, _: &SessionInfo, _: &Message) -> ClientVerdict {
+            ClientVerdict::Swallow
+        }
+    }
+
+    struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl SessionHooks for Count {
+        fn on_client_message(&mut self, _: &SessionInfo, _: &Message) -> ClientVerdict {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ClientVerdict::Forward
+        }
+    }
+
+    #[test]
+    fn a_chain_asks_in_order_until_one_decides() {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let info = SessionInfo {
+            conn_id: 1,
+            peer: "p".into(),
+            encoding: crate::wire::Encoding::Pickle,
+            registered: None,
+            in_transaction: false,
+            route: String::new(),
+        };
+        let msg = Message::call(Value::Int(1), "ping", vec![]);
+        let mut c = Chain(vec![
+            Box::new(Count(n.clone())),
+            Box::new(Refuse),
+            Box::new(Count(n.clone())),
+        ]);
+        assert!(matches!(
+            c.on_client_message(&info, &msg),
+            ClientVerdict::Swallow
+        ));
+        assert_eq!(n.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut c = Chain(vec![Box::new(Count(n.clone())), Box::new(Count(n.clone()))]);
+        assert!(matches!(
+            c.on_client_message(&info, &msg),
+            ClientVerdict::Forward
+        ));
+        assert_eq!(n.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+}

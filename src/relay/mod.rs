@@ -6,6 +6,7 @@ pub mod backend;
 pub mod hooks;
 pub mod listener;
 pub mod session;
+pub mod transparency;
 
 pub use hooks::{
     ClientVerdict, LocalVerdict, PassThrough, Reroute, ServerVerdict, SessionHooks, SessionInfo,

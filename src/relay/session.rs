@@ -21,6 +21,7 @@ use super::hooks::{
     ClientVerdict, LocalVerdict, PendingCall, Reroute, ServerVerdict, SessionHooks, SessionInfo,
     WakeVerdict,
 };
+use super::transparency;
 use crate::metrics as m;
 use crate::wire::calls::ClientCall;
 use crate::wire::{frame, Encoding, Flag, Message, Value, WireError};
@@ -215,10 +216,26 @@ where
             write_frames(&mut bw, &[&answer])
                 .await
                 .map_err(SessionEnd::BackendIo)?;
-            // The server answers with one JSON frame and closes.
+            // The server answers with one JSON frame and closes. Its
+            // `connections` leave out zrelay's own (relay::transparency).
             let mut raw = bbuf.split();
+            let mut status_seen = false;
             loop {
-                if !raw.is_empty() {
+                if !status_seen {
+                    match frame::parse_frame(&mut raw, max) {
+                        Ok(Some(json)) => {
+                            status_seen = true;
+                            let json = transparency::ruok_answer(&json).map_or(json, Bytes::from);
+                            write_frames(&mut cw, &[&json])
+                                .await
+                                .map_err(SessionEnd::ClientIo)?;
+                        }
+                        Ok(None) => {}
+                        // Not ours to judge: pass the bytes on as they are.
+                        Err(_) => status_seen = true,
+                    }
+                }
+                if status_seen && !raw.is_empty() {
                     cw.write_all(&raw).await.map_err(SessionEnd::ClientIo)?;
                     raw.clear();
                 }
@@ -229,6 +246,10 @@ where
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(SessionEnd::BackendIo(e)),
                 }
+            }
+            // An incomplete frame at the end goes on as it came.
+            if !raw.is_empty() {
+                cw.write_all(&raw).await.map_err(SessionEnd::ClientIo)?;
             }
             let _ = cw.shutdown().await;
             return Ok(SessionEnd::Ruok);
@@ -276,6 +297,10 @@ where
         // backend, kept for offloaded calls).
         let mut local: Option<(backend::BoxRead, backend::BoxWrite)> = None;
         let mut lbuf = BytesMut::new();
+        // One waiter registration for the whole session, not one per loop
+        // iteration (each `cancelled()` locks the token's waiter list twice).
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
 
         loop {
             if let Some((reroute, register)) = relay.reroute.take() {
@@ -345,7 +370,7 @@ where
             let next_deferred = relay.next_deferred();
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {
+                _ = &mut cancelled, if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + grace);
                     continue;
                 }
@@ -776,6 +801,12 @@ impl Relay<'_> {
             };
             if let Some(call) = &answered {
                 self.track_reply(call, &msg);
+                if call.method == "server_status" {
+                    if let Some(fixed) = self.own_connections_hidden(&msg) {
+                        self.push_client(&fixed)?;
+                        continue;
+                    }
+                }
             }
             match self
                 .hooks
@@ -818,6 +849,13 @@ impl Relay<'_> {
         if !ok {
             m::client_error_reply(&call.method);
         }
+    }
+
+    /// A `server_status` reply without zrelay's own backend connections in
+    /// its count (relay::transparency); None: forward the original.
+    fn own_connections_hidden(&self, reply: &Message) -> Option<Message> {
+        let (storage, _) = self.info.registered.as_ref()?;
+        transparency::server_status_reply(reply, storage)
     }
 
     /// Queues a message produced by the proxy itself for the client.

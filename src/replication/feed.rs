@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
+use super::capture::{self, CaptureHub, Taken};
 use super::clone_serve::{self, CloneServeError, CloneSource};
 use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
 use super::pack::{PackGate, PackOp};
@@ -75,15 +76,29 @@ pub struct FeedHandle {
     pub packs: watch::Receiver<Option<PackOp>>,
 }
 
+/// The capture fast path of a primary's feed (see `capture`).
+#[derive(Clone)]
+pub struct CaptureLink {
+    pub hub: Arc<CaptureHub>,
+    /// Also read each captured commit back and compare (publishing the
+    /// read-back on a difference): a safety check, at the read-back's cost.
+    pub verify: bool,
+    /// How long the feed waits for a session whose `tpc_finish` reply is
+    /// racing the observer's invalidation.
+    pub wait: Duration,
+}
+
 /// Runs the observer and fetcher until shutdown, reconnecting on errors.
 /// `status`: the hub to report the backend's last commit to, on a primary
-/// (on a cascading replica the replica task reports it).
+/// (on a cascading replica the replica task reports it). `capture`: client
+/// commits captured by this primary's sessions.
 pub async fn run_feed(
     link: BackendLink,
     commits: broadcast::Sender<Arc<Txn>>,
     last_tid: watch::Sender<Tid>,
     status: Option<Arc<StatusHub>>,
     shutdown: CancellationToken,
+    capture: Option<CaptureLink>,
 ) {
     // Newest tid published on `commits` (Z64: nothing published yet).
     let mut published: Tid = Z64;
@@ -91,7 +106,7 @@ pub async fn run_feed(
     loop {
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = feed_once(&link, &commits, &last_tid, status.as_deref(), &mut published) => r,
+            r = feed_once(&link, &commits, &last_tid, status.as_deref(), &mut published, capture.as_ref()) => r,
         };
         if let Err(e) = r {
             warn!(error = %e, "commit feed lost its backend connection; reconnecting");
@@ -110,6 +125,7 @@ async fn feed_once(
     last_tid: &watch::Sender<Tid>,
     status: Option<&StatusHub>,
     published: &mut Tid,
+    capture: Option<&CaptureLink>,
 ) -> Result<(), ZeoError> {
     let (mut observer, last) = link.open(true).await?;
     let (mut reader, _) = link.open(true).await?;
@@ -128,7 +144,18 @@ async fn feed_once(
     set_last(last_tid, status, last.max(*published));
     info!(last = %tid_hex(&last), "commit feed observing the backend");
     loop {
-        let msg = observer.read_message().await?;
+        // The reader is registered too, so the backend sends it every
+        // commit's invalidation; read and drop them while it is idle (with
+        // capture it may stay idle for long), or they pile up in the
+        // backend's output buffer.
+        reader.pending_async.clear();
+        let msg = tokio::select! {
+            m = observer.read_message() => m?,
+            m = reader.read_message() => {
+                m?;
+                continue;
+            }
+        };
         let Ok(ServerMsg::InvalidateTransaction { tid, oids }) = ServerMsg::parse(&msg) else {
             continue;
         };
@@ -143,9 +170,20 @@ async fn feed_once(
             // backend's work per commit). A replica that connects later
             // subscribes before reading history, so whatever is skipped
             // here was committed before it subscribed and is in history.
+            if let Some(c) = capture {
+                c.hub.discard_upto(&tid);
+            }
             *published = tid;
             set_last(last_tid, status, tid);
             continue;
+        }
+        if let Some(c) = capture {
+            if let Some(txn) = captured(c, &mut reader, &tid, &oids).await? {
+                *published = txn.tid;
+                set_last(last_tid, status, txn.tid);
+                let _ = commits.send(Arc::new(txn));
+                continue;
+            }
         }
         // The observer sees every commit in order, so this is the next one:
         // read it in one round trip. Anything unexpected falls back to
@@ -159,6 +197,44 @@ async fn feed_once(
             None => publish_range(&mut reader, published, tid, commits, last_tid, status).await?,
         }
     }
+}
+
+/// The client's own commit of `tid`, when capture proves it exact (and, in
+/// verify mode, the read-back agrees); None: read it back. Counts either.
+async fn captured(
+    c: &CaptureLink,
+    reader: &mut ZeoConn,
+    tid: &Tid,
+    oids: &[&[u8]],
+) -> Result<Option<Txn>, ZeoError> {
+    let txn = match c.hub.take(tid, c.wait).await {
+        Taken::Captured(txn) => match capture::check_oids(&txn, oids) {
+            Ok(()) => txn,
+            Err(r) => {
+                capture::count_read_back(r);
+                return Ok(None);
+            }
+        },
+        Taken::ReadBack(r) => {
+            capture::count_read_back(r);
+            return Ok(None);
+        }
+    };
+    if c.verify {
+        let back = fetch_txn(reader, tid, oids.len()).await?;
+        if back.as_ref() != Some(&txn) {
+            capture::count_read_back(capture::Reason::Mismatch);
+            error!(
+                tid = %tid_hex(tid),
+                captured = ?txn,
+                read_back = ?back,
+                "captured commit differs from the backend's; publishing the read-back"
+            );
+            return Ok(back);
+        }
+    }
+    capture::count_captured();
+    Ok(Some(txn))
 }
 
 /// Reads the committed transactions in `(published, upto]` and publishes
@@ -723,6 +799,12 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 packs.on_changed()
             },
             _ = tokio::time::sleep_until(wake.into()) => {}
+            // Idle between history rounds: drop the invalidations the
+            // backend sends this registered connection (see feed_once).
+            m = conn.read_message() => {
+                m?;
+                conn.pending_async.clear();
+            }
         }
     }
 }

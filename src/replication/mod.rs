@@ -2,6 +2,7 @@
 
 pub mod applied;
 pub mod applier;
+pub mod capture;
 pub mod clone;
 pub mod clone_serve;
 pub mod feed;

@@ -66,12 +66,25 @@ pub fn venv_bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
+/// A port that was free a moment ago (bound to 127.0.0.1:0, then released),
+/// and never handed out before by this test process: the kernel may give
+/// the same ephemeral port to two binds in a row once the first is released
+/// (seen: a node's client and admin ports equal).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+    panic!("no fresh free port in 1000 tries")
 }
 
 pub(crate) fn temp_dir(prefix: &str) -> TempDir {
