@@ -89,8 +89,13 @@ def bank(seed, seconds, n, total, wdoors, rdoors):
     def writer(i, door):
         rng = random.Random(seed * 1000 + i)
         db = open_db(door)
+        # A second session at the same door: it must see this writer's
+        # commits as soon as they returned (read-your-writes through a door
+        # whose loads may be served by the replica).
+        db2 = open_db(door)
         try:
             tm, conn = new_conn(db)
+            tm2, conn2 = new_conn(db2)
             for _ in range(10_000):
                 if time.monotonic() > deadline or errors:
                     return
@@ -107,23 +112,27 @@ def bank(seed, seconds, n, total, wdoors, rdoors):
                     with lock:
                         counts['conflicts'] += 1
                     continue
-                tid = db.storage.lastTransaction()
+                # The tid of this commit (lastTransaction() may already be
+                # someone else's newer one).
+                tid = bank[a]._p_serial
                 with lock:
                     counts['commits'] += 1
-                # Read your own write, at once, through the same door.
-                tm.begin()
-                bank = conn.root()['bank']
+                tm2.begin()
+                bank2 = conn2.root()['bank']
                 for k in (a, b):
-                    serial = bank[k]._p_serial
+                    bank2[k]['b']  # loads it if it was invalidated
+                    serial = bank2[k]._p_serial
                     if u64(serial) < u64(tid):
-                        fail(f'writer {i} at {door}: account {k} serial '
-                             f'{hx(serial)} older than own commit {hx(tid)}')
+                        fail(f'writer {i} at {door}: account {k} read back '
+                             f'at {hx(serial)}, older than own commit '
+                             f'{hx(tid)}')
                         return
-                tm.abort()
+                tm2.abort()
         except Exception as e:  # noqa: BLE001 - reported as a failure
             fail(f'writer {i} at {door}: {e!r}')
         finally:
             db.close()
+            db2.close()
 
     def reader(i, door, read_only):
         db = open_db(door, read_only=read_only)
