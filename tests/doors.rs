@@ -110,18 +110,14 @@ fn bank_through_every_door_msgpack() {
     bank(Enc::Msgpack, 11);
 }
 
-#[test]
-fn forwarded_session_behaves_like_a_direct_one() {
-    let mut c = cluster(Enc::Msgpack);
+fn forwarded_session_behaves_like_a_direct_one(enc: Enc) {
+    let mut c = cluster(enc);
     let r = c.replica.addr().to_string();
-    let out = run(Enc::Msgpack, &["roundtrip", &r]);
+    let out = run(enc, &["roundtrip", &r]);
     let tid = value_of(&out, "tid").to_string();
     // Written through the replica's door, committed on the primary.
     assert_eq!(c.last_tid(c.pzeo.addr()), tid);
-    run(
-        Enc::Msgpack,
-        &["semantics", &r, &c.primary.addr().to_string()],
-    );
+    run(enc, &["semantics", &r, &c.primary.addr().to_string()]);
     // The cluster view is the same from both nodes' /status.
     for node in [&c.primary, &c.replica] {
         let st = node.status();
@@ -146,6 +142,16 @@ fn forwarded_session_behaves_like_a_direct_one() {
         );
     }
     c.assert_healthy();
+}
+
+#[test]
+fn forwarded_session_behaves_like_a_direct_one_msgpack() {
+    forwarded_session_behaves_like_a_direct_one(Enc::Msgpack);
+}
+
+#[test]
+fn forwarded_session_behaves_like_a_direct_one_pickle() {
+    forwarded_session_behaves_like_a_direct_one(Enc::Pickle);
 }
 
 #[test]
