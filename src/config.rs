@@ -160,9 +160,13 @@ pub struct ClientConfig {
     /// (no transaction open, no call outstanding) before being cut.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
-    /// How long a new client may take to answer the protocol handshake.
+    /// How long a new client may take to answer the protocol handshake
+    /// (and, with `[client.tls]`, to complete its TLS handshake).
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Absent: plaintext clients, all read-write.
+    #[serde(default)]
+    pub tls: Option<crate::tls::client::ClientTlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -311,6 +315,10 @@ impl Config {
                 "client.max_connections",
                 "must be at least 1".into(),
             ));
+        }
+        if let Some(t) = &self.client.tls {
+            t.validate()
+                .map_err(|(key, message)| invalid(key, message))?;
         }
         if self.backend.storages.is_empty() {
             return Err(invalid(
@@ -473,7 +481,12 @@ address = "127.0.0.1:8200"
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        for name in ["zrelay.toml", "primary.toml", "replica.toml"] {
+        for name in [
+            "zrelay.toml",
+            "primary.toml",
+            "replica.toml",
+            "client-tls.toml",
+        ] {
             let path = root.join(name);
             let text = std::fs::read_to_string(&path)
                 .unwrap()

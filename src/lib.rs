@@ -13,6 +13,7 @@ pub mod relay;
 pub mod replication;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod verify;
 pub mod wire;
 pub mod zeoclient;

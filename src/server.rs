@@ -155,6 +155,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         limits,
         max_connections: cfg.client.max_connections,
         hooks,
+        door: client_door(&cfg)?,
     };
     let serving = tokio::spawn(clients.serve(shutdown.clone()));
 
@@ -170,6 +171,22 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     info!("shut down");
     Ok(())
+}
+
+/// The client port's TLS door, if `[client.tls]` is configured.
+fn client_door(cfg: &Config) -> anyhow::Result<Option<Arc<dyn crate::relay::listener::Door>>> {
+    let Some(t) = &cfg.client.tls else {
+        return Ok(None);
+    };
+    let door = crate::tls::client::ClientTlsDoor::new(t, cfg.client.handshake_timeout())
+        .context("load client TLS files")?;
+    crate::tls::client::describe_and_init();
+    info!(
+        require_client_cert = t.require_client_cert,
+        read_write_clients = ?t.read_write_clients,
+        "clients connect over TLS"
+    );
+    Ok(Some(Arc::new(door)))
 }
 
 /// The commit feed and the replication listener: on a primary, and on a

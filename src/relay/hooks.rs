@@ -41,6 +41,26 @@ pub struct PendingCall {
     pub sent: std::time::Instant,
 }
 
+/// What a client may do through this door, decided before the session
+/// starts (e.g. from its TLS client certificate) by whoever accepted the
+/// connection. A read-only session is refused every write exactly like a
+/// session on a replica (see [`super::read_only`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+impl Access {
+    pub fn label(self) -> &'static str {
+        match self {
+            Access::ReadWrite => "read-write",
+            Access::ReadOnly => "read-only",
+        }
+    }
+}
+
 /// Facts about the session that hooks may read; owned and updated by the
 /// session itself.
 #[derive(Debug, Clone)]
@@ -52,6 +72,10 @@ pub struct SessionInfo {
     pub registered: Option<(String, bool)>,
     /// A `tpc_begin` was relayed and no finish/abort has completed it.
     pub in_transaction: bool,
+    /// What the door granted this client.
+    pub access: Access,
+    /// Who the client proved to be (e.g. its certificate's name), if anyone.
+    pub identity: Option<String>,
 }
 
 pub trait SessionHooks: Send {

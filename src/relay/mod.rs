@@ -1,11 +1,13 @@
 //! The client side of the proxy: accepting ZEO clients and relaying each one
 //! to its own backend connection. Knows the ZEO wire layer and the session
-//! hooks; knows nothing of replication streams or TLS.
+//! hooks; knows nothing of replication streams or TLS (a door outside this
+//! layer turns a TCP connection into a client stream and an [`Access`]).
 
 pub mod backend;
 pub mod hooks;
 pub mod listener;
+pub mod read_only;
 pub mod session;
 
-pub use hooks::{ClientVerdict, PassThrough, ServerVerdict, SessionHooks, SessionInfo};
+pub use hooks::{Access, ClientVerdict, PassThrough, ServerVerdict, SessionHooks, SessionInfo};
 pub use session::{Session, SessionLimits};

@@ -113,10 +113,20 @@ where
                 encoding: Encoding::Pickle,
                 registered: None,
                 in_transaction: false,
+                access: super::Access::ReadWrite,
+                identity: None,
             },
             shutdown,
             inject: None,
         }
+    }
+
+    /// What the door granted (default: read-write, no identity). The hooks
+    /// given to [`Session::new`] must already enforce it.
+    pub fn with_access(mut self, access: super::Access, identity: Option<String>) -> Self {
+        self.info.access = access;
+        self.info.identity = identity;
+        self
     }
 
     pub fn with_inject(mut self, rx: Inject) -> Self {

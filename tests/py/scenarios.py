@@ -41,7 +41,7 @@ from ZODB.utils import p64
 from zodbpickle import pickle as zpickle
 
 from zclient import (Failure, check, check_eq, new_conn, open_db,
-                     open_storage, parse_addr, run, wait_until)
+                     open_storage, parse_addr, run, tls_for, wait_until)
 
 SCENARIOS = {}
 
@@ -561,9 +561,12 @@ def recv_frame(sock):
 def ruok(addr):
     """b'ruok' instead of a protocol gets one JSON status frame, then EOF."""
     family = socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET
+    ctx, hostname = tls_for(addr)
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(addr)
+        if ctx is not None:
+            s = ctx.wrap_socket(s, server_hostname=hostname)
         offer = recv_frame(s)
         check(offer in (b'Z5', b'M5'), f'server offer {offer!r}')
         s.sendall(struct.pack('>I', 4) + b'ruok')
@@ -572,6 +575,20 @@ def ruok(addr):
               f'no status of storage "1" in {status!r}')
         check_eq(s.recv(1), b'', 'connection closed after the status')
         print(json.dumps(status, sort_keys=True))
+
+
+@scenario
+def refused(addr):
+    """A client the server must not admit: ClientStorage never connects
+    (its TLS handshake is refused, or it never gets the server's offer)."""
+    started = time.monotonic()
+    try:
+        st = open_storage(addr, wait_timeout=3)
+    except ClientDisconnected:
+        print(f'refused after {time.monotonic() - started:.1f}s')
+        return
+    st.close()
+    raise Failure('the client connected')
 
 
 def read_command():
