@@ -54,6 +54,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     metrics::set_global_recorder(recorder).context("install the metrics recorder")?;
     crate::metrics::describe();
     tls::describe();
+    crate::tls::expiry::describe();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
@@ -155,7 +156,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         limits,
         max_connections: cfg.client.max_connections,
         hooks,
-        door: client_door(&cfg)?,
+        door: client_door(&cfg, &status)?,
     };
     let serving = tokio::spawn(clients.serve(shutdown.clone()));
 
@@ -173,11 +174,26 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn track_replication_certs(r: &ReplicationConfig, status: &StatusHub) -> anyhow::Result<()> {
+    crate::tls::expiry::track(
+        status,
+        "replication",
+        &r.tls.cert_file,
+        Some(&r.tls.ca_file),
+    )
+    .context("read replication certificate expiry")
+}
+
 /// The client port's TLS door, if `[client.tls]` is configured.
-fn client_door(cfg: &Config) -> anyhow::Result<Option<Arc<dyn crate::relay::listener::Door>>> {
+fn client_door(
+    cfg: &Config,
+    status: &StatusHub,
+) -> anyhow::Result<Option<Arc<dyn crate::relay::listener::Door>>> {
     let Some(t) = &cfg.client.tls else {
         return Ok(None);
     };
+    crate::tls::expiry::track(status, "client", &t.cert_file, t.ca_file.as_deref())
+        .context("read client certificate expiry")?;
     let door = crate::tls::client::ClientTlsDoor::new(t, cfg.client.handshake_timeout())
         .context("load client TLS files")?;
     crate::tls::client::describe_and_init();
@@ -200,6 +216,7 @@ async fn start_feed(
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
+    track_replication_certs(r, status)?;
     let listen = r.listen.context("replication.listen")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -257,6 +274,7 @@ fn start_replica(
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let client_cfg = tls::client_config(&r.tls).context("load replication TLS files")?;
+    track_replication_certs(r, status)?;
     let upstream = r.upstream.clone().context("replication.upstream")?;
     info!(upstream = %upstream, cluster = %r.cluster, "replication: replica, read-only service");
     let applier = Applier::new(

@@ -75,6 +75,9 @@ pub struct NodeStatus {
     pub upstream: Option<UpstreamStatus>,
     /// Writer: the primary feed, one entry per connected or known replica.
     pub replicas: BTreeMap<String, ReplicaPeerStatus>,
+    /// Writer: `tls::expiry::track`, when a TLS door loads its files.
+    /// Earliest expiry first.
+    pub certificates: Vec<crate::tls::expiry::CertExpiry>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -97,6 +100,7 @@ impl StatusHub {
                 storage_last_commit_unix: None,
                 upstream: None,
                 replicas: BTreeMap::new(),
+                certificates: Vec::new(),
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

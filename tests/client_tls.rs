@@ -279,5 +279,21 @@ fn default_access_without_required_certificate() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("last="));
     assert!(s.metric("zrelay_client_tls_admitted_total{access=\"read-only\"}") >= 1.0);
     assert!(s.metric("zrelay_client_tls_admitted_total{access=\"read-write\"}") >= 1.0);
+
+    // Certificate expiry: gauge and /status, for the certificate and the CA.
+    let status = support::cluster::status_of(s.admin);
+    let certs = status["certificates"].as_array().expect("certificates");
+    for kind in ["cert", "ca"] {
+        let c = certs
+            .iter()
+            .find(|c| c["use"] == "client" && c["kind"] == kind)
+            .unwrap_or_else(|| panic!("no client {kind} in {status}"));
+        let unix = c["not_after_unix"].as_f64().unwrap();
+        let gauge = s.metric(&format!(
+            "zrelay_tls_certificate_expiry_timestamp_seconds{{use=\"client\",kind=\"{kind}\"}}"
+        ));
+        assert_eq!(gauge, unix, "{kind}");
+        assert!(c["not_after"].as_str().unwrap().ends_with('Z'), "{c}");
+    }
     s.assert_healthy();
 }

@@ -248,6 +248,7 @@ pub(crate) mod tests {
             storage_last_commit_unix: None,
             upstream: up,
             replicas: BTreeMap::new(),
+            certificates: Vec::new(),
             started: None,
         }
     }
