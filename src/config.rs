@@ -167,6 +167,26 @@ pub struct ClientConfig {
     /// Absent: plaintext clients, all read-write.
     #[serde(default)]
     pub tls: Option<crate::tls::client::ClientTlsConfig>,
+    /// All sessions together may buffer this many bytes of client messages
+    /// beyond a small free allowance each (see `relay::limits`).
+    #[serde(default = "default_buffer_budget_bytes")]
+    pub buffer_budget_bytes: usize,
+    /// A session that cannot get budget for this long is closed.
+    #[serde(default = "default_buffer_wait_ms")]
+    pub buffer_wait_ms: u64,
+    /// Open connections per client IP address; more are closed at once.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+}
+
+fn default_buffer_budget_bytes() -> usize {
+    512 * 1024 * 1024
+}
+fn default_buffer_wait_ms() -> u64 {
+    10_000
+}
+fn default_max_connections_per_peer() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +264,9 @@ impl ClientConfig {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
+    pub fn buffer_wait(&self) -> Duration {
+        Duration::from_millis(self.buffer_wait_ms)
+    }
 }
 
 impl BackendConfig {
@@ -313,6 +336,18 @@ impl Config {
         if self.client.max_connections == 0 {
             return Err(invalid(
                 "client.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.client.buffer_budget_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "client.buffer_budget_bytes",
+                "minimum is 1048576".into(),
+            ));
+        }
+        if self.client.max_connections_per_peer == 0 {
+            return Err(invalid(
+                "client.max_connections_per_peer",
                 "must be at least 1".into(),
             ));
         }

@@ -150,13 +150,24 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         shutdown_grace: cfg.client.shutdown_grace(),
         backend: cfg.backend.addr(),
         connect_timeout: cfg.backend.connect_timeout(),
+        budget: crate::relay::limits::Budget::new(cfg.client.buffer_budget_bytes),
+        buffer_wait: cfg.client.buffer_wait(),
     };
+    crate::metrics::describe_limits(cfg.client.buffer_budget_bytes);
+    if cfg.client.buffer_budget_bytes < cfg.client.max_message_bytes {
+        tracing::warn!(
+            budget = cfg.client.buffer_budget_bytes,
+            max_message_bytes = cfg.client.max_message_bytes,
+            "client.buffer_budget_bytes is below client.max_message_bytes: larger client messages can never be received"
+        );
+    }
     let clients = ClientListener {
         listener,
         limits,
         max_connections: cfg.client.max_connections,
         hooks,
         door: client_door(&cfg, &status)?,
+        peer_limit: crate::relay::limits::PeerLimit::new(cfg.client.max_connections_per_peer),
     };
     let serving = tokio::spawn(clients.serve(shutdown.clone()));
 

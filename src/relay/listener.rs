@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
 
 use super::hooks::{Access, SessionHooks};
+use super::limits::PeerLimit;
 use super::read_only::ReadOnlyDoor;
 use super::session::{Session, SessionLimits};
 use crate::metrics as m;
@@ -56,6 +57,8 @@ pub struct ClientListener {
     pub hooks: HooksFactory,
     /// `None`: plaintext, every client read-write.
     pub door: Option<Arc<dyn Door>>,
+    /// Open connections per client IP address.
+    pub peer_limit: Arc<PeerLimit>,
 }
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -88,6 +91,17 @@ impl ClientListener {
                 }
             };
             m::connection_accepted();
+            let Some(slot) = self.peer_limit.admit(peer.ip()) else {
+                m::connection_refused("per_peer_limit");
+                if self.peer_limit.should_log() {
+                    warn!(
+                        %peer,
+                        max_connections_per_peer = self.peer_limit.max(),
+                        "too many connections from this address: closing new ones"
+                    );
+                }
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
             let span = info_span!(
@@ -130,6 +144,7 @@ impl ClientListener {
                             }
                         }
                     }
+                    drop(slot);
                     drop(permit);
                 }
                 .instrument(span),

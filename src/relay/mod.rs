@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod hooks;
+pub mod limits;
 pub mod listener;
 pub mod read_only;
 pub mod session;

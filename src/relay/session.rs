@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::backend;
 use super::hooks::{ClientVerdict, PendingCall, ServerVerdict, SessionHooks, SessionInfo};
+use super::limits::{Budget, Charge, Shortfall, FREE_BYTES};
 use crate::metrics as m;
 use crate::wire::calls::ClientCall;
 use crate::wire::{frame, Encoding, Flag, Message, WireError};
@@ -30,6 +31,10 @@ pub struct SessionLimits {
     pub shutdown_grace: Duration,
     pub backend: crate::config::BackendAddr,
     pub connect_timeout: Duration,
+    /// Shared by all sessions: bytes buffered for large client messages.
+    pub budget: std::sync::Arc<Budget>,
+    /// How long a session waits for budget before it is closed.
+    pub buffer_wait: Duration,
 }
 
 /// Why a session ended; logged once, counted by `side`.
@@ -57,6 +62,8 @@ pub enum SessionEnd {
     DrainDeadline,
     #[error("ruok answered")]
     Ruok,
+    #[error("{0}")]
+    BufferBudget(String),
 }
 
 impl SessionEnd {
@@ -72,6 +79,7 @@ impl SessionEnd {
             SessionEnd::Hook(_) => "hook",
             SessionEnd::Drained | SessionEnd::DrainDeadline => "shutdown",
             SessionEnd::Ruok => "ruok",
+            SessionEnd::BufferBudget(_) => "buffer_budget",
         }
     }
 }
@@ -149,7 +157,7 @@ where
             SessionEnd::ClientClosed | SessionEnd::Ruok | SessionEnd::Drained => {
                 debug!(reason = %end, "session ended")
             }
-            SessionEnd::ClientProtocol(_) | SessionEnd::Hook(_) => {
+            SessionEnd::ClientProtocol(_) | SessionEnd::Hook(_) | SessionEnd::BufferBudget(_) => {
                 warn!(reason = %end, "closing client connection")
             }
             _ => info!(reason = %end, "session ended"),
@@ -255,6 +263,9 @@ where
         let grace = self.limits.shutdown_grace;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         let mut inject = self.inject.take();
+        let mut charge = Charge::new(self.limits.budget.clone());
+        // Set while the session waits for budget (not reading its client).
+        let mut stalled_until: Option<tokio::time::Instant> = None;
 
         loop {
             if !relay.bout.is_empty() {
@@ -272,8 +283,28 @@ where
             if drain_deadline.is_some() && relay.at_safe_point() {
                 return Ok(SessionEnd::Drained);
             }
+            if cbuf.is_empty() && cbuf.capacity() > FREE_BYTES {
+                // A large message went through: give its memory back.
+                cbuf = BytesMut::with_capacity(READ_CHUNK);
+            }
             if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
                 cbuf.reserve(READ_CHUNK);
+            }
+            // The next read may bring the buffer to this size: covered by
+            // the free allowance or the budget, else stop reading (wait).
+            let shortfall = charge.fit(cbuf.len() + READ_CHUNK).err();
+            match (shortfall, stalled_until) {
+                (Some(s), None) => {
+                    m::client_buffer_stall();
+                    debug!(
+                        buffered = cbuf.len(),
+                        wanted = s.0,
+                        "client buffer budget exhausted: not reading the client"
+                    );
+                    stalled_until = Some(tokio::time::Instant::now() + self.limits.buffer_wait);
+                }
+                (None, Some(_)) => stalled_until = None,
+                _ => {}
             }
             if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
                 bbuf.reserve(READ_CHUNK);
@@ -295,10 +326,29 @@ where
                         Err(e) => return Err(SessionEnd::BackendIo(e)),
                     }
                 }
-                r = cr.read_buf(&mut cbuf) => {
+                got = wait_for_budget(&mut charge, shortfall, stalled_until), if shortfall.is_some() => {
+                    if !got {
+                        return Err(SessionEnd::BufferBudget(format!(
+                            "client buffer budget exhausted for {:?} with {} bytes of an incomplete message buffered",
+                            self.limits.buffer_wait,
+                            cbuf.len()
+                        )));
+                    }
+                }
+                r = read_chunk(&mut cr, &mut cbuf), if shortfall.is_none() => {
                     match r {
                         Ok(0) => return Ok(SessionEnd::ClientClosed),
-                        Ok(_) => relay.client_bytes(&mut cbuf, max)?,
+                        Ok(n) => {
+                            relay.client_bytes(&mut cbuf, max)?;
+                            if n == READ_CHUNK {
+                                // A client sending as fast as we read (a
+                                // flood of small messages, a large store):
+                                // let the other sessions run between its
+                                // chunks instead of after tokio's budget
+                                // of 128 reads.
+                                tokio::task::yield_now().await;
+                            }
+                        }
                         Err(e) => return Err(SessionEnd::ClientIo(e)),
                     }
                 }
@@ -307,6 +357,23 @@ where
                 }
             }
         }
+    }
+}
+
+/// Reads at most one chunk, so the buffer never outgrows its budget charge.
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    r.read_buf(&mut buf.limit(READ_CHUNK)).await
+}
+
+/// Waits for the budget a stalled session lacks; `false` once `until` passes.
+async fn wait_for_budget(
+    charge: &mut Charge,
+    shortfall: Option<Shortfall>,
+    until: Option<tokio::time::Instant>,
+) -> bool {
+    match (shortfall, until) {
+        (Some(s), Some(until)) => tokio::time::timeout_at(until, charge.wait(s)).await.is_ok(),
+        _ => std::future::pending().await,
     }
 }
 
