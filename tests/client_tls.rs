@@ -250,10 +250,54 @@ fn refusals_by_reason() {
         sessions_before,
         "a refused connection became a session"
     );
+    // Clients stuck in (or never starting) their TLS handshake do not hold
+    // up anyone else: the handshake runs in each connection's own task.
+    let silent: Vec<_> = (0..5)
+        .map(|_| std::net::TcpStream::connect(s.front().to_string()).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let offer = tls_offer(&s, WRITER);
+    assert_eq!(&offer[..], s.enc.protocol());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "TLS client waited {:?} behind silent connections (handshake timeout 2 s)",
+        started.elapsed()
+    );
+    drop(silent);
+
     worker.send_line("stop");
     let out = worker.finish();
     assert!(String::from_utf8_lossy(&out.stdout).contains("commits="));
     s.assert_healthy();
+}
+
+/// Connects over TLS with `cert` (rustls, like a replica does) and returns
+/// the ZEO protocol offer zrelay relays from the backend.
+fn tls_offer(s: &TlsStack, cert: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let files = zrelay::replication::tls::TlsFiles {
+        ca_file: s.pki.ours.ca(),
+        cert_file: s.pki.ours.dir().join(format!("{cert}.pem")),
+        key_file: s.pki.ours.dir().join(format!("{cert}-key.pem")),
+    };
+    let connector =
+        tokio_rustls::TlsConnector::from(zrelay::replication::tls::client_config(&files).unwrap());
+    let addr = s.front().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tls, _) =
+            zrelay::replication::tls::connect(&connector, tcp, RELAY_NAME, Duration::from_secs(5))
+                .await
+                .expect("TLS handshake");
+        let len = tls.read_u32().await.expect("offer length") as usize;
+        let mut offer = vec![0u8; len];
+        tls.read_exact(&mut offer).await.expect("offer");
+        offer
+    })
 }
 
 /// Without `require_client_cert`: clients without a certificate get
