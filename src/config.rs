@@ -206,6 +206,9 @@ pub struct BackendConfig {
     /// replays). Generous: a 50 MB transaction takes a while to restore.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+    /// Absent: plaintext to the backend (the usual loopback or unix socket).
+    #[serde(default)]
+    pub tls: Option<crate::tls::backend::BackendTlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,6 +285,22 @@ impl BackendConfig {
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
     }
+    /// The name the backend's TLS certificate must carry.
+    pub fn tls_server_name(&self) -> Option<String> {
+        let t = self.tls.as_ref()?;
+        if let Some(n) = &t.server_name {
+            return Some(n.clone());
+        }
+        let host = self
+            .address
+            .rsplit_once(':')
+            .map_or(self.address.as_str(), |(h, _)| h);
+        Some(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        )
+    }
 }
 
 pub fn parse_backend_addr(s: &str) -> BackendAddr {
@@ -354,6 +373,26 @@ impl Config {
         if let Some(t) = &self.client.tls {
             t.validate()
                 .map_err(|(key, message)| invalid(key, message))?;
+        }
+        if let Some(t) = &self.backend.tls {
+            if !matches!(self.backend.addr(), BackendAddr::Tcp(_)) {
+                return Err(invalid(
+                    "backend.tls",
+                    "TLS needs a host:port backend address, not a unix socket".into(),
+                ));
+            }
+            for (key, p) in [
+                ("backend.tls.ca_file", &t.ca_file),
+                ("backend.tls.cert_file", &t.cert_file),
+                ("backend.tls.key_file", &t.key_file),
+            ] {
+                if !p.is_file() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
         }
         if self.backend.storages.is_empty() {
             return Err(invalid(

@@ -68,6 +68,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.backend.addr().to_string(),
     ));
     let shutdown = CancellationToken::new();
+    if let (Some(t), Some(name)) = (&cfg.backend.tls, cfg.backend.tls_server_name()) {
+        crate::tls::expiry::track(&status, "backend", &t.cert_file, Some(&t.ca_file))
+            .context("read backend certificate expiry")?;
+        let upgrade =
+            crate::tls::backend::BackendTls::new(t, name.clone(), cfg.backend.connect_timeout())
+                .context("load backend TLS files")?;
+        crate::relay::backend::install_upgrade(Arc::new(upgrade));
+        info!(server_name = %name, "backend connections over TLS");
+    }
     let mut tasks = Vec::new();
 
     tasks.push(tokio::spawn(crate::monitor::backend_monitor(

@@ -341,3 +341,46 @@ fn default_access_without_required_certificate() {
     }
     s.assert_healthy();
 }
+
+/// `[backend.tls]`: a ZEO server with `<ssl>` (which always requires a
+/// client certificate) behind a plaintext client port. Every backend
+/// connection (sessions, monitor) goes over TLS.
+#[test]
+fn backend_over_tls() {
+    let certs = Certs::new(&["zeo", RELAY_NAME]);
+    let pem = |n: &str| certs.dir().join(format!("{n}.pem"));
+    let zeo = Zeo::start(
+        Enc::Msgpack,
+        ZeoOpts {
+            extra_zeo: format!(
+                "  <ssl>\n    certificate {}\n    key {}\n    authenticate {}\n  </ssl>\n",
+                pem("zeo").display(),
+                pem("zeo-key").display(),
+                certs.ca().display()
+            ),
+            ..ZeoOpts::default()
+        },
+    );
+    // runzeo really speaks TLS only: a plaintext client gets no offer.
+    let mut raw = Raw::connect(zeo.addr());
+    assert!(raw.read_frame(Duration::from_millis(500)).is_err());
+    drop(raw);
+    let mut relay = Relay::start(
+        zeo.addr(),
+        RelayOpts {
+            backend: format!(
+                "[backend.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nserver_name = \"zeo\"\n",
+                certs.ca(),
+                pem(RELAY_NAME),
+                pem(&format!("{RELAY_NAME}-key")),
+            ),
+            ..RelayOpts::default()
+        },
+    );
+    scenario_cmd("basic", Enc::Msgpack, &[relay.addr()]).run();
+    scenario_cmd("invalidation", Enc::Msgpack, &[relay.addr()]).run();
+    relay.assert_running();
+    let log = relay.log();
+    assert!(log.contains("backend connections over TLS"), "{log}");
+    assert!(log.contains("backend ZEO server is up"), "{log}");
+}

@@ -3,7 +3,7 @@
 //! same dates in `/status` (`certificates`) and `zrelay status`.
 //!
 //! Recorded when a door loads its files. `use` is the door (`replication`,
-//! `client`, `admin`), `kind` is `cert` (the certificate zrelay presents) or
+//! `client`, `admin`, `backend`), `kind` is `cert` (the certificate zrelay presents) or
 //! `ca` (the CA it verifies peers with). A PEM file holding several
 //! certificates (a chain, a CA bundle) reports the earliest expiry: that is
 //! when the file stops working.
@@ -22,7 +22,7 @@ use crate::status::StatusHub;
 pub const EXPIRY: &str = "zrelay_tls_certificate_expiry_timestamp_seconds";
 
 /// The values of the `use` label.
-pub const USES: &[&str] = &["replication", "client", "admin"];
+pub const USES: &[&str] = &["replication", "client", "admin", "backend"];
 
 /// The expiry of one loaded PEM file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -102,7 +102,7 @@ pub fn describe() {
     metrics::describe_gauge!(
         EXPIRY,
         metrics::Unit::Seconds,
-        "Unix time at which a loaded certificate expires, by use (replication, client, admin) and kind (cert, ca); the earliest of a PEM file's certificates."
+        "Unix time at which a loaded certificate expires, by use (replication, client, admin, backend) and kind (cert, ca); the earliest of a PEM file's certificates."
     );
 }
 

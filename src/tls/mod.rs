@@ -8,6 +8,7 @@
 //! provider is always ring, passed explicitly: nothing depends on a
 //! process-wide default provider being installed.
 
+pub mod backend;
 pub mod client;
 pub mod expiry;
 
