@@ -55,6 +55,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     crate::metrics::describe();
     tls::describe();
     crate::tls::expiry::describe();
+    // Zero series even on a plaintext port: dashboards query them everywhere.
+    crate::tls::client::describe_and_init();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
@@ -216,7 +218,6 @@ fn client_door(
         .context("read client certificate expiry")?;
     let door = crate::tls::client::ClientTlsDoor::new(t, cfg.client.handshake_timeout())
         .context("load client TLS files")?;
-    crate::tls::client::describe_and_init();
     info!(
         require_client_cert = t.require_client_cert,
         read_write_clients = ?t.read_write_clients,

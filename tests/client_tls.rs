@@ -324,6 +324,16 @@ fn default_access_without_required_certificate() {
     assert!(s.metric("zrelay_client_tls_admitted_total{access=\"read-only\"}") >= 1.0);
     assert!(s.metric("zrelay_client_tls_admitted_total{access=\"read-write\"}") >= 1.0);
 
+    // min_version = "1.3": a TLS 1.2 client is refused as incompatible.
+    let sample = "zrelay_client_tls_handshake_failures_total{reason=\"incompatible\"}";
+    let before = s.metric(sample);
+    s.client(
+        scenario_cmd("refused", s.enc, &[s.front()]).env("ZRELAY_TLS_MAX_VERSION", "1.2"),
+        Some((&s.pki.ours, WRITER)),
+    )
+    .run();
+    assert!(s.metric(sample) > before);
+
     // Certificate expiry: gauge and /status, for the certificate and the CA.
     let status = support::cluster::status_of(s.admin);
     let certs = status["certificates"].as_array().expect("certificates");

@@ -40,13 +40,16 @@ def tls_for(addr):
     """(ssl_context, server_hostname) for an address listed in
     ZRELAY_TLS_ADDRS (comma-separated HOST:PORT), else (None, None).
     The context trusts ZRELAY_TLS_CA and presents ZRELAY_TLS_CERT /
-    ZRELAY_TLS_KEY if set; the server name is ZRELAY_TLS_HOSTNAME."""
+    ZRELAY_TLS_KEY if set; the server name is ZRELAY_TLS_HOSTNAME;
+    ZRELAY_TLS_MAX_VERSION=1.2 caps the client at TLS 1.2."""
     listed = os.environ.get('ZRELAY_TLS_ADDRS', '')
     a = parse_addr(addr)
     key = f'{a[0]}:{a[1]}' if isinstance(a, tuple) else a
     if key not in listed.split(','):
         return None, None
     ctx = ssl.create_default_context(cafile=os.environ['ZRELAY_TLS_CA'])
+    if os.environ.get('ZRELAY_TLS_MAX_VERSION') == '1.2':
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     cert = os.environ.get('ZRELAY_TLS_CERT')
     if cert:
         ctx.load_cert_chain(cert, os.environ['ZRELAY_TLS_KEY'])
