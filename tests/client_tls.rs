@@ -205,9 +205,8 @@ fn scenarios_over_tls_msgpack() {
 /// Every refusal while a writer keeps committing over TLS: each is logged
 /// and counted by reason, none becomes a session (nothing reaches the
 /// backend), and the writer sees no error or disconnect.
-#[test]
-fn refusals_by_reason() {
-    let mut s = TlsStack::start(Enc::Msgpack, WRITERS);
+fn refusals_by_reason(enc: Enc) {
+    let mut s = TlsStack::start(enc, WRITERS);
     let mut worker = s.scenario("garbage-neighbour", WRITER).spawn();
     worker.expect_line("READY", Duration::from_secs(60));
     let sessions_before = s.sessions_ended();
@@ -269,6 +268,16 @@ fn refusals_by_reason() {
     let out = worker.finish();
     assert!(String::from_utf8_lossy(&out.stdout).contains("commits="));
     s.assert_healthy();
+}
+
+#[test]
+fn refusals_by_reason_pickle() {
+    refusals_by_reason(Enc::Pickle);
+}
+
+#[test]
+fn refusals_by_reason_msgpack() {
+    refusals_by_reason(Enc::Msgpack);
 }
 
 /// Connects over TLS with `cert` (rustls, like a replica does) and returns

@@ -38,7 +38,12 @@ fn main() {
             let mut framed = (payload.len() as u32).to_be_bytes().to_vec();
             framed.extend_from_slice(payload);
             all_frames.extend_from_slice(&framed);
-            put(dir, "zeo_frame", &format!("{}-{}", v.name, payload.len()), &framed);
+            put(
+                dir,
+                "zeo_frame",
+                &format!("{}-{}", v.name, payload.len()),
+                &framed,
+            );
         }
     }
     put(dir, "zeo_frame", "all", &all_frames);
@@ -76,7 +81,12 @@ fn main() {
     for entry in fs::read_dir(&config).expect("config dir") {
         let path = entry.expect("entry").path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        put(dir, "config_toml", &name, &fs::read(&path).expect("read config"));
+        put(
+            dir,
+            "config_toml",
+            &name,
+            &fs::read(&path).expect("read config"),
+        );
     }
 
     for d in ["5", "0.5", "500ms", "5s", "1m", "2h", " 10 ", "1.5s"] {
