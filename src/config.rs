@@ -177,6 +177,13 @@ pub struct ClientConfig {
     /// Open connections per client IP address; more are closed at once.
     #[serde(default = "default_max_connections_per_peer")]
     pub max_connections_per_peer: usize,
+    /// A client that takes none of its replies for this long is closed.
+    #[serde(default = "default_write_stall_timeout_ms")]
+    pub write_stall_timeout_ms: u64,
+}
+
+fn default_write_stall_timeout_ms() -> u64 {
+    60_000
 }
 
 fn default_buffer_budget_bytes() -> usize {
@@ -269,6 +276,9 @@ impl ClientConfig {
     }
     pub fn buffer_wait(&self) -> Duration {
         Duration::from_millis(self.buffer_wait_ms)
+    }
+    pub fn write_stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_stall_timeout_ms)
     }
 }
 

@@ -215,7 +215,7 @@ fn hostile_clients_stay_within_budget() {
             top: format!("log_level = \"info\"\n[admin]\nlisten = \"{admin}\"\n"),
             client: format!(
                 "buffer_budget_bytes = {BUDGET}\nbuffer_wait_ms = 2000\n\
-                 max_connections_per_peer = {PER_PEER}\n"
+                 max_connections_per_peer = {PER_PEER}\nwrite_stall_timeout_ms = 3000\n"
             ),
             ..RelayOpts::default()
         },
@@ -344,7 +344,16 @@ fn hostile_clients_stay_within_budget() {
     lazy.set_write_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let _ = lazy.write_all(&batch);
-    thread::sleep(Duration::from_secs(3)); // measuring period while it stalls
+    // zrelay stops reading that session, then closes it after
+    // write_stall_timeout_ms without progress (its replies, and every later
+    // invalidation, would otherwise pile up in runzeo).
+    wait_until(Duration::from_secs(30), "stalled client closed", || {
+        b.metric("zrelay_client_sessions_ended_total{reason=\"client_stalled\"}") >= 1.0
+    });
+    assert!(
+        closed_within(&mut lazy, Duration::from_secs(30)),
+        "not closed"
+    );
     phase("a client not reading its replies", &mut worker);
     drop(lazy);
 

@@ -35,6 +35,8 @@ pub struct SessionLimits {
     pub budget: std::sync::Arc<Budget>,
     /// How long a session waits for budget before it is closed.
     pub buffer_wait: Duration,
+    /// A client that takes no reply bytes for this long is closed.
+    pub write_stall: Duration,
 }
 
 /// Why a session ended; logged once, counted by `side`.
@@ -64,6 +66,8 @@ pub enum SessionEnd {
     Ruok,
     #[error("{0}")]
     BufferBudget(String),
+    #[error("client read nothing of its replies for {0:?}")]
+    ClientStalled(Duration),
 }
 
 impl SessionEnd {
@@ -80,6 +84,7 @@ impl SessionEnd {
             SessionEnd::Drained | SessionEnd::DrainDeadline => "shutdown",
             SessionEnd::Ruok => "ruok",
             SessionEnd::BufferBudget(_) => "buffer_budget",
+            SessionEnd::ClientStalled(_) => "client_stalled",
         }
     }
 }
@@ -157,7 +162,10 @@ where
             SessionEnd::ClientClosed | SessionEnd::Ruok | SessionEnd::Drained => {
                 debug!(reason = %end, "session ended")
             }
-            SessionEnd::ClientProtocol(_) | SessionEnd::Hook(_) | SessionEnd::BufferBudget(_) => {
+            SessionEnd::ClientProtocol(_)
+            | SessionEnd::Hook(_)
+            | SessionEnd::BufferBudget(_)
+            | SessionEnd::ClientStalled(_) => {
                 warn!(reason = %end, "closing client connection")
             }
             _ => info!(reason = %end, "session ended"),
@@ -217,7 +225,9 @@ where
             let mut raw = bbuf.split();
             loop {
                 if !raw.is_empty() {
-                    cw.write_all(&raw).await.map_err(SessionEnd::ClientIo)?;
+                    write_flush(&mut cw, &raw)
+                        .await
+                        .map_err(SessionEnd::ClientIo)?;
                     raw.clear();
                 }
                 raw.reserve(READ_CHUNK);
@@ -269,15 +279,15 @@ where
 
         loop {
             if !relay.bout.is_empty() {
-                bw.write_all(&relay.bout)
+                // Flushed: over TLS, write_all can leave the last records
+                // inside the TLS session when the socket was full.
+                write_flush(&mut bw, &relay.bout)
                     .await
                     .map_err(SessionEnd::BackendIo)?;
                 relay.bout.clear();
             }
             if !relay.cout.is_empty() {
-                cw.write_all(&relay.cout)
-                    .await
-                    .map_err(SessionEnd::ClientIo)?;
+                write_client(&mut cw, &relay.cout, self.limits.write_stall).await?;
                 relay.cout.clear();
             }
             if drain_deadline.is_some() && relay.at_safe_point() {
@@ -582,5 +592,36 @@ async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, payloads: &[&[u8]]) -> s
     for p in payloads {
         frame::write_frame(&mut out, p);
     }
-    w.write_all(&out).await
+    write_flush(w, &out).await
+}
+
+/// `write_all` then `flush`: over TLS, `write_all` may return with the last
+/// records still inside the TLS session (the socket was full); only a flush
+/// (or a later write) sends them. A no-op cost on plain TCP.
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::Result<()> {
+    w.write_all(buf).await?;
+    w.flush().await
+}
+
+/// Writes to the client, closing the session if the client takes no bytes
+/// for `stall` (it stopped reading: its replies, and the invalidations of
+/// every later commit, would otherwise pile up in the backend for good).
+async fn write_client<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    stall: Duration,
+) -> Result<(), SessionEnd> {
+    let mut off = 0;
+    while off < buf.len() {
+        match tokio::time::timeout(stall, w.write(&buf[off..])).await {
+            Err(_) => return Err(SessionEnd::ClientStalled(stall)),
+            Ok(Ok(0)) => return Err(SessionEnd::ClientIo(std::io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => off += n,
+            Ok(Err(e)) => return Err(SessionEnd::ClientIo(e)),
+        }
+    }
+    match tokio::time::timeout(stall, w.flush()).await {
+        Err(_) => Err(SessionEnd::ClientStalled(stall)),
+        Ok(r) => r.map_err(SessionEnd::ClientIo),
+    }
 }
