@@ -210,6 +210,12 @@ impl ClientTlsDoor {
         if cfg.require_client_cert && cfg.read_write_clients.is_empty() {
             warn!("client.tls: read_write_clients is empty, so every client is read-only");
         }
+        if !cfg.require_client_cert
+            && !cfg.read_write_clients.is_empty()
+            && cfg.default_access.unwrap_or(Access::ReadWrite) == Access::ReadWrite
+        {
+            warn!("client.tls: read_write_clients changes nothing while default_access is read-write (set require_client_cert or default_access = \"read-only\")");
+        }
         Ok(ClientTlsDoor {
             acceptor: TlsAcceptor::from(server_config(cfg)?),
             policy: Arc::new(cfg.clone()),
