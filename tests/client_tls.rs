@@ -403,3 +403,78 @@ fn backend_over_tls() {
     assert!(log.contains("backend connections over TLS"), "{log}");
     assert!(log.contains("backend ZEO server is up"), "{log}");
 }
+
+/// A TLS client with a tiny receive window that starts reading late: 12 MB
+/// of replies fill the socket, so the end of the last one can still be
+/// inside the TLS session when zrelay's write returns. It must arrive anyway (zrelay
+/// flushes), not only when something else is written to that client.
+#[test]
+fn large_replies_to_a_slow_tls_reader_arrive_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TlsStack::start(Enc::Pickle, WRITERS);
+    s.scenario("basic", WRITER).run(); // root holds a 300 KB string
+    let files = zrelay::replication::tls::TlsFiles {
+        ca_file: s.pki.ours.ca(),
+        cert_file: s.pki.ours.dir().join(format!("{WRITER}.pem")),
+        key_file: s.pki.ours.dir().join(format!("{WRITER}-key.pem")),
+    };
+    let connector =
+        tokio_rustls::TlsConnector::from(zrelay::replication::tls::client_config(&files).unwrap());
+    let addr: std::net::SocketAddr = s.front().to_string().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let tcp = sock.connect(addr).await.unwrap();
+        let (mut tls, _) =
+            zrelay::replication::tls::connect(&connector, tcp, RELAY_NAME, Duration::from_secs(5))
+                .await
+                .expect("TLS handshake");
+        async fn frame<R: AsyncReadExt + Unpin>(r: &mut R) -> Vec<u8> {
+            let len = r.read_u32().await.expect("frame length") as usize;
+            let mut buf = vec![0u8; len];
+            r.read_exact(&mut buf).await.expect("frame");
+            buf
+        }
+        assert_eq!(frame(&mut tls).await, b"Z5");
+        let mut out = support::framed(b"Z5");
+        out.extend(support::framed(&support::encode_call(
+            Enc::Pickle,
+            1,
+            false,
+            "register",
+            &[support::Val::Str("1"), support::Val::Bool(false)],
+        )));
+        let root = [0u8; 8];
+        let maxtid = [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        // 40 of them: 12 MB of replies, more than the socket buffers hold.
+        for msgid in 2..42 {
+            out.extend(support::framed(&support::encode_call(
+                Enc::Pickle,
+                msgid,
+                false,
+                "loadBefore",
+                &[support::Val::Bytes(&root), support::Val::Bytes(&maxtid)],
+            )));
+        }
+        tls.write_all(&out).await.unwrap();
+        tls.flush().await.unwrap();
+        // Let zrelay fill the small window before reading anything.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut big = 0;
+            while big < 40 {
+                if frame(&mut tls).await.len() > 300_000 {
+                    big += 1;
+                }
+            }
+            big
+        })
+        .await
+        .expect("all 40 loadBefore replies, whole, within 20 s");
+        assert_eq!(got, 40);
+    });
+}
