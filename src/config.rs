@@ -186,9 +186,40 @@ pub struct ClientConfig {
     /// (no transaction open, no call outstanding) before being cut.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
-    /// How long a new client may take to answer the protocol handshake.
+    /// How long a new client may take to answer the protocol handshake
+    /// (and, with `[client.tls]`, to complete its TLS handshake).
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Absent: plaintext clients, all read-write.
+    #[serde(default)]
+    pub tls: Option<crate::tls::client::ClientTlsConfig>,
+    /// All sessions together may buffer this many bytes of client messages
+    /// beyond a small free allowance each (see `relay::limits`).
+    #[serde(default = "default_buffer_budget_bytes")]
+    pub buffer_budget_bytes: usize,
+    /// A session that cannot get budget for this long is closed.
+    #[serde(default = "default_buffer_wait_ms")]
+    pub buffer_wait_ms: u64,
+    /// Open connections per client IP address; more are closed at once.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// A client that takes none of its replies for this long is closed.
+    #[serde(default = "default_write_stall_timeout_ms")]
+    pub write_stall_timeout_ms: u64,
+}
+
+fn default_write_stall_timeout_ms() -> u64 {
+    60_000
+}
+
+fn default_buffer_budget_bytes() -> usize {
+    512 * 1024 * 1024
+}
+fn default_buffer_wait_ms() -> u64 {
+    10_000
+}
+fn default_max_connections_per_peer() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +248,9 @@ pub struct BackendConfig {
     /// roles as `data_fs`.
     #[serde(default)]
     pub blob_dir: Option<PathBuf>,
+    /// Absent: plaintext to the backend (the usual loopback or unix socket).
+    #[serde(default)]
+    pub tls: Option<crate::tls::backend::BackendTlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +309,12 @@ impl ClientConfig {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
+    pub fn buffer_wait(&self) -> Duration {
+        Duration::from_millis(self.buffer_wait_ms)
+    }
+    pub fn write_stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_stall_timeout_ms)
+    }
 }
 
 impl BackendConfig {
@@ -296,6 +336,23 @@ impl BackendConfig {
             data_fs: self.data_fs.clone()?,
             blob_dir: self.blob_dir.clone(),
         })
+    }
+
+    /// The name the backend's TLS certificate must carry.
+    pub fn tls_server_name(&self) -> Option<String> {
+        let t = self.tls.as_ref()?;
+        if let Some(n) = &t.server_name {
+            return Some(n.clone());
+        }
+        let host = self
+            .address
+            .rsplit_once(':')
+            .map_or(self.address.as_str(), |(h, _)| h);
+        Some(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        )
     }
 }
 
@@ -353,6 +410,42 @@ impl Config {
                 "client.max_connections",
                 "must be at least 1".into(),
             ));
+        }
+        if self.client.buffer_budget_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "client.buffer_budget_bytes",
+                "minimum is 1048576".into(),
+            ));
+        }
+        if self.client.max_connections_per_peer == 0 {
+            return Err(invalid(
+                "client.max_connections_per_peer",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(t) = &self.client.tls {
+            t.validate()
+                .map_err(|(key, message)| invalid(key, message))?;
+        }
+        if let Some(t) = &self.backend.tls {
+            if !matches!(self.backend.addr(), BackendAddr::Tcp(_)) {
+                return Err(invalid(
+                    "backend.tls",
+                    "TLS needs a host:port backend address, not a unix socket".into(),
+                ));
+            }
+            for (key, p) in [
+                ("backend.tls.ca_file", &t.ca_file),
+                ("backend.tls.cert_file", &t.cert_file),
+                ("backend.tls.key_file", &t.key_file),
+            ] {
+                if !p.is_file() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
         }
         if self.backend.storages.is_empty() {
             return Err(invalid(
@@ -538,7 +631,12 @@ address = "127.0.0.1:8200"
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        for name in ["zrelay.toml", "primary.toml", "replica.toml"] {
+        for name in [
+            "zrelay.toml",
+            "primary.toml",
+            "replica.toml",
+            "client-tls.toml",
+        ] {
             let path = root.join(name);
             let text = std::fs::read_to_string(&path)
                 .unwrap()

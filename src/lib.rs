@@ -19,6 +19,7 @@ pub mod reload;
 pub mod replication;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod verify;
 pub mod wire;
 pub mod zeoclient;

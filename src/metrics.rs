@@ -358,3 +358,48 @@ pub fn door_refused(reason: &'static str) {
 pub fn door_route_failed() {
     counter!(DOOR_ROUTE_FAILURES).increment(1);
 }
+
+// ------------------------------------------------ client resource bounds
+
+pub const CLIENT_BUFFERED: &str = "zrelay_client_buffered_bytes";
+pub const CLIENT_BUFFER_BUDGET: &str = "zrelay_client_buffer_budget_bytes";
+pub const CLIENT_BUFFER_STALLS: &str = "zrelay_client_buffer_stalls_total";
+pub const CONNECTIONS_REFUSED: &str = "zrelay_client_connections_refused_total";
+
+/// Describes the resource-bound metrics and sets their initial values.
+pub fn describe_limits(budget_bytes: usize) {
+    describe_gauge!(
+        CLIENT_BUFFERED,
+        metrics::Unit::Bytes,
+        "Bytes of the client buffer budget held by sessions (large client messages in progress)."
+    );
+    describe_gauge!(
+        CLIENT_BUFFER_BUDGET,
+        metrics::Unit::Bytes,
+        "The configured client buffer budget (client.buffer_budget_bytes)."
+    );
+    describe_counter!(
+        CLIENT_BUFFER_STALLS,
+        "Times a session stopped reading its client because the buffer budget was exhausted."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Client connections closed at accept, by reason (per_peer_limit)."
+    );
+    gauge!(CLIENT_BUFFER_BUDGET).set(budget_bytes as f64);
+    gauge!(CLIENT_BUFFERED).set(0.0);
+    counter!(CLIENT_BUFFER_STALLS).increment(0);
+    counter!(CONNECTIONS_REFUSED, "reason" => "per_peer_limit").increment(0);
+}
+
+pub fn client_buffered_bytes(bytes: usize) {
+    gauge!(CLIENT_BUFFERED).set(bytes as f64);
+}
+
+pub fn client_buffer_stall() {
+    counter!(CLIENT_BUFFER_STALLS).increment(1);
+}
+
+pub fn connection_refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}

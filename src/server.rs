@@ -94,6 +94,9 @@ async fn serve(
     pack::describe();
     crate::own_conns::describe();
     capture::describe();
+    crate::tls::expiry::describe();
+    // Zero series even on a plaintext port: dashboards query them everywhere.
+    crate::tls::client::describe_and_init();
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
@@ -117,6 +120,15 @@ async fn serve(
         log_filter: Some(log_filter),
         ..Reloadables::default()
     };
+    if let (Some(t), Some(name)) = (&cfg.backend.tls, cfg.backend.tls_server_name()) {
+        crate::tls::expiry::track(&status, "backend", &t.cert_file, Some(&t.ca_file))
+            .context("read backend certificate expiry")?;
+        let upgrade =
+            crate::tls::backend::BackendTls::new(t, name.clone(), cfg.backend.connect_timeout())
+                .context("load backend TLS files")?;
+        crate::relay::backend::install_upgrade(Arc::new(upgrade));
+        info!(server_name = %name, "backend connections over TLS");
+    }
     let mut tasks = Vec::new();
     let cluster = Arc::new(ClusterView::new(
         cfg.cluster.clone(),
@@ -367,13 +379,26 @@ async fn serve(
         shutdown_grace: cfg.client.shutdown_grace(),
         backend: cfg.backend.addr(),
         connect_timeout: cfg.backend.connect_timeout(),
+        budget: crate::relay::limits::Budget::new(cfg.client.buffer_budget_bytes),
+        buffer_wait: cfg.client.buffer_wait(),
+        write_stall: cfg.client.write_stall_timeout(),
     };
+    crate::metrics::describe_limits(cfg.client.buffer_budget_bytes);
+    if cfg.client.buffer_budget_bytes < cfg.client.max_message_bytes {
+        tracing::warn!(
+            budget = cfg.client.buffer_budget_bytes,
+            max_message_bytes = cfg.client.max_message_bytes,
+            "client.buffer_budget_bytes is below client.max_message_bytes: larger client messages can never be received"
+        );
+    }
     let clients = ClientListener {
         listener,
         limits,
         max_connections: cfg.client.max_connections,
         hooks,
         injected: Some(door_rx),
+        door: client_door(&cfg, &status)?,
+        peer_limit: crate::relay::limits::PeerLimit::new(cfg.client.max_connections_per_peer),
     };
     let serving = tokio::spawn(clients.serve(drain.clone()));
 
@@ -404,6 +429,36 @@ struct FeedOut {
     published: watch::Receiver<Tid>,
 }
 
+fn track_replication_certs(r: &ReplicationConfig, status: &StatusHub) -> anyhow::Result<()> {
+    crate::tls::expiry::track(
+        status,
+        "replication",
+        &r.tls.cert_file,
+        Some(&r.tls.ca_file),
+    )
+    .context("read replication certificate expiry")
+}
+
+/// The client port's TLS door, if `[client.tls]` is configured.
+fn client_door(
+    cfg: &Config,
+    status: &StatusHub,
+) -> anyhow::Result<Option<Arc<dyn crate::relay::listener::Door>>> {
+    let Some(t) = &cfg.client.tls else {
+        return Ok(None);
+    };
+    crate::tls::expiry::track(status, "client", &t.cert_file, t.ca_file.as_deref())
+        .context("read client certificate expiry")?;
+    let door = crate::tls::client::ClientTlsDoor::new(t, cfg.client.handshake_timeout())
+        .context("load client TLS files")?;
+    info!(
+        require_client_cert = t.require_client_cert,
+        read_write_clients = ?t.read_write_clients,
+        "clients connect over TLS"
+    );
+    Ok(Some(Arc::new(door)))
+}
+
 /// The commit feed and the replication listener: on a primary, and on a
 /// replica that feeds further replicas.
 #[allow(clippy::too_many_arguments)]
@@ -423,6 +478,7 @@ async fn start_feed(
     let allowed_peers = Live::new(r.allowed_peers.clone());
     reloadables.repl_acceptor = Some(acceptor.clone());
     reloadables.repl_allowed = Some(allowed_peers.clone());
+    track_replication_certs(r, status)?;
     let listen = r.listen.context("replication.listen")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -493,6 +549,7 @@ fn start_replica(
 ) -> anyhow::Result<Arc<Live<tokio_rustls::TlsConnector>>> {
     let client_cfg = tls::client_config(&r.tls).context("load replication TLS files")?;
     let connector = Live::new(tokio_rustls::TlsConnector::from(client_cfg));
+    track_replication_certs(r, status)?;
     let upstream = r.upstream.clone().context("replication.upstream")?;
     info!(upstream = %upstream, cluster = %r.cluster, "replication: replica, read-only service");
     let applier = Applier::new(

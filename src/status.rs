@@ -87,6 +87,9 @@ pub struct NodeStatus {
     pub upstream_roster: Vec<crate::replication::protocol::RosterEntry>,
     /// Writer: `control::Control::drain`. No new client sessions accepted.
     pub draining: bool,
+    /// Writer: `tls::expiry::track`, when a TLS door loads its files.
+    /// Earliest expiry first.
+    pub certificates: Vec<crate::tls::expiry::CertExpiry>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -124,6 +127,7 @@ impl StatusHub {
                 door: None,
                 upstream_roster: Vec::new(),
                 draining: false,
+                certificates: Vec::new(),
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

@@ -139,6 +139,9 @@ impl ZeoConn {
     pub async fn flush(&mut self) -> Result<(), ZeoError> {
         if !self.wbuf.is_empty() {
             self.w.write_all(&self.wbuf).await?;
+            // Over TLS ([backend.tls]) the last records may still sit in
+            // the TLS session after write_all; flush sends them.
+            self.w.flush().await?;
             self.wbuf.clear();
         }
         Ok(())

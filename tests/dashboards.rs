@@ -99,6 +99,7 @@ fn alert_rules_unit_tests_pass() {
         "ZrelayReplicaDiverged",
         "ZrelayBackendDown",
         "ZrelayTlsHandshakeFailures",
+        "ZrelayCertificateExpiresSoon",
         "ZrelayDown",
     ] {
         assert!(names.contains(must), "{RULES} lacks alert {must}");

@@ -66,6 +66,9 @@ struct StatusView {
     storage_last_commit_unix: Option<f64>,
     #[serde(default)]
     upstream: Option<UpstreamView>,
+    /// Earliest expiry first (see `tls::expiry`).
+    #[serde(default)]
+    certificates: Vec<CertView>,
     /// The node's cluster view (`crate::cluster::NodeView` rows).
     #[serde(default)]
     cluster: Vec<ClusterRow>,
@@ -83,6 +86,18 @@ struct ClusterRow {
     #[serde(default)]
     reported_by: String,
 }
+
+#[derive(Debug, Deserialize)]
+struct CertView {
+    #[serde(rename = "use")]
+    use_: String,
+    kind: String,
+    not_after_unix: i64,
+}
+
+/// Certificates expiring sooner than this are called out under the table
+/// (the alert rule `ZrelayCertificateExpiresSoon` uses the same horizon).
+const CERT_WARN_DAYS: i64 = 14;
 
 #[derive(Debug, Deserialize)]
 struct UpstreamView {
@@ -307,12 +322,14 @@ pub(crate) async fn status_report(admins: &[String], timeout: Duration) -> (Stri
         "Backend",
         "Last tid time (UTC)",
         "Lag (s)",
+        "Cert expires (UTC)",
         "Admin",
     ]
     .map(String::from)
     .to_vec()];
     let mut errors = Vec::new();
     let mut view: Option<(String, Vec<ClusterRow>)> = None;
+    let mut warnings = Vec::new();
     for (admin, task) in admins.iter().zip(tasks) {
         let result = task.await.unwrap_or_else(|e| Err(e.to_string()));
         if let Ok(s) = &result {
@@ -332,18 +349,19 @@ pub(crate) async fn status_report(admins: &[String], timeout: Duration) -> (Stri
                 s.lag()
                     .map(|l| format!("{l:.3}"))
                     .unwrap_or_else(|| "-".into()),
+                first_cert_expiry(&s, &mut warnings),
                 admin.clone(),
             ],
             Err(e) => {
                 errors.push(format!("{admin}: {e}"));
-                ["?", "-", "unreachable", "-", "-", "-", admin.as_str()]
+                ["?", "-", "unreachable", "-", "-", "-", "-", admin.as_str()]
                     .map(String::from)
                     .to_vec()
             }
         });
     }
     let mut text = table(&rows);
-    for e in &errors {
+    for e in warnings.iter().chain(&errors) {
         text.push_str(e);
         text.push('\n');
     }
@@ -374,6 +392,44 @@ pub(crate) async fn status_report(admins: &[String], timeout: Duration) -> (Stri
         text.push_str(&table(&rows));
     }
     (text, if errors.is_empty() { 0 } else { 1 })
+}
+
+/// The earliest certificate expiry of a node as `DATE (use kind)`, noting
+/// in `warnings` every certificate that expires within [`CERT_WARN_DAYS`].
+fn first_cert_expiry(s: &StatusView, warnings: &mut Vec<String>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for c in &s.certificates {
+        let days = (c.not_after_unix - now).div_euclid(86_400);
+        if days < CERT_WARN_DAYS {
+            let when = if c.not_after_unix <= now {
+                "has EXPIRED".to_string()
+            } else {
+                format!("expires in {days} days")
+            };
+            let what = if c.kind == "ca" {
+                "CA certificate"
+            } else {
+                "certificate"
+            };
+            warnings.push(format!(
+                "{}: {} {what} {when} ({})",
+                s.node,
+                c.use_,
+                iso_utc(c.not_after_unix as f64)
+            ));
+        }
+    }
+    match s.certificates.iter().min_by_key(|c| c.not_after_unix) {
+        Some(c) => format!(
+            "{} ({} {})",
+            &iso_utc(c.not_after_unix as f64)[..10],
+            c.use_,
+            c.kind
+        ),
+        None => "-".into(),
+    }
 }
 
 /// A `patronictl list`-style box table; the first row is the header.
@@ -678,8 +734,23 @@ mod tests {
     #[tokio::test]
     async fn status_table() {
         let a = start(Role::Replica).await;
-        a.status
-            .update(|st| st.storage_last_commit_unix = Some(1_700_000_000.25));
+        let soon = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 3 * 86_400
+            + 3600;
+        a.status.update(|st| {
+            st.storage_last_commit_unix = Some(1_700_000_000.25);
+            st.certificates = vec![crate::tls::expiry::CertExpiry {
+                use_: "client",
+                kind: "cert",
+                file: "c.pem".into(),
+                subject: "node2".into(),
+                not_after: String::new(),
+                not_after_unix: soon,
+            }];
+        });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead = l.local_addr().unwrap().to_string();
         drop(l);
@@ -702,6 +773,14 @@ mod tests {
         ] {
             assert!(row.contains(cell), "{cell} not in {row}");
         }
+        assert!(
+            row.contains(&format!("{} (client cert)", &iso_utc(soon as f64)[..10])),
+            "{row}"
+        );
+        assert!(
+            text.contains("node2: client certificate expires in 3 days"),
+            "{text}"
+        );
         let row = lines.iter().find(|l| l.contains(dead.as_str())).unwrap();
         assert!(row.contains("unreachable"), "{text}");
         // Every table line has the same width.

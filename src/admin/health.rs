@@ -267,6 +267,7 @@ pub(crate) mod tests {
             door: None,
             upstream_roster: Vec::new(),
             draining: false,
+            certificates: Vec::new(),
             started: None,
         }
     }

@@ -1,5 +1,8 @@
 //! Connecting to the backend ZEO server over TCP or a unix socket.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -24,6 +27,24 @@ pub enum ConnectError {
     },
 }
 
+pub type Upgrading = Pin<Box<dyn Future<Output = std::io::Result<(BoxRead, BoxWrite)>> + Send>>;
+
+/// Turns a freshly connected TCP stream to the backend into the stream the
+/// ZEO conversation runs on (TLS, for a backend on another host). Installed
+/// once by the process wiring ([`install_upgrade`]); this layer does not
+/// know what it does. Every backend connection of the process (client
+/// sessions, monitor, feed, applier) goes through it.
+pub trait Upgrade: Send + Sync {
+    fn upgrade(&self, tcp: TcpStream) -> Upgrading;
+}
+
+static UPGRADE: OnceLock<Arc<dyn Upgrade>> = OnceLock::new();
+
+/// Installs the process's backend upgrade; `false` if one already was.
+pub fn install_upgrade(u: Arc<dyn Upgrade>) -> bool {
+    UPGRADE.set(u).is_ok()
+}
+
 /// Opens a connection and returns its read and write halves. TCP_NODELAY is
 /// set: ZEO is a request/response protocol of small messages.
 pub async fn connect(
@@ -35,6 +56,9 @@ pub async fn connect(
             BackendAddr::Tcp(a) => {
                 let s = TcpStream::connect(a.as_str()).await?;
                 s.set_nodelay(true)?;
+                if let Some(u) = UPGRADE.get() {
+                    return u.upgrade(s).await;
+                }
                 let (r, w) = s.into_split();
                 Ok::<(BoxRead, BoxWrite), std::io::Error>((Box::new(r), Box::new(w)))
             }

@@ -104,6 +104,26 @@ pub struct PendingCall {
     pub sent: std::time::Instant,
 }
 
+/// What a client may do through this door, decided before the session
+/// starts (e.g. from its TLS client certificate) by whoever accepted the
+/// connection. A read-only session is refused every write exactly like a
+/// session on a replica (see [`super::read_only`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+impl Access {
+    pub fn label(self) -> &'static str {
+        match self {
+            Access::ReadWrite => "read-write",
+            Access::ReadOnly => "read-only",
+        }
+    }
+}
+
 /// Facts about the session that hooks may read; owned and updated by the
 /// session itself.
 #[derive(Debug, Clone)]
@@ -118,6 +138,10 @@ pub struct SessionInfo {
     /// Where the session's calls go after `register`: empty for the node's
     /// own backend, else the destination of a [`Reroute`] (for logs).
     pub route: String,
+    /// What the door granted this client.
+    pub access: Access,
+    /// Who the client proved to be (e.g. its certificate's name), if anyone.
+    pub identity: Option<String>,
 }
 
 pub trait SessionHooks: Send {
@@ -253,6 +277,8 @@ mod tests {
             registered: None,
             in_transaction: false,
             route: String::new(),
+            access: crate::relay::Access::ReadWrite,
+            identity: None,
         };
         let msg = Message::call(Value::Int(1), "ping", vec![]);
         let mut c = Chain(vec![

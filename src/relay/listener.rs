@@ -1,22 +1,37 @@
 //! The accept loop: a connection limit, a span per connection, and an accept
 //! error that never kills the listener.
+//!
+//! An optional [`Door`] turns each accepted TCP connection into a client
+//! stream and an [`Access`] (TLS lives behind it, outside this layer). It
+//! runs inside the connection's own task, so a slow or garbage client in
+//! its handshake never holds up the accept loop.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, warn, Instrument};
 
-use super::hooks::SessionHooks;
+use super::hooks::{Access, SessionHooks};
+use super::limits::PeerLimit;
+use super::read_only::ReadOnlyDoor;
 use super::session::{Session, SessionLimits};
 use crate::metrics as m;
 
 /// Builds the hooks of each new session (the role decides which).
 pub type HooksFactory = Arc<dyn Fn() -> Box<dyn SessionHooks> + Send + Sync>;
+
+/// A client byte stream of any kind (plain TCP, TLS, ...).
+pub trait ClientStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientStream for T {}
 
 /// A client connection accepted elsewhere (e.g. a session another node's
 /// door relays here) to be served like one from the listener.
@@ -26,15 +41,34 @@ pub struct InjectedClient {
     pub peer: String,
 }
 
-pub trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ClientStream for T {}
+/// A connection a [`Door`] let in.
+pub struct Admitted {
+    pub stream: Box<dyn ClientStream>,
+    pub access: Access,
+    /// Who the client proved to be, for logs (e.g. its certificate's name).
+    pub identity: Option<String>,
+}
+
+pub type Admission = Pin<Box<dyn Future<Output = Option<Admitted>> + Send>>;
+
+/// Admission of a new connection: `None` refuses it (the door has logged and
+/// counted why; the connection is closed and nothing reaches the backend).
+/// The door bounds its own handshake time.
+pub trait Door: Send + Sync {
+    fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Admission;
+}
 
 pub struct ClientListener {
     pub listener: TcpListener,
     pub limits: SessionLimits,
     pub max_connections: usize,
     pub hooks: HooksFactory,
-    /// Connections accepted elsewhere; they share the connection limit.
+    /// `None`: plaintext, every client read-write.
+    pub door: Option<Arc<dyn Door>>,
+    /// Open connections per client IP address.
+    pub peer_limit: Arc<PeerLimit>,
+    /// Connections accepted elsewhere (sessions other nodes' doors relay
+    /// here); they share the connection limit.
     pub injected: Option<tokio::sync::mpsc::Receiver<InjectedClient>>,
 }
 
@@ -99,21 +133,60 @@ impl ClientListener {
                 }
             };
             m::connection_accepted();
+            let Some(slot) = self.peer_limit.admit(peer.ip()) else {
+                m::connection_refused("per_peer_limit");
+                if self.peer_limit.should_log() {
+                    warn!(
+                        %peer,
+                        max_connections_per_peer = self.peer_limit.max(),
+                        "too many connections from this address: closing new ones"
+                    );
+                }
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-            let span =
-                info_span!("session", conn = conn_id, peer = %peer, enc = tracing::field::Empty);
-            let session = Session::new(
-                stream,
-                conn_id,
-                peer.to_string(),
-                self.limits.clone(),
-                (self.hooks)(),
-                shutdown.clone(),
+            let span = info_span!(
+                "session",
+                conn = conn_id,
+                peer = %peer,
+                enc = tracing::field::Empty,
+                client = tracing::field::Empty
             );
+            let limits = self.limits.clone();
+            let hooks = self.hooks.clone();
+            let door = self.door.clone();
+            let shutdown = shutdown.clone();
             sessions.spawn(
                 async move {
-                    session.run().await;
+                    let peer_s = peer.to_string();
+                    match door {
+                        None => {
+                            Session::new(stream, conn_id, peer_s, limits, hooks(), shutdown)
+                                .run()
+                                .await
+                        }
+                        Some(door) => {
+                            let admitted = tokio::select! {
+                                a = door.admit(stream, peer) => a,
+                                _ = shutdown.cancelled() => None,
+                            };
+                            if let Some(a) = admitted {
+                                if let Some(id) = &a.identity {
+                                    tracing::Span::current().record("client", id.as_str());
+                                }
+                                let hooks = match a.access {
+                                    Access::ReadWrite => hooks(),
+                                    Access::ReadOnly => Box::new(ReadOnlyDoor::wrap(hooks())),
+                                };
+                                Session::new(a.stream, conn_id, peer_s, limits, hooks, shutdown)
+                                    .with_access(a.access, a.identity)
+                                    .run()
+                                    .await
+                            }
+                        }
+                    }
+                    drop(slot);
                     drop(permit);
                 }
                 .instrument(span),

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ use super::hooks::{
     ClientVerdict, LocalVerdict, PendingCall, Reroute, ServerVerdict, SessionHooks, SessionInfo,
     WakeVerdict,
 };
+use super::limits::{Budget, Charge, Shortfall, FREE_BYTES};
 use super::transparency;
 use crate::metrics as m;
 use crate::wire::calls::ClientCall;
@@ -34,6 +35,12 @@ pub struct SessionLimits {
     pub shutdown_grace: Duration,
     pub backend: crate::config::BackendAddr,
     pub connect_timeout: Duration,
+    /// Shared by all sessions: bytes buffered for large client messages.
+    pub budget: std::sync::Arc<Budget>,
+    /// How long a session waits for budget before it is closed.
+    pub buffer_wait: Duration,
+    /// A client that takes no reply bytes for this long is closed.
+    pub write_stall: Duration,
 }
 
 /// Why a session ended; logged once, counted by `side`.
@@ -65,6 +72,10 @@ pub enum SessionEnd {
     RouteUnavailable(String),
     #[error("closed at a safe point: {0}")]
     Rerouted(&'static str),
+    #[error("{0}")]
+    BufferBudget(String),
+    #[error("client read nothing of its replies for {0:?}")]
+    ClientStalled(Duration),
 }
 
 impl SessionEnd {
@@ -82,6 +93,8 @@ impl SessionEnd {
             SessionEnd::Ruok => "ruok",
             SessionEnd::RouteUnavailable(_) => "route_unavailable",
             SessionEnd::Rerouted(_) => "rerouted",
+            SessionEnd::BufferBudget(_) => "buffer_budget",
+            SessionEnd::ClientStalled(_) => "client_stalled",
         }
     }
 }
@@ -124,10 +137,20 @@ where
                 registered: None,
                 in_transaction: false,
                 route: String::new(),
+                access: super::Access::ReadWrite,
+                identity: None,
             },
             shutdown,
             inject: None,
         }
+    }
+
+    /// What the door granted (default: read-write, no identity). The hooks
+    /// given to [`Session::new`] must already enforce it.
+    pub fn with_access(mut self, access: super::Access, identity: Option<String>) -> Self {
+        self.info.access = access;
+        self.info.identity = identity;
+        self
     }
 
     pub fn with_inject(mut self, rx: Inject) -> Self {
@@ -151,7 +174,10 @@ where
                 debug!(reason = %end, "session ended")
             }
             SessionEnd::Rerouted(_) => info!(reason = %end, "session ended"),
-            SessionEnd::ClientProtocol(_) | SessionEnd::Hook(_) => {
+            SessionEnd::ClientProtocol(_)
+            | SessionEnd::Hook(_)
+            | SessionEnd::BufferBudget(_)
+            | SessionEnd::ClientStalled(_) => {
                 warn!(reason = %end, "closing client connection")
             }
             _ => info!(reason = %end, "session ended"),
@@ -236,7 +262,9 @@ where
                     }
                 }
                 if status_seen && !raw.is_empty() {
-                    cw.write_all(&raw).await.map_err(SessionEnd::ClientIo)?;
+                    write_flush(&mut cw, &raw)
+                        .await
+                        .map_err(SessionEnd::ClientIo)?;
                     raw.clear();
                 }
                 raw.reserve(READ_CHUNK);
@@ -301,6 +329,9 @@ where
         // iteration (each `cancelled()` locks the token's waiter list twice).
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        let mut charge = Charge::new(self.limits.budget.clone());
+        // Set while the session waits for budget (not reading its client).
+        let mut stalled_until: Option<tokio::time::Instant> = None;
 
         loop {
             if let Some((reroute, register)) = relay.reroute.take() {
@@ -326,14 +357,16 @@ where
                 continue;
             }
             if !relay.bout.is_empty() {
-                bw.write_all(&relay.bout)
+                // Flushed: over TLS, write_all can leave the last records
+                // inside the TLS session when the socket was full.
+                write_flush(&mut bw, &relay.bout)
                     .await
                     .map_err(SessionEnd::BackendIo)?;
                 relay.bout.clear();
             }
             if !relay.lout.is_empty() {
                 let failed = match &mut local {
-                    Some((_, lw)) => lw.write_all(&relay.lout).await.is_err(),
+                    Some((_, lw)) => write_flush(lw, &relay.lout).await.is_err(),
                     None => true,
                 };
                 relay.lout.clear();
@@ -344,9 +377,7 @@ where
                 }
             }
             if !relay.cout.is_empty() {
-                cw.write_all(&relay.cout)
-                    .await
-                    .map_err(SessionEnd::ClientIo)?;
+                write_client(&mut cw, &relay.cout, self.limits.write_stall).await?;
                 relay.cout.clear();
             }
             if drain_deadline.is_some() && relay.at_safe_point() {
@@ -357,8 +388,28 @@ where
                     return Ok(SessionEnd::Rerouted(reason));
                 }
             }
+            if cbuf.is_empty() && cbuf.capacity() > FREE_BYTES {
+                // A large message went through: give its memory back.
+                cbuf = BytesMut::with_capacity(READ_CHUNK);
+            }
             if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
                 cbuf.reserve(READ_CHUNK);
+            }
+            // The next read may bring the buffer to this size: covered by
+            // the free allowance or the budget, else stop reading (wait).
+            let shortfall = charge.fit(cbuf.len() + READ_CHUNK).err();
+            match (shortfall, stalled_until) {
+                (Some(s), None) => {
+                    m::client_buffer_stall();
+                    debug!(
+                        buffered = cbuf.len(),
+                        wanted = s.0,
+                        "client buffer budget exhausted: not reading the client"
+                    );
+                    stalled_until = Some(tokio::time::Instant::now() + self.limits.buffer_wait);
+                }
+                (None, Some(_)) => stalled_until = None,
+                _ => {}
             }
             if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
                 bbuf.reserve(READ_CHUNK);
@@ -393,10 +444,29 @@ where
                         }
                     }
                 }
-                r = cr.read_buf(&mut cbuf), if relay.reroute.is_none() => {
+                got = wait_for_budget(&mut charge, shortfall, stalled_until), if shortfall.is_some() => {
+                    if !got {
+                        return Err(SessionEnd::BufferBudget(format!(
+                            "client buffer budget exhausted for {:?} with {} bytes of an incomplete message buffered",
+                            self.limits.buffer_wait,
+                            cbuf.len()
+                        )));
+                    }
+                }
+                r = read_chunk(&mut cr, &mut cbuf), if shortfall.is_none() && relay.reroute.is_none() => {
                     match r {
                         Ok(0) => return Ok(SessionEnd::ClientClosed),
-                        Ok(_) => relay.client_bytes(&mut cbuf, max)?,
+                        Ok(n) => {
+                            relay.client_bytes(&mut cbuf, max)?;
+                            if n == READ_CHUNK {
+                                // A client sending as fast as we read (a
+                                // flood of small messages, a large store):
+                                // let the other sessions run between its
+                                // chunks instead of after tokio's budget
+                                // of 128 reads.
+                                tokio::task::yield_now().await;
+                            }
+                        }
                         Err(e) => return Err(SessionEnd::ClientIo(e)),
                     }
                 }
@@ -468,6 +538,23 @@ async fn wait_wake(w: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
     match w {
         Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
+    }
+}
+
+/// Reads at most one chunk, so the buffer never outgrows its budget charge.
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    r.read_buf(&mut buf.limit(READ_CHUNK)).await
+}
+
+/// Waits for the budget a stalled session lacks; `false` once `until` passes.
+async fn wait_for_budget(
+    charge: &mut Charge,
+    shortfall: Option<Shortfall>,
+    until: Option<tokio::time::Instant>,
+) -> bool {
+    match (shortfall, until) {
+        (Some(s), Some(until)) => tokio::time::timeout_at(until, charge.wait(s)).await.is_ok(),
+        _ => std::future::pending().await,
     }
 }
 
@@ -917,5 +1004,36 @@ async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, payloads: &[&[u8]]) -> s
     for p in payloads {
         frame::write_frame(&mut out, p);
     }
-    w.write_all(&out).await
+    write_flush(w, &out).await
+}
+
+/// `write_all` then `flush`: over TLS, `write_all` may return with the last
+/// records still inside the TLS session (the socket was full); only a flush
+/// (or a later write) sends them. A no-op cost on plain TCP.
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::Result<()> {
+    w.write_all(buf).await?;
+    w.flush().await
+}
+
+/// Writes to the client, closing the session if the client takes no bytes
+/// for `stall` (it stopped reading: its replies, and the invalidations of
+/// every later commit, would otherwise pile up in the backend for good).
+async fn write_client<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    stall: Duration,
+) -> Result<(), SessionEnd> {
+    let mut off = 0;
+    while off < buf.len() {
+        match tokio::time::timeout(stall, w.write(&buf[off..])).await {
+            Err(_) => return Err(SessionEnd::ClientStalled(stall)),
+            Ok(Ok(0)) => return Err(SessionEnd::ClientIo(std::io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => off += n,
+            Ok(Err(e)) => return Err(SessionEnd::ClientIo(e)),
+        }
+    }
+    match tokio::time::timeout(stall, w.flush()).await {
+        Err(_) => Err(SessionEnd::ClientStalled(stall)),
+        Ok(r) => r.map_err(SessionEnd::ClientIo),
+    }
 }

@@ -659,6 +659,7 @@ where
         }
     }
     wh.write_all(&wbuf).await?;
+    wh.flush().await?;
     wbuf.clear();
     m::peer_connected(name, true);
     m::peer_diverged(name, false);
@@ -741,6 +742,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 }
                 if wbuf.len() >= 256 * 1024 {
                     wh.write_all(wbuf).await?;
+                    wh.flush().await?;
                     wbuf.clear();
                     publish(state, feed, name, peer_addr, status);
                 }
@@ -771,6 +773,8 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
         }
         if !wbuf.is_empty() {
             wh.write_all(wbuf).await?;
+            // TLS: write_all may leave the last records in the session.
+            wh.flush().await?;
             wbuf.clear();
         }
         publish(state, feed, name, peer_addr, status);

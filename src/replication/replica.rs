@@ -281,6 +281,7 @@ async fn stream_once(
     }
     protocol::encode(&hello, &mut wbuf)?;
     wh.write_all(&wbuf).await?;
+    wh.flush().await?;
     wbuf.clear();
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut connected_logged = false;
@@ -400,10 +401,12 @@ async fn stream_once(
             }
             if !wbuf.is_empty() {
                 wh.write_all(&wbuf).await?;
+                wh.flush().await?;
                 wbuf.clear();
             }
         } else if wbuf.len() > 64 * 1024 {
             wh.write_all(&wbuf).await?;
+            wh.flush().await?;
             wbuf.clear();
         }
         if !connected_logged && st.mode() != ReceiverMode::Handshaking {

@@ -1,9 +1,8 @@
 //! Client sessions on a replica: read-only service with fresh caches.
 //!
 //! - Every write path is refused with `ZODB.POSException.ReadOnlyError` and
-//!   nothing of it reaches the backend (invariant 3). `register(read_only=
-//!   False)` is refused, so ZEO clients with several addresses move on to the
-//!   primary and `read_only_fallback` clients register read-only.
+//!   nothing of it reaches the backend (invariant 3), by the same rules as
+//!   any read-only door ([`crate::relay::read_only`]).
 //! - The backend's `invalidateTransaction(tid, [])` for a replayed
 //!   transaction is rewritten with the oids the applier recorded, and
 //!   `getInvalidations` is answered from that record (invariant 4).
@@ -15,12 +14,11 @@ use tracing::warn;
 
 use super::applied::{AppliedLog, Invalidations};
 use super::txn::Tid;
-use crate::metrics as m;
 use crate::relay::hooks::PendingCall;
+use crate::relay::read_only;
 use crate::relay::{ClientVerdict, ServerVerdict, SessionHooks, SessionInfo};
 use crate::wire::calls::{ClientCall, ServerMsg};
-use crate::wire::error::read_only_error;
-use crate::wire::{Flag, Message, Value};
+use crate::wire::{Message, Value};
 
 pub struct ReplicaHooks {
     applied: Arc<AppliedLog>,
@@ -40,60 +38,13 @@ fn bytes_v(b: &[u8]) -> Value {
     Value::Bytes(Bytes::copy_from_slice(b))
 }
 
-/// Calls that modify the storage. The async ones (no reply) are swallowed:
-/// their refusal surfaces at the transaction's next sync call (`vote` or
-/// `tpc_finish`), which gets the `ReadOnlyError`.
-fn write_kind(method: &str) -> Option<bool /* sync */> {
-    match method {
-        "new_oids" | "new_oid" | "vote" | "tpc_finish" | "undo" | "pack" => Some(true),
-        "tpc_begin"
-        | "storea"
-        | "restorea"
-        | "checkCurrentSerialInTransaction"
-        | "deleteObject"
-        | "undoa"
-        | "storeBlobStart"
-        | "storeBlobChunk"
-        | "storeBlobEnd"
-        | "storeBlobShared" => Some(false),
-        _ => None,
-    }
-}
-
 impl SessionHooks for ReplicaHooks {
     fn on_client_message(&mut self, _info: &SessionInfo, msg: &Message) -> ClientVerdict {
+        // Invariant 3: the same refusals as any read-only door.
+        if let Some(verdict) = read_only::refuse_write(msg, self.allow_pack) {
+            return verdict;
+        }
         let method = msg.method.as_str();
-        if method == "register" {
-            return match ClientCall::parse(msg) {
-                Ok(ClientCall::Register {
-                    read_only: false, ..
-                }) => {
-                    m::rejected_write("register");
-                    ClientVerdict::Reply(read_only_error(msg.msgid.clone()))
-                }
-                Ok(_) => ClientVerdict::Forward,
-                Err(e) => ClientVerdict::Close(format!("malformed register: {e}")),
-            };
-        }
-        if method == "tpc_abort" {
-            // Nothing was begun on the backend; acknowledge locally.
-            return if msg.flag == Flag::Sync {
-                ClientVerdict::Reply(Message::reply(msg.msgid.clone(), Value::None))
-            } else {
-                ClientVerdict::Swallow
-            };
-        }
-        if method == "pack" && self.allow_pack {
-            return ClientVerdict::Forward;
-        }
-        if let Some(sync) = write_kind(method) {
-            m::rejected_write(method);
-            return if sync && msg.flag == Flag::Sync {
-                ClientVerdict::Reply(read_only_error(msg.msgid.clone()))
-            } else {
-                ClientVerdict::Swallow
-            };
-        }
         if method == "getInvalidations" {
             let Ok(ClientCall::GetInvalidations { tid }) = ClientCall::parse(msg) else {
                 return ClientVerdict::Close("malformed getInvalidations".into());

@@ -41,7 +41,7 @@ from ZODB.utils import p64
 from zodbpickle import pickle as zpickle
 
 from zclient import (Failure, check, check_eq, new_conn, open_db,
-                     open_storage, parse_addr, run, wait_until)
+                     open_storage, parse_addr, run, tls_for, wait_until)
 
 SCENARIOS = {}
 
@@ -561,9 +561,12 @@ def recv_frame(sock):
 def ruok(addr):
     """b'ruok' instead of a protocol gets one JSON status frame, then EOF."""
     family = socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET
+    ctx, hostname = tls_for(addr)
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(addr)
+        if ctx is not None:
+            s = ctx.wrap_socket(s, server_hostname=hostname)
         offer = recv_frame(s)
         check(offer in (b'Z5', b'M5'), f'server offer {offer!r}')
         s.sendall(struct.pack('>I', 4) + b'ruok')
@@ -572,6 +575,20 @@ def ruok(addr):
               f'no status of storage "1" in {status!r}')
         check_eq(s.recv(1), b'', 'connection closed after the status')
         print(json.dumps(status, sort_keys=True))
+
+
+@scenario
+def refused(addr):
+    """A client the server must not admit: ClientStorage never connects
+    (its TLS handshake is refused, or it never gets the server's offer)."""
+    started = time.monotonic()
+    try:
+        st = open_storage(addr, wait_timeout=3)
+    except ClientDisconnected:
+        print(f'refused after {time.monotonic() - started:.1f}s')
+        return
+    st.close()
+    raise Failure('the client connected')
 
 
 def read_command():
@@ -652,6 +669,18 @@ def reconnect(addr):
         db.close()
 
 
+def latency_stats(times):
+    """'commits=N p50_ms=X p90_ms=Y max_ms=Z' for a list of seconds."""
+    if not times:
+        return 'commits=0'
+    t = sorted(times)
+
+    def pct(p):
+        return t[min(len(t) - 1, int(p * len(t)))] * 1000
+    return (f'commits={len(t)} p50_ms={pct(0.5):.1f} p90_ms={pct(0.9):.1f} '
+            f'max_ms={t[-1] * 1000:.1f}')
+
+
 @scenario
 def garbage_neighbour(addr):
     """Commit and read back in a loop while the harness abuses the server.
@@ -659,10 +688,15 @@ def garbage_neighbour(addr):
     Prints READY after the first commit, keeps committing until it reads
     "stop" on stdin, then commits once more and checks everything it wrote
     with a fresh client. Must not see a single error or disconnect.
+    "mark" on stdin prints "stats commits=N p50_ms=... max_ms=..." (commit
+    latencies since the previous mark) and starts a new period; the final
+    line "commits=N ..." covers the period after the last mark.
     """
     db = open_db(addr)
     reader = open_db(addr)
     stop = threading.Event()
+    mark = threading.Event()
+    times = []
     try:
         events = track_connections(db.storage)
         tm, conn = new_conn(db)
@@ -676,26 +710,37 @@ def garbage_neighbour(addr):
             n += 1
             tm.begin()
             conn.root()['w']['n'] = n
+            started = time.monotonic()
             commit(tm)
+            times.append(time.monotonic() - started)
             rtm.begin()
             check_eq(rconn.root()['w']['n'], n, 'reader sees the commit')
 
         step()
         print('READY', flush=True)
 
-        def wait_stop():
-            cmd = read_command()
-            check_eq(cmd, 'stop', 'command')
-            stop.set()
-        threading.Thread(target=wait_stop, daemon=True).start()
+        def read_commands():
+            while True:
+                cmd = read_command()
+                if cmd == 'mark':
+                    mark.set()
+                else:
+                    check_eq(cmd, 'stop', 'command')
+                    stop.set()
+                    return
+        threading.Thread(target=read_commands, daemon=True).start()
         deadline = time.monotonic() + 100
         while not stop.is_set():
             check(time.monotonic() < deadline, 'no "stop" within 100s')
             step()
+            if mark.is_set():
+                print(f'stats {latency_stats(times)}', flush=True)
+                times.clear()
+                mark.clear()
         step()
         check_eq(events, [], 'connection events while working')
         rtm.abort()
-        print(f'commits={n}', flush=True)
+        print(f'{latency_stats(times)} total={n}', flush=True)
     finally:
         db.close()
         reader.close()

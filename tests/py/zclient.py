@@ -3,6 +3,7 @@ real ZODB clients (ClientStorage/DB) opened the way the tests need them."""
 import faulthandler
 import logging
 import os
+import ssl
 import sys
 import time
 
@@ -35,13 +36,38 @@ def parse_addr(text):
     return (host, int(port))
 
 
+def tls_for(addr):
+    """(ssl_context, server_hostname) for an address listed in
+    ZRELAY_TLS_ADDRS (comma-separated HOST:PORT), else (None, None).
+    The context trusts ZRELAY_TLS_CA and presents ZRELAY_TLS_CERT /
+    ZRELAY_TLS_KEY if set; the server name is ZRELAY_TLS_HOSTNAME;
+    ZRELAY_TLS_MAX_VERSION=1.2 caps the client at TLS 1.2."""
+    listed = os.environ.get('ZRELAY_TLS_ADDRS', '')
+    a = parse_addr(addr)
+    key = f'{a[0]}:{a[1]}' if isinstance(a, tuple) else a
+    if key not in listed.split(','):
+        return None, None
+    ctx = ssl.create_default_context(cafile=os.environ['ZRELAY_TLS_CA'])
+    if os.environ.get('ZRELAY_TLS_MAX_VERSION') == '1.2':
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    cert = os.environ.get('ZRELAY_TLS_CERT')
+    if cert:
+        ctx.load_cert_chain(cert, os.environ['ZRELAY_TLS_KEY'])
+    return ctx, os.environ.get('ZRELAY_TLS_HOSTNAME', 'localhost')
+
+
 def open_storage(addr, **kw):
     """A ClientStorage with server_sync unless told otherwise: tm.begin()
     pings the server, so every invalidation sent before is processed by then
     (without it, invalidations arrive asynchronously). With
-    ZRELAY_EXPECT_PROTOCOL set, checks the negotiated protocol."""
+    ZRELAY_EXPECT_PROTOCOL set, checks the negotiated protocol. Addresses
+    listed in ZRELAY_TLS_ADDRS are reached over TLS (see tls_for)."""
     kw.setdefault('wait_timeout', WAIT_TIMEOUT)
     kw.setdefault('server_sync', True)
+    ctx, hostname = tls_for(addr)
+    if ctx is not None:
+        kw.setdefault('ssl', ctx)
+        kw.setdefault('ssl_server_hostname', hostname)
     storage = ClientStorage(parse_addr(addr), **kw)
     want = os.environ.get('ZRELAY_EXPECT_PROTOCOL')
     if want:

@@ -36,7 +36,7 @@ impl Proc {
         }
     }
 
-    fn pid(&self) -> i32 {
+    pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid fits in i32")
     }
 

@@ -244,6 +244,28 @@ impl PyChild {
         }
     }
 
+    /// Wait for a stdout line starting with `prefix` and return it.
+    pub fn expect_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.fail(&format!("no line starting {prefix:?} within {timeout:?}"))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.fail(&format!("stdout closed before a line starting {prefix:?}"))
+                }
+            }
+        }
+    }
+
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         if let Err(e) = writeln!(stdin, "{line}").and_then(|_| stdin.flush()) {

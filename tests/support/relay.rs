@@ -88,6 +88,11 @@ impl Relay {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The running zrelay's process id.
+    pub fn pid(&self) -> i32 {
+        self.proc.as_ref().expect("zrelay running").pid()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.proc.as_mut().is_some_and(|p| p.try_wait().is_none())
     }

@@ -498,6 +498,8 @@ fn hooks_capture_only_the_replicated_storage() {
         registered: Some(("2".into(), false)),
         in_transaction: false,
         route: String::new(),
+        access: crate::relay::Access::ReadWrite,
+        identity: None,
     };
     let finish = Message::call(Value::Int(6), "tpc_finish", vec![Value::Int(77)]);
     let mut other = CaptureHooks::new(hub.clone(), MAX, "1".into());
