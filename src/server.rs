@@ -397,7 +397,7 @@ async fn serve(
         max_connections: cfg.client.max_connections,
         hooks,
         injected: Some(door_rx),
-        door: client_door(&cfg, &status)?,
+        gate: client_gate(&cfg, &status)?,
         peer_limit: crate::relay::limits::PeerLimit::new(cfg.client.max_connections_per_peer),
     };
     let serving = tokio::spawn(clients.serve(drain.clone()));
@@ -440,16 +440,16 @@ fn track_replication_certs(r: &ReplicationConfig, status: &StatusHub) -> anyhow:
 }
 
 /// The client port's TLS door, if `[client.tls]` is configured.
-fn client_door(
+fn client_gate(
     cfg: &Config,
     status: &StatusHub,
-) -> anyhow::Result<Option<Arc<dyn crate::relay::listener::Door>>> {
+) -> anyhow::Result<Option<Arc<dyn crate::relay::listener::Gate>>> {
     let Some(t) = &cfg.client.tls else {
         return Ok(None);
     };
     crate::tls::expiry::track(status, "client", &t.cert_file, t.ca_file.as_deref())
         .context("read client certificate expiry")?;
-    let door = crate::tls::client::ClientTlsDoor::new(t, cfg.client.handshake_timeout())
+    let door = crate::tls::client::ClientTlsGate::new(t, cfg.client.handshake_timeout())
         .context("load client TLS files")?;
     info!(
         require_client_cert = t.require_client_cert,

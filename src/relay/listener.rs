@@ -1,7 +1,7 @@
 //! The accept loop: a connection limit, a span per connection, and an accept
 //! error that never kills the listener.
 //!
-//! An optional [`Door`] turns each accepted TCP connection into a client
+//! An optional [`Gate`] turns each accepted TCP connection into a client
 //! stream and an [`Access`] (TLS lives behind it, outside this layer). It
 //! runs inside the connection's own task, so a slow or garbage client in
 //! its handshake never holds up the accept loop.
@@ -22,7 +22,7 @@ use tracing::{info_span, warn, Instrument};
 
 use super::hooks::{Access, SessionHooks};
 use super::limits::PeerLimit;
-use super::read_only::ReadOnlyDoor;
+use super::read_only::ReadOnlyGate;
 use super::session::{Session, SessionLimits};
 use crate::metrics as m;
 
@@ -41,7 +41,7 @@ pub struct InjectedClient {
     pub peer: String,
 }
 
-/// A connection a [`Door`] let in.
+/// A connection a [`Gate`] let in.
 pub struct Admitted {
     pub stream: Box<dyn ClientStream>,
     pub access: Access,
@@ -51,10 +51,10 @@ pub struct Admitted {
 
 pub type Admission = Pin<Box<dyn Future<Output = Option<Admitted>> + Send>>;
 
-/// Admission of a new connection: `None` refuses it (the door has logged and
+/// Admission of a new connection: `None` refuses it (the gate has logged and
 /// counted why; the connection is closed and nothing reaches the backend).
-/// The door bounds its own handshake time.
-pub trait Door: Send + Sync {
+/// The gate bounds its own handshake time.
+pub trait Gate: Send + Sync {
     fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Admission;
 }
 
@@ -64,7 +64,7 @@ pub struct ClientListener {
     pub max_connections: usize,
     pub hooks: HooksFactory,
     /// `None`: plaintext, every client read-write.
-    pub door: Option<Arc<dyn Door>>,
+    pub gate: Option<Arc<dyn Gate>>,
     /// Open connections per client IP address.
     pub peer_limit: Arc<PeerLimit>,
     /// Connections accepted elsewhere (sessions other nodes' doors relay
@@ -155,20 +155,20 @@ impl ClientListener {
             );
             let limits = self.limits.clone();
             let hooks = self.hooks.clone();
-            let door = self.door.clone();
+            let gate = self.gate.clone();
             let shutdown = shutdown.clone();
             sessions.spawn(
                 async move {
                     let peer_s = peer.to_string();
-                    match door {
+                    match gate {
                         None => {
                             Session::new(stream, conn_id, peer_s, limits, hooks(), shutdown)
                                 .run()
                                 .await
                         }
-                        Some(door) => {
+                        Some(gate) => {
                             let admitted = tokio::select! {
-                                a = door.admit(stream, peer) => a,
+                                a = gate.admit(stream, peer) => a,
                                 _ = shutdown.cancelled() => None,
                             };
                             if let Some(a) = admitted {
@@ -177,7 +177,7 @@ impl ClientListener {
                                 }
                                 let hooks = match a.access {
                                     Access::ReadWrite => hooks(),
-                                    Access::ReadOnly => Box::new(ReadOnlyDoor::wrap(hooks())),
+                                    Access::ReadOnly => Box::new(ReadOnlyGate::wrap(hooks())),
                                 };
                                 Session::new(a.stream, conn_id, peer_s, limits, hooks, shutdown)
                                     .with_access(a.access, a.identity)

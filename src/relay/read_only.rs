@@ -1,5 +1,5 @@
 //! Refusing writes: the one place that decides what a read-only session
-//! answers to a write path, used by replica sessions and by sessions a door
+//! answers to a write path, used by replica sessions and by sessions a gate
 //! admitted read-only (e.g. a TLS client certificate not in
 //! `read_write_clients`).
 //!
@@ -73,17 +73,17 @@ pub fn refuse_write(msg: &Message, allow_pack: bool) -> Option<ClientVerdict> {
 
 /// Wraps the role's hooks for a session admitted read-only: write paths are
 /// refused here, everything else goes to the inner hooks.
-pub struct ReadOnlyDoor {
+pub struct ReadOnlyGate {
     inner: Box<dyn SessionHooks>,
 }
 
-impl ReadOnlyDoor {
+impl ReadOnlyGate {
     pub fn wrap(inner: Box<dyn SessionHooks>) -> Self {
-        ReadOnlyDoor { inner }
+        ReadOnlyGate { inner }
     }
 }
 
-impl SessionHooks for ReadOnlyDoor {
+impl SessionHooks for ReadOnlyGate {
     fn on_client_message(&mut self, info: &SessionInfo, msg: &Message) -> ClientVerdict {
         match refuse_write(msg, false) {
             Some(v) => v,

@@ -5,12 +5,12 @@
 //! Authorization is by client certificate: a certificate from `ca_file`
 //! with a name (DNS subject alternative name or common name) matching one of
 //! `read_write_clients` may write; any other authenticated client is
-//! read-only at this door (refused like on a replica,
+//! read-only at this gate (refused like on a replica,
 //! [`crate::relay::read_only`]). A client without a certificate (only
 //! possible without `require_client_cert`) gets `default_access`.
 //!
 //! The handshake runs in the connection's own task (see
-//! [`crate::relay::listener::Door`]) within the client handshake timeout. A
+//! [`crate::relay::listener::Gate`]) within the client handshake timeout. A
 //! refusal is logged with its reason and counted in
 //! `zrelay_client_tls_handshake_failures_total{reason}`; the connection is
 //! closed before anything reaches the backend.
@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::{cert_names, file_error, identity_error, load_certs, load_key, load_roots, peer_name};
 use super::{provider, TlsError, REASONS};
-use crate::relay::listener::{Admission, Admitted, Door};
+use crate::relay::listener::{Admission, Admitted, Gate};
 use crate::relay::Access;
 
 /// Counter of refused client TLS connections, by reason.
@@ -198,14 +198,14 @@ pub fn server_config(cfg: &ClientTlsConfig) -> Result<Arc<ServerConfig>, TlsErro
     Ok(Arc::new(config))
 }
 
-/// The [`Door`] of a TLS client port.
-pub struct ClientTlsDoor {
+/// The [`Gate`] of a TLS client port.
+pub struct ClientTlsGate {
     acceptor: TlsAcceptor,
     policy: Arc<ClientTlsConfig>,
     timeout: Duration,
 }
 
-impl ClientTlsDoor {
+impl ClientTlsGate {
     pub fn new(cfg: &ClientTlsConfig, handshake_timeout: Duration) -> Result<Self, TlsError> {
         if cfg.require_client_cert && cfg.read_write_clients.is_empty() {
             warn!("client.tls: read_write_clients is empty, so every client is read-only");
@@ -216,7 +216,7 @@ impl ClientTlsDoor {
         {
             warn!("client.tls: read_write_clients changes nothing while default_access is read-write (set require_client_cert or default_access = \"read-only\")");
         }
-        Ok(ClientTlsDoor {
+        Ok(ClientTlsGate {
             acceptor: TlsAcceptor::from(server_config(cfg)?),
             policy: Arc::new(cfg.clone()),
             timeout: handshake_timeout,
@@ -224,7 +224,7 @@ impl ClientTlsDoor {
     }
 }
 
-impl Door for ClientTlsDoor {
+impl Gate for ClientTlsGate {
     fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Admission {
         let acceptor = self.acceptor.clone();
         let policy = self.policy.clone();
