@@ -59,6 +59,8 @@ pub struct Reloadables {
     pub repl_acceptor: Option<Arc<Live<TlsAcceptor>>>,
     pub repl_allowed: Option<Arc<Live<Vec<String>>>>,
     pub repl_connector: Option<Arc<Live<TlsConnector>>>,
+    /// Where re-read certificates' expiry dates go (`tls::expiry`).
+    pub status: Option<Arc<crate::status::StatusHub>>,
 }
 
 pub fn describe() {
@@ -204,6 +206,32 @@ pub fn reload_once(
     }
     if pieces.repl_acceptor.is_some() || pieces.repl_connector.is_some() {
         applied.push("replication.tls (files re-read)".into());
+    }
+    // Rotated certificates: their new expiry dates (metric, /status).
+    if let Some(status) = &pieces.status {
+        if let (true, Some(r)) = (
+            pieces.repl_acceptor.is_some() || pieces.repl_connector.is_some(),
+            repl,
+        ) {
+            if let Err(e) = crate::tls::expiry::track(
+                status,
+                "replication",
+                &r.tls.cert_file,
+                Some(&r.tls.ca_file),
+            ) {
+                warn!(error = %e, "replication certificate expiry not updated");
+            }
+        }
+        if let (true, Some(files)) = (
+            pieces.admin_tls.is_some(),
+            cfg.admin.as_ref().and_then(|a| a.tls.as_ref()),
+        ) {
+            if let Err(e) =
+                crate::tls::expiry::track(status, "admin", &files.cert_file, Some(&files.ca_file))
+            {
+                warn!(error = %e, "admin certificate expiry not updated");
+            }
+        }
     }
     if let (Some(live), Some(r)) = (&pieces.repl_allowed, repl) {
         if !restart("replication") {

@@ -118,6 +118,7 @@ async fn serve(
     let (control, reload_requests) = Control::new(drain.clone(), status.clone());
     let mut reloadables = Reloadables {
         log_filter: Some(log_filter),
+        status: Some(status.clone()),
         ..Reloadables::default()
     };
     if let (Some(t), Some(name)) = (&cfg.backend.tls, cfg.backend.tls_server_name()) {
@@ -325,9 +326,13 @@ async fn serve(
                 .context("admin.token_file")?,
         });
         let admin_tls = match &a.tls {
-            Some(files) => Some(Live::new(tokio_rustls::TlsAcceptor::from(
-                tls::admin_server_config(files).context("load admin TLS files")?,
-            ))),
+            Some(files) => {
+                crate::tls::expiry::track(&status, "admin", &files.cert_file, Some(&files.ca_file))
+                    .context("read admin certificate expiry")?;
+                Some(Live::new(tokio_rustls::TlsAcceptor::from(
+                    tls::admin_server_config(files).context("load admin TLS files")?,
+                )))
+            }
             None => None,
         };
         info!(listen = %a.listen, tls = admin_tls.is_some(), "admin HTTP (metrics, health, status, control)");
