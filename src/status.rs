@@ -87,8 +87,29 @@ pub struct NodeStatus {
     pub upstream_roster: Vec<crate::replication::protocol::RosterEntry>,
     /// Writer: `control::Control::drain`. No new client sessions accepted.
     pub draining: bool,
+    /// Writer: the semi-sync coordinator (primary with `ack_mode =
+    /// "semi-sync"`; see `crate::replication::semisync`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semisync: Option<SemiSyncStatus>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
+}
+
+/// A semi-synchronous primary's acknowledgement state.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SemiSyncStatus {
+    pub ack_level: &'static str,
+    pub min_acks: usize,
+    pub strict: bool,
+    /// Timed out waiting for acknowledgements: commits are released as in
+    /// async mode until enough replicas are back in sync.
+    pub degraded: bool,
+    /// The newest tid acknowledged by `min_acks` replicas.
+    pub watermark_tid: Option<String>,
+    /// Commits the backend has that are not acknowledged yet.
+    pub waiting_commits: usize,
+    pub degrades_total: u64,
+    pub last_degraded_unix: Option<f64>,
 }
 
 /// A replica door's routing state (see `crate::door`).
@@ -124,6 +145,7 @@ impl StatusHub {
                 door: None,
                 upstream_roster: Vec::new(),
                 draining: false,
+                semisync: None,
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

@@ -267,6 +267,7 @@ pub(crate) mod tests {
             door: None,
             upstream_roster: Vec::new(),
             draining: false,
+            semisync: None,
             started: None,
         }
     }

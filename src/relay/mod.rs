@@ -8,7 +8,7 @@ pub mod listener;
 pub mod session;
 
 pub use hooks::{
-    ClientVerdict, LocalVerdict, PassThrough, Reroute, ServerVerdict, SessionHooks, SessionInfo,
-    UpstreamOpener, WakeVerdict,
+    ClientVerdict, HoldUntil, LocalVerdict, PassThrough, Reroute, ServerVerdict, SessionHooks,
+    SessionInfo, UpstreamOpener, WakeVerdict,
 };
 pub use session::{Session, SessionLimits};
