@@ -278,7 +278,14 @@ impl SemiSync {
         self.release.subscribe()
     }
 
+    /// Updates the state from a replica stream and wakes the coordinator.
     fn with(&self, f: impl FnOnce(&mut SemiSyncState) -> Option<Event>) {
+        self.update(f);
+        self.changed.notify_one();
+    }
+
+    /// Updates the state and publishes the released position.
+    fn update(&self, f: impl FnOnce(&mut SemiSyncState) -> Option<Event>) {
         let mut st = match self.state.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -294,7 +301,6 @@ impl SemiSync {
         if let Some(ev) = ev {
             log_event(ev);
         }
-        self.changed.notify_one();
     }
 
     pub fn received(&self, replica: &str, tid: Tid) {
@@ -341,7 +347,7 @@ pub async fn run_coordinator(
     loop {
         match link.open(true).await {
             Ok((_conn, last)) => {
-                ss.with(|s| s.on_start(last, Instant::now()));
+                ss.update(|s| s.on_start(last, Instant::now()));
                 break;
             }
             Err(e) => {
@@ -356,9 +362,9 @@ pub async fn run_coordinator(
     loop {
         let t = *last_tid.borrow_and_update();
         if t != Z64 {
-            ss.with(|s| s.on_commit(t, Instant::now()));
+            ss.update(|s| s.on_commit(t, Instant::now()));
         }
-        ss.with(|s| {
+        ss.update(|s| {
             let ev = s.tick(Instant::now());
             if ev == Some(Event::Degraded) {
                 last_degraded = std::time::SystemTime::now()

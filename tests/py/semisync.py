@@ -1,0 +1,77 @@
+"""Semi-synchronous commit helpers for tests/semisync.rs (real ZEO clients).
+
+Usage: semisync.py COMMAND ARGS...
+
+Commands:
+  commit ADDR KEY       one commit of root[KEY]; tid=<hex> secs=<float>
+  acked-writer ADDR     commit until "stop" on stdin (or 100 s), printing
+                        "ACK <hex>" after every commit the server confirmed;
+                        failures (the primary killed) are retried
+"""
+import logging
+import sys
+import threading
+import time
+
+from persistent.mapping import PersistentMapping
+
+from zclient import check, new_conn, open_db, run
+
+COMMANDS = {}
+
+
+def command(fn):
+    COMMANDS[fn.__name__.replace('_', '-')] = fn
+    return fn
+
+
+@command
+def commit(addr, key):
+    db = open_db(addr, wait_timeout=60)
+    try:
+        tm, conn = new_conn(db)
+        started = time.monotonic()
+        conn.root()[key] = PersistentMapping(at=time.time())
+        tm.commit()
+        secs = time.monotonic() - started
+        tid = db.storage.lastTransaction()
+        print(f'tid={tid.hex()} secs={secs:.3f}', flush=True)
+    finally:
+        db.close()
+
+
+@command
+def acked_writer(addr):
+    db = open_db(addr, wait_timeout=60)
+    stop = threading.Event()
+
+    def reader():
+        sys.stdin.readline()
+        stop.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    tm, conn = new_conn(db)
+    root = conn.root()
+    deadline = time.monotonic() + 100
+    n = 0
+    print('READY', flush=True)
+    while not stop.is_set():
+        check(time.monotonic() < deadline, 'no "stop" within 100s')
+        try:
+            tm.begin()
+            root[f'a{n % 50}'] = PersistentMapping(n=n)
+            tm.commit()
+            n += 1
+            print(f'ACK {db.storage.lastTransaction().hex()}', flush=True)
+        except Exception as e:
+            logging.info('commit failed (%s); retrying', type(e).__name__)
+            try:
+                tm.abort()
+            except Exception:
+                pass
+            time.sleep(0.05)
+    print(f'commits={n}', flush=True)
+
+
+if __name__ == '__main__':
+    sys.exit(run(COMMANDS, sys.argv))
