@@ -542,6 +542,8 @@ fn start_replica(
             .or_else(|| r.listen.map(|a| a.to_string())),
         applied: applied_tx,
         packer,
+        spool_dir: r.data_dir.clone(),
+        spool_max_bytes: r.spool_max_bytes,
     };
     tasks.push(tokio::spawn(replica::run_replica(
         rcfg,

@@ -163,3 +163,76 @@ fn kill_primary_while_writing(level: &str, replica_extra: &str, restart_replica:
 fn kill9_primary_loses_nothing_acknowledged_applied() {
     kill_primary_while_writing("applied", "", false);
 }
+
+/// `ack_level = "received"`: with the replica's backend stalled, a commit
+/// is acknowledged once it is fsynced in the replica zrelay's spool. Then
+/// the primary zrelay and runzeo die (kill -9), the replica zrelay too, and
+/// a torn record is left at the spool's end: on restart the replica drops
+/// the torn tail and applies the spool, so its backend holds every tid the
+/// writer saw acknowledged although it had not applied them before.
+#[test]
+fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut c = semisync_cluster(
+        Enc::Pickle,
+        "ack_level = \"received\"\nack_timeout_ms = 60000",
+        &format!("data_dir = \"{}\"", spool.path().display()),
+    );
+    let mut w = semisync_py(c.enc(), &["acked-writer", &c.primary.addr().to_string()]).spawn();
+    w.expect_line("READY", Duration::from_secs(60));
+    let base = c.replica.applied_tid();
+    wait_until(SYNC, "the writer to commit through the replica", || {
+        c.replica.applied_tid() != base
+    });
+    // Applies stall; the spool still takes what arrives.
+    c.rzeo.pause();
+    let mut received_only = String::new();
+    wait_until(SYNC, "a commit acknowledged as received only", || {
+        let w = semisync_status(&c)["watermark_tid"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let applied = c.replica.applied_tid().unwrap_or_default();
+        if w > applied {
+            received_only = w;
+            true
+        } else {
+            false
+        }
+    });
+    let applied_then = c.replica.applied_tid().unwrap_or_default();
+    // The writer was told: its commit returned.
+    w.expect_line(&format!("ACK {received_only}"), SYNC);
+    c.primary.kill();
+    c.pzeo.kill();
+    c.replica.kill();
+    w.send_line("stop");
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let newest = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("ACK "))
+        .max()
+        .expect("acknowledged commits")
+        .to_string();
+    assert!(
+        newest > applied_then,
+        "{newest} was applied before the crash"
+    );
+    // A crash mid-append: half a record at the end of the spool.
+    let log = spool.path().join("relay.log");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("spool file");
+    std::io::Write::write_all(&mut f, &[0, 0, 1, 0, 7, 7, 7]).expect("torn tail");
+    drop(f);
+    c.rzeo.resume();
+    c.replica.start();
+    wait_until(SYNC, "the spool applied on the replica", || {
+        c.last_tid(c.rzeo.addr()) >= newest
+    });
+    let log = c.replica.log();
+    assert!(log.contains("dropped a torn tail"), "{log}");
+    assert!(log.contains("spool replayed into the backend"), "{log}");
+}

@@ -15,6 +15,7 @@ pub mod replica_session;
 pub mod restore_bench;
 pub mod semisync;
 pub mod sender;
+pub mod spool;
 pub mod stream_io;
 pub mod tls;
 pub mod txn;

@@ -9,6 +9,7 @@ Commands:
                         failures (the primary killed) are retried
 """
 import logging
+import os
 import sys
 import threading
 import time
@@ -48,6 +49,11 @@ def acked_writer(addr):
     def reader():
         sys.stdin.readline()
         stop.set()
+        # A commit blocked on a dead server would wait for a reconnection
+        # (wait_timeout); every ACK line is printed already.
+        time.sleep(0.5)
+        print('stopped', flush=True)
+        os._exit(0)
 
     threading.Thread(target=reader, daemon=True).start()
     tm, conn = new_conn(db)
