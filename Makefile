@@ -38,6 +38,7 @@ demo: venv release
 bench: venv release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/repl_bench.py --zrelay target/release/zrelay
+	.venv/bin/python bench/semisync_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/door_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/clone_bench.py --zrelay target/release/zrelay
 
