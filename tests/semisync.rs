@@ -96,6 +96,11 @@ fn strict_holds_the_commit_and_hides_its_tid() {
         "",
     );
     let (acked, _) = commit(&c, "a");
+    // A client connected all along: what its invalidations tell it.
+    let mut obs = semisync_py(c.enc(), &["observer", &c.primary.addr().to_string()]).spawn();
+    obs.expect_line("READY", SYNC);
+    obs.send_line(&format!("wait {acked}"));
+    obs.expect_line(&format!("AT {acked}"), SYNC);
     c.replica.pause();
     let started = Instant::now();
     let w = semisync_py(c.enc(), &["commit", &c.primary.addr().to_string(), "b"]).spawn();
@@ -108,7 +113,10 @@ fn strict_holds_the_commit_and_hides_its_tid() {
         started.elapsed() > Duration::from_millis(2500)
     });
     let seen = c.last_tid(c.primary.addr());
-    assert_eq!(seen, acked, "a client saw an unacknowledged tid");
+    assert_eq!(seen, acked, "a new client saw an unacknowledged tid");
+    // The connected client's invalidation is held too.
+    obs.send_line("probe");
+    obs.expect_line(&format!("AT {acked}"), SYNC);
     let st = semisync_status(&c);
     assert_eq!(st["degraded"], false, "{st}");
     assert!(st["waiting_commits"].as_u64().unwrap_or(0) >= 1, "{st}");
@@ -125,6 +133,10 @@ fn strict_holds_the_commit_and_hides_its_tid() {
     let tid = value_of(&out, "tid").to_string();
     assert!(tid > acked);
     assert_eq!(c.last_tid(c.primary.addr()), tid);
+    obs.send_line(&format!("wait {tid}"));
+    obs.expect_line(&format!("AT {tid}"), SYNC);
+    obs.send_line("stop");
+    obs.finish();
 }
 
 /// kill -9 of the primary zrelay and its runzeo while a writer commits:

@@ -4,6 +4,9 @@ Usage: semisync.py COMMAND ARGS...
 
 Commands:
   commit ADDR KEY       one commit of root[KEY]; tid=<hex> secs=<float>
+  observer ADDR         a connected client: "probe" prints AT <hex> (its
+                        cache's last tid, learnt from invalidations); "wait
+                        HEX" prints AT HEX once it has it (30 s); "stop"
   acked-writer ADDR     commit until "stop" on stdin (or 100 s), printing
                         "ACK <hex>" after every commit the server confirmed;
                         failures (the primary killed) are retried
@@ -16,7 +19,8 @@ import time
 
 from persistent.mapping import PersistentMapping
 
-from zclient import check, new_conn, open_db, run
+from zclient import (Failure, check, new_conn, open_db, open_storage, run,
+                     wait_until)
 
 COMMANDS = {}
 
@@ -39,6 +43,27 @@ def commit(addr, key):
         print(f'tid={tid.hex()} secs={secs:.3f}', flush=True)
     finally:
         db.close()
+
+
+@command
+def observer(addr):
+    st = open_storage(addr)
+    try:
+        print('READY', flush=True)
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] == 'stop':
+                break
+            if words[0] == 'probe':
+                print(f'AT {st.lastTransaction().hex()}', flush=True)
+            elif words[0] == 'wait':
+                wait_until(lambda: st.lastTransaction().hex() == words[1],
+                           f'tid {words[1]}', timeout=30.0)
+                print(f'AT {words[1]}', flush=True)
+            else:
+                raise Failure(f'unknown command {line!r}')
+    finally:
+        st.close()
 
 
 @command
