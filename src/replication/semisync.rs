@@ -30,7 +30,9 @@ use tracing::{info, warn};
 use super::txn::{tid_hex, Tid, Z64};
 use crate::config::AckLevel;
 use crate::relay::hooks::{HoldUntil, PendingCall};
-use crate::relay::{ClientVerdict, ServerVerdict, SessionHooks, SessionInfo};
+use crate::relay::{
+    ClientVerdict, LocalVerdict, ServerVerdict, SessionHooks, SessionInfo, WakeVerdict,
+};
 use crate::status::{SemiSyncStatus, StatusHub};
 use crate::wire::calls::ServerMsg;
 use crate::wire::{Message, Value};
@@ -493,6 +495,30 @@ impl SessionHooks for SemiSyncHooks {
 
     fn on_close(&mut self, info: &SessionInfo) {
         self.inner.on_close(info)
+    }
+
+    fn on_local_reply(&mut self, info: &SessionInfo, msg: &Message) -> LocalVerdict {
+        self.inner.on_local_reply(info, msg)
+    }
+
+    fn on_deferred(&mut self, info: &SessionInfo, msg: &Message, expired: bool) -> ClientVerdict {
+        self.inner.on_deferred(info, msg, expired)
+    }
+
+    fn wake_signal(&mut self) -> Option<watch::Receiver<u64>> {
+        self.inner.wake_signal()
+    }
+
+    fn on_wake(&mut self, info: &SessionInfo) -> WakeVerdict {
+        self.inner.on_wake(info)
+    }
+
+    fn on_local_lost(&mut self, info: &SessionInfo) {
+        self.inner.on_local_lost(info)
+    }
+
+    fn early_route(&mut self) -> Option<Arc<dyn crate::relay::UpstreamOpener>> {
+        self.inner.early_route()
     }
 }
 
