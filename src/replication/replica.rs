@@ -324,7 +324,7 @@ async fn flush_received<W: tokio::io::AsyncWrite + Unpin>(
     let (Some(sp), Some(tid)) = (spool.as_mut(), unsynced.take()) else {
         return Ok(());
     };
-    sp.sync()?;
+    sp.sync_off_thread().await?;
     if send {
         let mut b = BytesMut::new();
         protocol::encode(&StreamMsg::Received { tid }, &mut b)?;

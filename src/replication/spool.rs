@@ -89,7 +89,8 @@ pub fn decode_records(buf: &[u8]) -> Decoded {
 /// The spool file.
 pub struct Spool {
     path: PathBuf,
-    file: File,
+    /// Shared with the blocking thread that fsyncs it.
+    file: std::sync::Arc<File>,
     len: u64,
     /// The newest tid appended since the last clear.
     last: Option<Tid>,
@@ -120,7 +121,7 @@ impl Spool {
         Ok((
             Spool {
                 path,
-                file,
+                file: std::sync::Arc::new(file),
                 len: decoded.valid_len as u64,
                 last,
                 buf: Vec::new(),
@@ -159,7 +160,7 @@ impl Spool {
             txn: txn.clone(),
         };
         encode_record(&rec, &mut self.buf).map_err(std::io::Error::other)?;
-        self.file.write_all(&self.buf)?;
+        (&*self.file).write_all(&self.buf)?;
         self.len += self.buf.len() as u64;
         self.last = Some(txn.tid);
         Ok(())
@@ -170,10 +171,19 @@ impl Spool {
         self.file.sync_data()
     }
 
+    /// [`Self::sync`] on a blocking thread: the replica's runtime (often a
+    /// single thread) keeps serving its client sessions meanwhile.
+    pub async fn sync_off_thread(&mut self) -> std::io::Result<()> {
+        let f = self.file.clone();
+        tokio::task::spawn_blocking(move || f.sync_data())
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// Empties the spool (everything in it is applied).
     pub fn clear(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
-        self.file.seek(SeekFrom::Start(0))?;
+        (&*self.file).seek(SeekFrom::Start(0))?;
         self.file.sync_all()?;
         self.len = 0;
         self.last = None;
