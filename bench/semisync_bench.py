@@ -15,7 +15,9 @@ mutual TLS (as ``bench/repl_bench.py`` starts them), once per mode:
 For each, raw ZEO 5 writers (``bench/repl_clients.py writer``, one object
 each, no conflicts) commit as fast as they can, 1 and then 4 at once:
 commit latency (``tpc_begin`` sent to ``tpc_finish`` reply received) p50 and
-p99, and transactions per second. Prints a markdown table (also written to
+p99, and transactions per second; and (semi-sync) the mean time from the
+primary zrelay's feed seeing a commit to its acknowledgement
+(``zrelay_semisync_ack_wait_seconds``). Prints a markdown table (also written to
 ``bench/semisync-results-latest.md``). A benchmark, not a test: it fails only
 if something does not work. Loops are bounded in count and time; every
 child is stopped by its PID at the end.
@@ -84,9 +86,18 @@ def run_mode(procs, registry, args, tmp, certs, name, primary_extra, spool):
         last = c.call('lastTransaction').hex()
     R.wait_live(replica, want_tid=None if last == '0' * 16 else last)
     out = []
+    name_sum = 'zrelay_semisync_ack_wait_seconds_sum'
+    name_count = 'zrelay_semisync_ack_wait_seconds_count'
     for n in (1, 4):
+        before = R.metrics(primary.admin_port)
         r = writers_run(registry, primary.dir, f'{tag}-{n}',
                         primary.client_port, n, args.seconds)
+        after = R.metrics(primary.admin_port)
+        count = R.metric_delta(before, after, name_count)
+        # Mean time from the primary zrelay seeing the commit (its feed)
+        # to the acknowledgement: the replica's share of the wait.
+        r['ack_wait'] = (R.metric_delta(before, after, name_sum) / count * 1e3
+                         if count else float('nan'))
         r['mode'] = name
         R.log(f'{name}, {n} writer(s): {r["txn_s"]:.0f} txn/s, commit p50 '
               f'{r["p50"]:.2f} ms, p99 {r["p99"]:.2f} ms')
@@ -108,12 +119,13 @@ def render(rows, fsync, fs):
     lines = [f'Storage and spool: {fs}; fsync p50 {fsync[0]:.3f} ms, '
              f'p99 {fsync[1]:.3f} ms.', '',
              '| mode | writers | txn/s | commit p50 ms | commit p99 ms | '
-             'p50 vs async |',
-             '|---|---:|---:|---:|---:|---:|']
+             'p50 vs async | ack wait mean ms |',
+             '|---|---:|---:|---:|---:|---:|---:|']
     for r in rows:
         ratio = r['p50'] / base[r['writers']]['p50']
         lines.append(f'| {r["mode"]} | {r["writers"]} | {r["txn_s"]:.0f} | '
-                     f'{r["p50"]:.2f} | {r["p99"]:.2f} | {ratio:.2f}x |')
+                     f'{r["p50"]:.2f} | {r["p99"]:.2f} | {ratio:.2f}x | '
+                     f'{R.f2(r["ack_wait"])} |')
     rec = [r for r in rows if r['mode'] == 'semi-sync received'
            and r['writers'] == 1]
     if rec:
