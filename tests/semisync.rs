@@ -213,6 +213,10 @@ fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
         }
     });
     let applied_then = c.replica.applied_tid().unwrap_or_default();
+    assert!(
+        metric_value(&c.replica.metrics(), "zrelay_replication_spool_bytes") > 0.0,
+        "nothing spooled"
+    );
     // The writer was told: its commit returned.
     w.expect_line(&format!("ACK {received_only}"), SYNC);
     c.primary.kill();
@@ -243,6 +247,9 @@ fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
     c.replica.start();
     wait_until(SYNC, "the spool applied on the replica", || {
         c.last_tid(c.rzeo.addr()) >= newest
+    });
+    wait_until(SYNC, "the applied spool emptied", || {
+        metric_value(&c.replica.metrics(), "zrelay_replication_spool_bytes") == 0.0
     });
     let log = c.replica.log();
     assert!(log.contains("dropped a torn tail"), "{log}");

@@ -99,6 +99,7 @@ pub async fn run_replica(
     let mut spool: Option<Spool> = None;
     let mut to_replay: Vec<Spooled> = Vec::new();
     if let Some(dir) = &cfg.spool_dir {
+        super::spool::describe();
         match Spool::open(dir) {
             Ok((s, d)) => {
                 if d.dropped > 0 {

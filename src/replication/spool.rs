@@ -25,6 +25,19 @@ use sha2::{Digest, Sha256};
 use super::txn::{serde_bin, Tid, Txn};
 
 const HEADER: usize = 4 + 32;
+const SPOOL_BYTES: &str = "zrelay_replication_spool_bytes";
+
+pub fn describe() {
+    metrics::describe_gauge!(
+        SPOOL_BYTES,
+        metrics::Unit::Bytes,
+        "Size of this replica's spool (relay log under data_dir)."
+    );
+}
+
+fn report(len: u64) {
+    metrics::gauge!(SPOOL_BYTES).set(len as f64);
+}
 const FILE_NAME: &str = "relay.log";
 
 /// One spooled transaction.
@@ -117,6 +130,7 @@ impl Spool {
             file.sync_all()?;
         }
         file.seek(SeekFrom::End(0))?;
+        report(decoded.valid_len as u64);
         let last = decoded.records.last().map(|r| r.txn.tid);
         Ok((
             Spool {
@@ -163,6 +177,7 @@ impl Spool {
         (&*self.file).write_all(&self.buf)?;
         self.len += self.buf.len() as u64;
         self.last = Some(txn.tid);
+        report(self.len);
         Ok(())
     }
 
@@ -187,6 +202,7 @@ impl Spool {
         self.file.sync_all()?;
         self.len = 0;
         self.last = None;
+        report(0);
         Ok(())
     }
 }
