@@ -212,7 +212,9 @@ def start_runzeo(procs, node):
     node.zeo.wait_port(node.zeo_port)
 
 
-def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True):
+def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True,
+                 extra=()):
+    """*extra*: more ``[replication]`` lines."""
     node.client_port = P.free_port()
     node.admin_port = P.free_port()
     lines = [f'node_name = "{node.name}"',
@@ -230,6 +232,7 @@ def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True):
     else:
         lines += [f'upstream = "{HOST}:{upstream}"',
                   'upstream_name = "primary"']
+    lines += list(extra)
     lines += ['[replication.tls]',
               f'ca_file = "{certs}/ca.pem"',
               f'cert_file = "{certs}/{role}.pem"',

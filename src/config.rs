@@ -128,6 +128,62 @@ pub struct ReplicationConfig {
     #[serde(default)]
     pub capture_verify: bool,
     pub tls: crate::replication::tls::TlsFiles,
+    /// Primary: "async" (default) or "semi-sync" (see
+    /// `crate::replication::semisync`).
+    #[serde(default)]
+    pub ack_mode: AckMode,
+    /// Primary, semi-sync: how many replicas must acknowledge a commit.
+    #[serde(default = "default_min_acks")]
+    pub min_acks: usize,
+    /// Primary, semi-sync: what an acknowledgement means.
+    #[serde(default)]
+    pub ack_level: AckLevel,
+    /// Primary, semi-sync: how long a commit waits for acknowledgements
+    /// before the primary degrades to async (unless `strict`).
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// Primary, semi-sync: never degrade; commits wait for the replicas.
+    #[serde(default)]
+    pub strict: bool,
+    /// Replica: directory of the relay log (spool) that makes
+    /// `ack_level = "received"` acknowledgements durable. Absent: the
+    /// replica acknowledges applied transactions only.
+    #[serde(default)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Replica: the spool is emptied once everything in it is applied; past
+    /// this size the replica applies before it spools more.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+}
+
+/// `replication.ack_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AckMode {
+    #[default]
+    Async,
+    SemiSync,
+}
+
+/// `replication.ack_level`: what a replica's acknowledgement means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckLevel {
+    /// Durably in the replica zrelay's spool (fsynced).
+    Received,
+    /// Committed by the replica's backend.
+    #[default]
+    Applied,
+}
+
+fn default_min_acks() -> usize {
+    1
+}
+fn default_ack_timeout_ms() -> u64 {
+    10_000
+}
+fn default_spool_max_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 fn default_true() -> bool {
@@ -505,6 +561,12 @@ impl Config {
                         ));
                     }
                 }
+            }
+            if r.ack_mode == AckMode::SemiSync && (r.min_acks == 0 || r.ack_timeout_ms == 0) {
+                return Err(invalid(
+                    "replication.min_acks",
+                    "semi-sync needs min_acks >= 1 and ack_timeout_ms > 0".into(),
+                ));
             }
             if r.max_message_bytes < 1024 * 1024 {
                 return Err(invalid(

@@ -13,7 +13,7 @@ use tracing::info;
 use crate::admin::auth::AdminAuth;
 use crate::admin::http::AdminSettings;
 use crate::cluster::ClusterView;
-use crate::config::{Config, ReplicationConfig, RoleConfig};
+use crate::config::{AckMode, Config, ReplicationConfig, RoleConfig};
 use crate::control::Control;
 use crate::door::{Door, DoorParts};
 use crate::live::Live;
@@ -30,6 +30,7 @@ use crate::replication::feed::{
 use crate::replication::pack::{self, PackCapture, PackOp, PackRunner};
 use crate::replication::replica::{self, ReplicaConfig};
 use crate::replication::replica_session::ReplicaHooks;
+use crate::replication::semisync::{self, SemiSync, SemiSyncConfig, SemiSyncHooks};
 use crate::replication::sender::SenderConfig;
 use crate::replication::tls;
 use crate::replication::txn::{Tid, Z64};
@@ -202,6 +203,7 @@ async fn serve(
                 capture.clone(),
             )
             .await?;
+            let semisync = feed.semisync.clone();
             // The primary's own sessions: commits captured for the feed
             // (replication::capture), client packs replayed on the replicas
             // (replication::pack).
@@ -228,12 +230,21 @@ async fn serve(
                     Box::new(PackCapture::new(captured.clone())) as Box<dyn SessionHooks>
                 }));
             }
-            match parts.len() {
+            let role_hooks: HooksFactory = match parts.len() {
                 0 => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
                 1 => parts.pop().expect("one"),
                 _ => Arc::new(move || {
                     Box::new(Chain(parts.iter().map(|f| f()).collect())) as Box<dyn SessionHooks>
                 }),
+            };
+            match semisync {
+                // Nothing a client sees runs ahead of the replicas'
+                // acknowledgements (invariant 6).
+                Some(ss) => Arc::new(move || {
+                    Box::new(SemiSyncHooks::new(role_hooks(), ss.subscribe()))
+                        as Box<dyn SessionHooks>
+                }),
+                None => role_hooks,
             }
         }
         Some(r) => {
@@ -432,6 +443,8 @@ struct Env {
 struct FeedOut {
     packs: watch::Sender<Option<PackOp>>,
     published: watch::Receiver<Tid>,
+    /// Semi-sync primary: the acknowledgement count.
+    semisync: Option<Arc<SemiSync>>,
 }
 
 fn track_replication_certs(r: &ReplicationConfig, status: &StatusHub) -> anyhow::Result<()> {
@@ -497,6 +510,7 @@ async fn start_feed(
     let (last_tx, last_rx) = watch::channel(Z64);
     let (packs_tx, packs_rx) = watch::channel(None);
     let report = (r.role == RoleConfig::Primary).then(|| status.clone());
+    let semisync = start_semisync(r, link, &last_rx, status, shutdown, tasks);
     tasks.push(tokio::spawn(feed::run_feed(
         link.clone(),
         commits.clone(),
@@ -521,6 +535,7 @@ async fn start_feed(
         cluster: Some(env.cluster.clone()),
         doors: Some(env.doors.clone()),
         clone_source: cfg.backend.clone_source(),
+        semisync: semisync.clone(),
     };
     tasks.push(tokio::spawn(feed::serve_replicas(
         listener,
@@ -537,7 +552,44 @@ async fn start_feed(
     Ok(FeedOut {
         packs: packs_tx,
         published: last_rx,
+        semisync,
     })
+}
+
+/// A semi-sync primary's acknowledgement count and its coordinator.
+fn start_semisync(
+    r: &ReplicationConfig,
+    link: &BackendLink,
+    last: &watch::Receiver<Tid>,
+    status: &Arc<StatusHub>,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Option<Arc<SemiSync>> {
+    if r.role != RoleConfig::Primary || r.ack_mode != AckMode::SemiSync {
+        return None;
+    }
+    semisync::describe();
+    info!(
+        min_acks = r.min_acks,
+        ack_level = ?r.ack_level,
+        ack_timeout_ms = r.ack_timeout_ms,
+        strict = r.strict,
+        "replication: semi-synchronous commits"
+    );
+    let ss = SemiSync::new(SemiSyncConfig {
+        min_acks: r.min_acks,
+        level: r.ack_level,
+        timeout: Duration::from_millis(r.ack_timeout_ms),
+        strict: r.strict,
+    });
+    tasks.push(tokio::spawn(semisync::run_coordinator(
+        ss.clone(),
+        link.clone(),
+        last.clone(),
+        status.clone(),
+        shutdown.clone(),
+    )));
+    Some(ss)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -588,6 +640,8 @@ fn start_replica(
             .or_else(|| r.listen.map(|a| a.to_string())),
         applied: applied_tx,
         packer,
+        spool_dir: r.data_dir.clone(),
+        spool_max_bytes: r.spool_max_bytes,
     };
     tasks.push(tokio::spawn(replica::run_replica(
         rcfg,

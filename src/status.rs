@@ -90,8 +90,29 @@ pub struct NodeStatus {
     /// Writer: `tls::expiry::track`, when a TLS door loads its files.
     /// Earliest expiry first.
     pub certificates: Vec<crate::tls::expiry::CertExpiry>,
+    /// Writer: the semi-sync coordinator (primary with `ack_mode =
+    /// "semi-sync"`; see `crate::replication::semisync`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semisync: Option<SemiSyncStatus>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
+}
+
+/// A semi-synchronous primary's acknowledgement state.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SemiSyncStatus {
+    pub ack_level: &'static str,
+    pub min_acks: usize,
+    pub strict: bool,
+    /// Timed out waiting for acknowledgements: commits are released as in
+    /// async mode until enough replicas are back in sync.
+    pub degraded: bool,
+    /// The newest tid acknowledged by `min_acks` replicas.
+    pub watermark_tid: Option<String>,
+    /// Commits the backend has that are not acknowledged yet.
+    pub waiting_commits: usize,
+    pub degrades_total: u64,
+    pub last_degraded_unix: Option<f64>,
 }
 
 /// A replica door's routing state (see `crate::door`).
@@ -128,6 +149,7 @@ impl StatusHub {
                 upstream_roster: Vec::new(),
                 draining: false,
                 certificates: Vec::new(),
+                semisync: None,
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

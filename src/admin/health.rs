@@ -268,6 +268,7 @@ pub(crate) mod tests {
             upstream_roster: Vec::new(),
             draining: false,
             certificates: Vec::new(),
+            semisync: None,
             started: None,
         }
     }

@@ -94,6 +94,20 @@ pub enum ServerVerdict {
     Replace(Vec<Message>),
     /// Close the session (the client reconnects and revalidates its cache).
     Close(String),
+    /// Deliver this message, and everything after it to this client (order
+    /// is kept), only once `release` shows a tid `>= until` (see
+    /// [`HoldUntil`]).
+    Hold(HoldUntil),
+}
+
+/// Holds server->client messages until a tid is released. The relay knows
+/// tids as 8-byte strings and nothing of what releases them (e.g. replica
+/// acknowledgements on a semi-synchronous primary).
+#[derive(Debug)]
+pub struct HoldUntil {
+    pub until: [u8; 8],
+    /// The released position; a closed sender releases everything.
+    pub release: tokio::sync::watch::Receiver<[u8; 8]>,
 }
 
 /// A sync call from the client whose reply has not arrived yet.

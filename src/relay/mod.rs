@@ -12,7 +12,7 @@ pub mod session;
 pub mod transparency;
 
 pub use hooks::{
-    Access, ClientVerdict, LocalVerdict, PassThrough, Reroute, ServerVerdict, SessionHooks,
-    SessionInfo, UpstreamOpener, WakeVerdict,
+    Access, ClientVerdict, HoldUntil, LocalVerdict, PassThrough, Reroute, ServerVerdict,
+    SessionHooks, SessionInfo, UpstreamOpener, WakeVerdict,
 };
 pub use session::{Session, SessionLimits};

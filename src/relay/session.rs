@@ -18,8 +18,8 @@ use tracing::{debug, info, warn};
 
 use super::backend;
 use super::hooks::{
-    ClientVerdict, LocalVerdict, PendingCall, Reroute, ServerVerdict, SessionHooks, SessionInfo,
-    WakeVerdict,
+    ClientVerdict, HoldUntil, LocalVerdict, PendingCall, Reroute, ServerVerdict, SessionHooks,
+    SessionInfo, WakeVerdict,
 };
 use super::limits::{Budget, Charge, Shortfall, FREE_BYTES};
 use super::transparency;
@@ -308,6 +308,8 @@ where
             local_pending: Vec::new(),
             deferred: Vec::new(),
             close_reason: None,
+            held: std::collections::VecDeque::new(),
+            release: None,
         };
         let mut wake = relay.hooks.wake_signal();
         // Bytes that arrived with the handshakes (a client sends `register`
@@ -473,6 +475,9 @@ where
                 Some(msg) = recv_opt(&mut inject) => {
                     relay.push_client(&msg)?;
                 }
+                open = wait_release(&mut relay.release), if !relay.held.is_empty() => {
+                    relay.release_held(open);
+                }
                 changed = wait_wake(&mut wake) => {
                     if changed {
                         relay.woken()?;
@@ -558,6 +563,15 @@ async fn wait_for_budget(
     }
 }
 
+/// `true` when the released position changed, `false` when its sender is
+/// gone (everything held is then released).
+async fn wait_release(w: &mut Option<tokio::sync::watch::Receiver<[u8; 8]>>) -> bool {
+    match w {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => false,
+    }
+}
+
 async fn sleep_until_opt(d: Option<tokio::time::Instant>) {
     match d {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -595,6 +609,11 @@ struct Relay<'a> {
     deferred: Vec<Deferred>,
     /// Set by a hook: end the session at the next safe point.
     close_reason: Option<&'static str>,
+    /// Frames for the client held by [`ServerVerdict::Hold`], in order: a
+    /// frame with a tid waits until `release` reaches it, and every frame
+    /// behind it waits too.
+    held: std::collections::VecDeque<(Option<[u8; 8]>, Bytes)>,
+    release: Option<tokio::sync::watch::Receiver<[u8; 8]>>,
 }
 
 struct Deferred {
@@ -626,6 +645,43 @@ impl Relay<'_> {
             && self.local_pending.is_empty()
             && self.deferred.is_empty()
             && self.reroute.is_none()
+            && self.held.is_empty()
+    }
+
+    /// Queues one frame for the client, behind anything held.
+    fn emit_client(&mut self, payload: &[u8]) {
+        if self.held.is_empty() {
+            frame::write_frame(&mut self.cout, payload);
+        } else {
+            self.held.push_back((None, Bytes::copy_from_slice(payload)));
+        }
+    }
+
+    fn hold(&mut self, h: HoldUntil, payload: Bytes) {
+        self.release = Some(h.release);
+        self.held.push_back((Some(h.until), payload));
+        self.release_held(true);
+    }
+
+    /// Delivers the held frames the released position allows (`open`:
+    /// false when the releasing side is gone: everything goes).
+    fn release_held(&mut self, open: bool) {
+        let released = match (&mut self.release, open) {
+            (Some(rx), true) => Some(*rx.borrow_and_update()),
+            _ => None,
+        };
+        while let Some((until, _)) = self.held.front() {
+            if let (Some(u), Some(r)) = (until, released) {
+                if *u > r {
+                    return;
+                }
+            }
+            let (_, payload) = self.held.pop_front().expect("front exists");
+            frame::write_frame(&mut self.cout, &payload);
+        }
+        if !open {
+            self.release = None;
+        }
     }
 
     /// After a reroute that keeps the old connection: register it read-only
@@ -710,7 +766,7 @@ impl Relay<'_> {
                 self.hooks.on_local_reply(self.info, &msg)
             };
             match verdict {
-                LocalVerdict::Deliver => frame::write_frame(&mut self.cout, &payload),
+                LocalVerdict::Deliver => self.emit_client(&payload),
                 LocalVerdict::Retry => {
                     self.track_client(&call);
                     frame::write_frame(&mut self.bout, &orig);
@@ -899,7 +955,8 @@ impl Relay<'_> {
                 .hooks
                 .on_server_message(self.info, &msg, answered.as_ref())
             {
-                ServerVerdict::Forward => frame::write_frame(&mut self.cout, &payload),
+                ServerVerdict::Forward => self.emit_client(&payload),
+                ServerVerdict::Hold(h) => self.hold(h, payload),
                 ServerVerdict::Drop => {}
                 ServerVerdict::Replace(msgs) => {
                     for m in &msgs {
@@ -950,7 +1007,7 @@ impl Relay<'_> {
         let payload = msg
             .encode(self.info.encoding)
             .map_err(|e| SessionEnd::Hook(wire_err("encode", &e)))?;
-        frame::write_frame(&mut self.cout, &payload);
+        self.emit_client(&payload);
         Ok(())
     }
 }

@@ -315,6 +315,8 @@ pub struct ListenerConfig {
     pub doors: Option<DoorSink>,
     /// The backend's files for `zrelay clone` (None: clones are refused).
     pub clone_source: Option<CloneSource>,
+    /// Semi-sync primary: where replica acknowledgements are counted.
+    pub semisync: Option<Arc<super::semisync::SemiSync>>,
 }
 
 /// Accepts replica connections until shutdown. A refused or failed peer
@@ -665,15 +667,33 @@ where
     m::peer_diverged(name, false);
     info!(replica = name, from = %tid_hex(&hello.last_tid), "replica accepted; streaming");
 
-    // Acks arrive on their own task so history reading never stalls them.
+    // Acks arrive on their own task so history reading never stalls them;
+    // a semi-sync primary counts them here at once.
     let (ack_tx, mut ack_rx) = mpsc::channel::<Result<Tid, StreamError>>(1024);
+    let semisync = cfg.semisync.clone();
+    let _gone = semisync.clone().map(|ss| {
+        ss.applied(name, hello.last_tid);
+        Gone(ss, name.to_string())
+    });
+    let ack_name = name.to_string();
     let reader = tokio::spawn(async move {
         loop {
             let r = read_msg(&mut rh, &mut rbuf, max)
                 .await
                 .map_err(StreamError::from);
             let item = match r {
-                Ok(StreamMsg::Ack { tid }) => Ok(tid),
+                Ok(StreamMsg::Received { tid }) => {
+                    if let Some(ss) = &semisync {
+                        ss.received(&ack_name, tid);
+                    }
+                    continue;
+                }
+                Ok(StreamMsg::Ack { tid }) => {
+                    if let Some(ss) = &semisync {
+                        ss.applied(&ack_name, tid);
+                    }
+                    Ok(tid)
+                }
                 Ok(other) => Err(StreamError::Protocol(protocol::ProtocolError::Unexpected {
                     got: other.kind(),
                     state: "streaming",
@@ -810,6 +830,16 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 conn.pending_async.clear();
             }
         }
+    }
+}
+
+/// Removes a replica's acknowledgements from the semi-sync count when its
+/// stream ends, however it ends.
+struct Gone(Arc<super::semisync::SemiSync>, String);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.gone(&self.1);
     }
 }
 

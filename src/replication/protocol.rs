@@ -72,6 +72,14 @@ pub struct Hello {
 /// Feature: the replica executes [`StreamMsg::Pack`].
 pub const FEATURE_PACK: &str = "pack";
 
+/// Feature (in a Welcome): the primary accepts [`StreamMsg::Received`].
+pub const FEATURE_RECEIVED_ACK: &str = "received_ack";
+
+/// The features this build's primary lists in its Welcome.
+pub fn primary_features() -> Vec<String> {
+    vec![FEATURE_RECEIVED_ACK.to_string()]
+}
+
 /// The features this build's replica announces.
 pub fn replica_features() -> Vec<String> {
     vec![FEATURE_PACK.to_string()]
@@ -182,6 +190,10 @@ pub enum StreamMsg {
         node: String,
         #[serde(with = "serde_bin::array")]
         primary_last_tid: Tid,
+        /// Optional replica -> primary messages this primary accepts (e.g.
+        /// [`FEATURE_RECEIVED_ACK`]); absent from older primaries.
+        #[serde(default)]
+        features: Vec<String>,
     },
     /// primary -> replica, then the primary closes.
     Refuse {
@@ -216,6 +228,13 @@ pub enum StreamMsg {
     },
     /// replica -> primary: applied up to `tid`.
     Ack {
+        #[serde(with = "serde_bin::array")]
+        tid: Tid,
+    },
+    /// replica -> primary (only when the Welcome listed
+    /// [`FEATURE_RECEIVED_ACK`]): everything up to `tid` is durably in the
+    /// replica's spool (see `super::spool`), not necessarily applied.
+    Received {
         #[serde(with = "serde_bin::array")]
         tid: Tid,
     },
@@ -281,6 +300,7 @@ impl StreamMsg {
             StreamMsg::Live { .. } => "live",
             StreamMsg::Heartbeat { .. } => "heartbeat",
             StreamMsg::Ack { .. } => "ack",
+            StreamMsg::Received { .. } => "received",
             StreamMsg::Door(_) => "door",
             StreamMsg::DoorWelcome { .. } => "door_welcome",
             StreamMsg::Roster { .. } => "roster",
@@ -466,6 +486,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 node: "p".into(),
                 primary_last_tid: [0xff; 8],
+                features: vec![],
             },
             StreamMsg::Txn {
                 prev: [2; 8],

@@ -244,6 +244,7 @@ impl ReceiverState {
                 version,
                 node,
                 primary_last_tid,
+                ..
             } => {
                 self.expect(kind, self.mode == ReceiverMode::Handshaking)?;
                 self.on_welcome(version, node, primary_last_tid, now)?;
@@ -323,6 +324,7 @@ impl ReceiverState {
             }
             StreamMsg::Hello(_)
             | StreamMsg::Ack { .. }
+            | StreamMsg::Received { .. }
             | StreamMsg::Door(_)
             | StreamMsg::DoorWelcome { .. }
             | StreamMsg::CloneRequest(_)
@@ -591,6 +593,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             node: "p".into(),
             primary_last_tid: primary_last,
+            features: vec![],
         };
         assert_eq!(r.on_message(w, now), Ok(Incoming::Nothing));
         r
@@ -744,6 +747,7 @@ mod tests {
             version: 99,
             node: "p".into(),
             primary_last_tid: Z64,
+            features: vec![],
         };
         assert_eq!(
             r.on_message(w, now),
@@ -757,6 +761,7 @@ mod tests {
             version: 1,
             node: "p".into(),
             primary_last_tid: Z64,
+            features: vec![],
         };
         assert!(
             matches!(r.on_message(w, now), Err(ReceiverError::Protocol(_))),
@@ -775,6 +780,7 @@ mod tests {
             version: 1,
             node: "p".into(),
             primary_last_tid: t(4),
+            features: vec![],
         };
         assert!(matches!(
             r.on_message(w, now),

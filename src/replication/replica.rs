@@ -21,6 +21,7 @@ use super::applier::{Applier, ApplyError};
 use super::history::read_txn;
 use super::protocol::{self, StreamMsg};
 use super::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
+use super::spool::{Spool, Spooled};
 use super::stream_io::{self, ReadError};
 use super::tls;
 use super::txn::{tid_hex, tid_unix_secs, Tid, Z64};
@@ -54,6 +55,10 @@ pub struct ReplicaConfig {
     /// `replicate_pack`: where packs from the stream are executed (None:
     /// they are ignored).
     pub packer: Option<super::pack::PackRunner>,
+    /// `data_dir`: where the spool lives (None: no spool, no `Received`
+    /// acks).
+    pub spool_dir: Option<std::path::PathBuf>,
+    pub spool_max_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,26 @@ pub async fn run_replica(
     let mut backoff = Duration::from_millis(100);
     let mut state: Option<ReceiverState> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    // The spool, and what it held at start (applied before the first
+    // stream asks the primary for more).
+    let mut spool: Option<Spool> = None;
+    let mut to_replay: Vec<Spooled> = Vec::new();
+    if let Some(dir) = &cfg.spool_dir {
+        super::spool::describe();
+        match Spool::open(dir) {
+            Ok((s, d)) => {
+                if d.dropped > 0 {
+                    warn!(path = %s.path().display(), bytes = d.dropped, "spool: dropped a torn tail (never acknowledged)");
+                }
+                info!(path = %s.path().display(), transactions = d.records.len(), "spool opened");
+                to_replay = d.records;
+                spool = Some(s);
+            }
+            Err(e) => {
+                error!(dir = %dir.display(), error = %e, "cannot open the spool; acknowledging applied transactions only")
+            }
+        }
+    }
     loop {
         // Learn where the backend really is (after any failure too: a
         // tpc_finish whose reply was lost may have committed).
@@ -108,6 +133,22 @@ pub async fn run_replica(
             }
         }
         let st = state.as_mut().expect("initialised above");
+        if !to_replay.is_empty() {
+            match replay(&mut applier, st, std::mem::take(&mut to_replay)).await {
+                Ok(n) => {
+                    info!(transactions = n, applied = %tid_hex(&st.applied()), "spool replayed into the backend");
+                    cfg.applied.send_if_modified(|t| bump(t, st.applied()));
+                }
+                Err(e) => warn!(error = %e, "spool replay failed; the stream resends"),
+            }
+            if let Some(sp) = spool.as_mut() {
+                if sp.all_applied(st.applied()) {
+                    if let Err(e) = sp.clear() {
+                        warn!(error = %e, "spool: cannot empty it");
+                    }
+                }
+            }
+        }
         if st.mode() == ReceiverMode::Diverged {
             // Stay alive for status and lag; apply nothing.
             publish(&status, &cfg, st, None);
@@ -118,7 +159,7 @@ pub async fn run_replica(
         }
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = stream_once(&cfg, &mut applier, st, &status, &mut ticker) => r,
+            r = stream_once(&cfg, &mut applier, st, &status, &mut ticker, &mut spool) => r,
         };
         let err = r.err().map(|e| e.to_string());
         match &err {
@@ -241,12 +282,65 @@ async fn resync(applier: &mut Applier, st: &mut ReceiverState) -> Result<(), App
     Ok(())
 }
 
+/// Applies spooled transactions beyond the backend's position, in order,
+/// stopping at a gap (the stream resends from there).
+async fn replay(
+    applier: &mut Applier,
+    st: &mut ReceiverState,
+    recs: Vec<Spooled>,
+) -> Result<usize, ApplyError> {
+    let mut n = 0;
+    for r in recs {
+        if r.txn.tid <= st.applied() {
+            continue;
+        }
+        if r.prev != st.applied() {
+            warn!(
+                tid = %tid_hex(&r.txn.tid),
+                prev = %tid_hex(&r.prev),
+                applied = %tid_hex(&st.applied()),
+                "spool: gap before a record; the rest comes from the stream"
+            );
+            break;
+        }
+        applier.apply(&r.txn, false).await?;
+        if applier.has_pending() {
+            applier.complete().await?;
+        }
+        applier.take_confirmed();
+        st.on_applied(r.txn.tid, r.txn.digest());
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Spooled transactions not yet durable: fsync, then acknowledge them as
+/// received (only to a primary that accepts `Received`).
+async fn flush_received<W: tokio::io::AsyncWrite + Unpin>(
+    spool: &mut Option<Spool>,
+    unsynced: &mut Option<Tid>,
+    send: bool,
+    wh: &mut W,
+) -> Result<(), RunError> {
+    let (Some(sp), Some(tid)) = (spool.as_mut(), unsynced.take()) else {
+        return Ok(());
+    };
+    sp.sync_off_thread().await?;
+    if send {
+        let mut b = BytesMut::new();
+        protocol::encode(&StreamMsg::Received { tid }, &mut b)?;
+        wh.write_all(&b).await?;
+    }
+    Ok(())
+}
+
 async fn stream_once(
     cfg: &ReplicaConfig,
     applier: &mut Applier,
     st: &mut ReceiverState,
     status: &StatusHub,
     ticker: &mut tokio::time::Interval,
+    spool: &mut Option<Spool>,
 ) -> Result<(), RunError> {
     let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&cfg.upstream))
         .await
@@ -286,6 +380,11 @@ async fn stream_once(
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut connected_logged = false;
     let mut inflight: VecDeque<(Tid, [u8; 32], u64, Instant)> = VecDeque::new();
+    // Spool: the tid before the next transaction, the newest one appended
+    // but not fsynced, and whether the primary takes `Received` acks.
+    let mut spool_prev = st.applied();
+    let mut unsynced: Option<Tid> = None;
+    let mut received_ok = false;
     loop {
         let msg = tokio::select! {
             r = tokio::time::timeout(cfg.stale_after, read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes)) => match r {
@@ -312,6 +411,9 @@ async fn stream_once(
             }
         };
         let now = Instant::now();
+        if let StreamMsg::Welcome { features, .. } = &msg {
+            received_ok = features.iter().any(|f| f == protocol::FEATURE_RECEIVED_ACK);
+        }
         match st.on_message(msg, now).map_err(|e| {
             if let ReceiverError::Protocol(p) = &e {
                 // A closed connection surfaced by the first read after a
@@ -359,6 +461,25 @@ async fn stream_once(
                 // Pipeline: if the next message is already here, its
                 // transaction goes out while this one finishes.
                 let more = stream_io::has_frame(&rbuf);
+                if let Some(sp) = spool.as_mut() {
+                    if sp.len() > cfg.spool_max_bytes {
+                        // Bounded: apply what is spooled, then empty it.
+                        if applier.has_pending() {
+                            let r = applier.complete().await;
+                            confirm(applier, st, &mut inflight, &mut wbuf)?;
+                            r?;
+                        }
+                        if sp.all_applied(st.applied()) {
+                            sp.clear()?;
+                        }
+                    }
+                    sp.append(spool_prev, &txn)?;
+                    spool_prev = txn.tid;
+                    unsynced = Some(txn.tid);
+                    if !more {
+                        flush_received(spool, &mut unsynced, received_ok, &mut wh).await?;
+                    }
+                }
                 let oldest = inflight.front().map(|i| i.0).unwrap_or(txn.tid);
                 let r = {
                     let fut = applier.apply(&txn, more);
@@ -381,6 +502,7 @@ async fn stream_once(
             }
         }
         if !stream_io::has_frame(&rbuf) {
+            flush_received(spool, &mut unsynced, received_ok, &mut wh).await?;
             if applier.has_pending() {
                 let oldest = inflight.front().map(|i| i.0);
                 let r = {
@@ -398,6 +520,13 @@ async fn stream_once(
                 confirm(applier, st, &mut inflight, &mut wbuf)?;
                 cfg.applied.send_if_modified(|t| bump(t, st.applied()));
                 r?;
+            }
+            if let Some(sp) = spool.as_mut() {
+                // Everything spooled is applied: start the file over (not
+                // after every transaction: each emptying is an fsync).
+                if sp.len() > cfg.spool_max_bytes / 16 && sp.all_applied(st.applied()) {
+                    sp.clear()?;
+                }
             }
             if !wbuf.is_empty() {
                 wh.write_all(&wbuf).await?;

@@ -236,6 +236,7 @@ impl SenderState {
             version: PROTOCOL_VERSION,
             node: self.cfg.primary_node.clone(),
             primary_last_tid: self.primary_last,
+            features: super::protocol::primary_features(),
         })
     }
 

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Semi-synchronous commit benchmark: what acknowledgements cost.
+
+Side by side in one run, on 127.0.0.1 in a temporary directory (removed at
+the end): a primary zrelay + runzeo and a replica zrelay + runzeo over
+mutual TLS (as ``bench/repl_bench.py`` starts them), once per mode:
+
+* ``async``: the default; commits return when the primary's backend has them;
+* ``semi-sync received``: ``ack_mode = "semi-sync"``, ``ack_level =
+  "received"``; the replica zrelay fsyncs each transaction in its spool
+  (``data_dir``) and acknowledges it before applying it;
+* ``semi-sync applied``: ``ack_level = "applied"``; the replica's backend
+  has committed it.
+
+For each, raw ZEO 5 writers (``bench/repl_clients.py writer``, one object
+each, no conflicts) commit as fast as they can, 1 and then 4 at once:
+commit latency (``tpc_begin`` sent to ``tpc_finish`` reply received) p50 and
+p99, and transactions per second; and (semi-sync) the mean time from the
+primary zrelay's feed seeing a commit to its acknowledgement
+(``zrelay_semisync_ack_wait_seconds``). Prints a markdown table (also written to
+``bench/semisync-results-latest.md``). A benchmark, not a test: it fails only
+if something does not work. Loops are bounded in count and time; every
+child is stopped by its PID at the end.
+"""
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import procs as P          # noqa: E402
+import repl_bench as R     # noqa: E402
+import zeoraw              # noqa: E402
+
+MODES = (
+    ('async', [], []),
+    ('semi-sync received',
+     ['ack_mode = "semi-sync"', 'ack_level = "received"'], ['spool']),
+    ('semi-sync applied',
+     ['ack_mode = "semi-sync"', 'ack_level = "applied"'], []),
+)
+TARGET_RECEIVED_RATIO = 1.3
+
+
+def writers_run(registry, tmp, label, port, n, seconds):
+    ws = [R.Child(registry, f'writer-{label}-{i}',
+                  ['writer', '--port', str(port), '--seconds', str(seconds),
+                   '--max-txns', str(int(20000 * seconds))],
+                  os.path.join(tmp, f'writer-{i}.log'))
+          for i in range(n)]
+    for w in ws:
+        w.expect('ready', 60)
+    for w in ws:
+        w.send('go')
+    results = [w.expect('result', seconds + 60) for w in ws]
+    for w in ws:
+        w.finish()
+    lat = sorted(x for r in results for x in r['latency_ns'])
+    txns = sum(len(r['tids']) for r in results)
+    elapsed = max(r['elapsed'] for r in results)
+    return {'writers': n, 'txns': txns, 'txn_s': txns / elapsed,
+            'p50': P.percentile(lat, 50) / 1e6,
+            'p99': P.percentile(lat, 99) / 1e6}
+
+
+def run_mode(procs, registry, args, tmp, certs, name, primary_extra, spool):
+    tag = ''.join(ch if ch.isalnum() else '_' for ch in name)
+    primary = R.Node('primary', os.path.join(tmp, f'{tag}-primary'))
+    replica = R.Node('replica', os.path.join(tmp, f'{tag}-replica'))
+    R.start_runzeo(procs, primary)
+    R.start_runzeo(procs, replica)
+    R.start_zrelay(procs, args, primary, certs, 'primary',
+                   extra=primary_extra + ['ack_timeout_ms = 30000'])
+    replica_extra = []
+    if spool:
+        replica_extra = [f'data_dir = "{os.path.join(replica.dir, "spool")}"']
+    R.start_zrelay(procs, args, replica, certs, 'replica',
+                   upstream=primary.repl_port, extra=replica_extra)
+    with zeoraw.connect(R.HOST, primary.zeo_port) as c:
+        last = c.call('lastTransaction').hex()
+    R.wait_live(replica, want_tid=None if last == '0' * 16 else last)
+    out = []
+    name_sum = 'zrelay_semisync_ack_wait_seconds_sum'
+    name_count = 'zrelay_semisync_ack_wait_seconds_count'
+    for n in (1, 4):
+        before = R.metrics(primary.admin_port)
+        r = writers_run(registry, primary.dir, f'{tag}-{n}',
+                        primary.client_port, n, args.seconds)
+        after = R.metrics(primary.admin_port)
+        count = R.metric_delta(before, after, name_count)
+        # Mean time from the primary zrelay seeing the commit (its feed)
+        # to the acknowledgement: the replica's share of the wait.
+        r['ack_wait'] = (R.metric_delta(before, after, name_sum) / count * 1e3
+                         if count else float('nan'))
+        r['mode'] = name
+        R.log(f'{name}, {n} writer(s): {r["txn_s"]:.0f} txn/s, commit p50 '
+              f'{r["p50"]:.2f} ms, p99 {r["p99"]:.2f} ms')
+        out.append(r)
+    st = R.status(primary.admin_port).get('semisync') or {}
+    if st.get('degrades_total'):
+        raise RuntimeError(f'{name}: the primary degraded to async during '
+                           f'the run: {st}')
+    for node in (replica, primary):
+        if not node.zrelay.alive():
+            raise RuntimeError(f'{node.zrelay.name} died; log:\n'
+                               f'{P.tail(node.zrelay.log_path)}')
+        R.stop_node(procs, node)
+    return out
+
+
+def render(rows, fsync, fs):
+    base = {r['writers']: r for r in rows if r['mode'] == 'async'}
+    lines = [f'Storage and spool: {fs}; fsync p50 {fsync[0]:.3f} ms, '
+             f'p99 {fsync[1]:.3f} ms.', '',
+             '| mode | writers | txn/s | commit p50 ms | commit p99 ms | '
+             'p50 vs async | ack wait mean ms |',
+             '|---|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        ratio = r['p50'] / base[r['writers']]['p50']
+        lines.append(f'| {r["mode"]} | {r["writers"]} | {r["txn_s"]:.0f} | '
+                     f'{r["p50"]:.2f} | {r["p99"]:.2f} | {ratio:.2f}x | '
+                     f'{R.f2(r["ack_wait"])} |')
+    rec = [r for r in rows if r['mode'] == 'semi-sync received'
+           and r['writers'] == 1]
+    if rec:
+        ratio = rec[0]['p50'] / base[1]['p50']
+        verdict = 'met' if ratio <= TARGET_RECEIVED_RATIO else 'NOT met'
+        lines += ['', f'Goal semi-sync received p50 <= '
+                      f'{TARGET_RECEIVED_RATIO}x async (1 writer): '
+                      f'{ratio:.2f}x, {verdict}.']
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--zrelay', default=os.path.join(
+        R.REPO, 'target', 'release', 'zrelay'))
+    ap.add_argument('--seconds', type=float, default=5.0,
+                    help='per measurement (default 5)')
+    ap.add_argument('--dir', default=tempfile.gettempdir(),
+                    help='where the storages and the spool live')
+    ap.add_argument('--zrelay-log-level', default='warn')
+    ap.add_argument('--out', default=os.path.join(
+        HERE, 'semisync-results-latest.md'))
+    args = ap.parse_args(argv)
+    args.zrelay = os.path.abspath(args.zrelay)
+    if not os.access(args.zrelay, os.X_OK):
+        ap.error(f'no zrelay binary at {args.zrelay} (cargo build --release)')
+    signal.signal(signal.SIGTERM, R._on_signal)
+    procs = P.Procs()
+    registry = []
+    tmp = tempfile.mkdtemp(prefix='zrelay-semisync-bench-', dir=args.dir)
+    rows = []
+    try:
+        certs = os.path.join(tmp, 'certs')
+        subprocess.run([args.zrelay, 'cert', '--dir', certs, 'primary',
+                        'replica'], check=True, capture_output=True,
+                       timeout=60)
+        fsync = R.fsync_probe(tmp)
+        fs = f'`{args.dir}` ({R.fs_type(tmp)})'
+        for name, extra, spool in MODES:
+            rows += run_mode(procs, registry, args, tmp, certs, name, extra,
+                             bool(spool))
+    finally:
+        for ch in registry:
+            ch.kill()
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    body = render(rows, fsync, fs)
+    print(body)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write('# zrelay semi-sync benchmark: latest results\n\n'
+                    'Written by `bench/semisync_bench.py`; see '
+                    '`docs/benchmarks.md` (Semi-synchronous commits).\n\n')
+            for key, value in R.machine_info(args):
+                f.write(f'- {key}: {value}\n')
+            f.write('\n' + body + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        print(f'semisync_bench: error: {e}', file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,108 @@
+"""Semi-synchronous commit helpers for tests/semisync.rs (real ZEO clients).
+
+Usage: semisync.py COMMAND ARGS...
+
+Commands:
+  commit ADDR KEY       one commit of root[KEY]; tid=<hex> secs=<float>
+  observer ADDR         a connected client: "probe" prints AT <hex> (its
+                        cache's last tid, learnt from invalidations); "wait
+                        HEX" prints AT HEX once it has it (30 s); "stop"
+  acked-writer ADDR     commit until "stop" on stdin (or 100 s), printing
+                        "ACK <hex>" after every commit the server confirmed;
+                        failures (the primary killed) are retried
+"""
+import logging
+import os
+import sys
+import threading
+import time
+
+from persistent.mapping import PersistentMapping
+
+from zclient import (Failure, check, new_conn, open_db, open_storage, run,
+                     wait_until)
+
+COMMANDS = {}
+
+
+def command(fn):
+    COMMANDS[fn.__name__.replace('_', '-')] = fn
+    return fn
+
+
+@command
+def commit(addr, key):
+    db = open_db(addr, wait_timeout=60)
+    try:
+        tm, conn = new_conn(db)
+        started = time.monotonic()
+        conn.root()[key] = PersistentMapping(at=time.time())
+        tm.commit()
+        secs = time.monotonic() - started
+        tid = db.storage.lastTransaction()
+        print(f'tid={tid.hex()} secs={secs:.3f}', flush=True)
+    finally:
+        db.close()
+
+
+@command
+def observer(addr):
+    st = open_storage(addr)
+    try:
+        print('READY', flush=True)
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] == 'stop':
+                break
+            if words[0] == 'probe':
+                print(f'AT {st.lastTransaction().hex()}', flush=True)
+            elif words[0] == 'wait':
+                wait_until(lambda: st.lastTransaction().hex() == words[1],
+                           f'tid {words[1]}', timeout=30.0)
+                print(f'AT {words[1]}', flush=True)
+            else:
+                raise Failure(f'unknown command {line!r}')
+    finally:
+        st.close()
+
+
+@command
+def acked_writer(addr):
+    db = open_db(addr, wait_timeout=60)
+    stop = threading.Event()
+
+    def reader():
+        sys.stdin.readline()
+        stop.set()
+        # A commit blocked on a dead server would wait for a reconnection
+        # (wait_timeout); every ACK line is printed already.
+        time.sleep(0.5)
+        print('stopped', flush=True)
+        os._exit(0)
+
+    threading.Thread(target=reader, daemon=True).start()
+    tm, conn = new_conn(db)
+    root = conn.root()
+    deadline = time.monotonic() + 100
+    n = 0
+    print('READY', flush=True)
+    while not stop.is_set():
+        check(time.monotonic() < deadline, 'no "stop" within 100s')
+        try:
+            tm.begin()
+            root[f'a{n % 50}'] = PersistentMapping(n=n)
+            tm.commit()
+            n += 1
+            print(f'ACK {db.storage.lastTransaction().hex()}', flush=True)
+        except Exception as e:
+            logging.info('commit failed (%s); retrying', type(e).__name__)
+            try:
+                tm.abort()
+            except Exception:
+                pass
+            time.sleep(0.05)
+    print(f'commits={n}', flush=True)
+
+
+if __name__ == '__main__':
+    sys.exit(run(COMMANDS, sys.argv))

@@ -1,0 +1,257 @@
+//! Semi-synchronous commits end to end: two real runzeo, a primary zrelay
+//! with `ack_mode = "semi-sync"` and a replica zrelay, real ZEO clients
+//! (`tests/py/semisync.py`, `tests/py/repl.py`). Waits poll with deadlines.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::cluster::{metric_value, value_of, wait_until, Cluster, ClusterOpts};
+use support::{Enc, Py};
+#[allow(unused_imports)]
+use support::{PyChild, Relay, RelayOpts, Zeo};
+
+const SYNC: Duration = Duration::from_secs(30);
+
+fn semisync_cluster(enc: Enc, primary: &str, replica: &str) -> Cluster {
+    let mut opts = ClusterOpts::new(enc);
+    opts.primary_replication = format!("ack_mode = \"semi-sync\"\n{primary}");
+    opts.replica_replication = replica.to_string();
+    let c = Cluster::with(opts);
+    wait_until(SYNC, "replica stream live", || {
+        c.replica.upstream_state() == "live"
+    });
+    c
+}
+
+/// `semisync.py commit ADDR KEY`: (tid hex, seconds the commit took).
+fn commit(c: &Cluster, key: &str) -> (String, f64) {
+    let out = semisync_py(c.enc(), &["commit", &c.primary.addr().to_string(), key]).run();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        value_of(&out, "tid").to_string(),
+        value_of(&out, "secs").parse().expect("secs"),
+    )
+}
+
+fn semisync_py(enc: Enc, args: &[&str]) -> Py {
+    Py::new("semisync.py").args(args).env(
+        "ZRELAY_EXPECT_PROTOCOL",
+        std::str::from_utf8(enc.protocol()).expect("ascii"),
+    )
+}
+
+fn semisync_status(c: &Cluster) -> serde_json::Value {
+    c.primary.status()["semisync"].clone()
+}
+
+/// A commit returns only once the replica's backend has it; with the
+/// replica stalled it waits `ack_timeout_ms`, then the primary degrades to
+/// async (status, metrics) and re-arms once the replica caught up.
+#[test]
+fn commit_waits_for_the_replica_then_degrades_and_rearms() {
+    let mut c = semisync_cluster(Enc::Pickle, "ack_timeout_ms = 3000", "");
+    let (tid, _) = commit(&c, "a");
+    // Acknowledged at "applied": the replica's backend holds it already.
+    let on_replica = c.last_tid(c.rzeo.addr());
+    assert!(on_replica >= tid, "replica has {on_replica} < acked {tid}");
+    assert_eq!(semisync_status(&c)["degraded"], false);
+
+    c.replica.pause();
+    let (tid2, secs) = commit(&c, "b");
+    assert!(secs >= 2.5, "commit returned after {secs}s without an ack");
+    assert!(secs < 30.0, "commit took {secs}s");
+    let st = semisync_status(&c);
+    assert_eq!(st["degraded"], true, "{st}");
+    assert_eq!(st["degrades_total"], 1, "{st}");
+    let m = c.primary.metrics();
+    assert_eq!(metric_value(&m, "zrelay_semisync_degraded"), 1.0);
+    assert_eq!(metric_value(&m, "zrelay_semisync_degrades_total"), 1.0);
+    // Degraded: commits no longer wait.
+    let (_, secs) = commit(&c, "c");
+    assert!(secs < 2.5, "degraded commit took {secs}s");
+
+    c.replica.resume();
+    wait_until(SYNC, "re-armed once the replica caught up", || {
+        semisync_status(&c)["degraded"] == false
+    });
+    assert!(c.last_tid(c.rzeo.addr()) >= tid2);
+    assert_eq!(
+        metric_value(&c.primary.metrics(), "zrelay_semisync_degraded"),
+        0.0
+    );
+    // Waiting again.
+    let (tid4, _) = commit(&c, "d");
+    assert!(c.last_tid(c.rzeo.addr()) >= tid4);
+}
+
+/// `strict`: a commit waits as long as the replica is stalled, other
+/// clients never see its tid meanwhile (lastTransaction at connect answers
+/// the acknowledged one), and reads go on.
+#[test]
+fn strict_holds_the_commit_and_hides_its_tid() {
+    let mut c = semisync_cluster(
+        Enc::Msgpack,
+        "ack_timeout_ms = 1000\nstrict = true\nack_level = \"received\"",
+        "",
+    );
+    let (acked, _) = commit(&c, "a");
+    // A client connected all along: what its invalidations tell it.
+    let mut obs = semisync_py(c.enc(), &["observer", &c.primary.addr().to_string()]).spawn();
+    obs.expect_line("READY", SYNC);
+    obs.send_line(&format!("wait {acked}"));
+    obs.expect_line(&format!("AT {acked}"), SYNC);
+    c.replica.pause();
+    let started = Instant::now();
+    let w = semisync_py(c.enc(), &["commit", &c.primary.addr().to_string(), "b"]).spawn();
+    wait_until(SYNC, "the commit to reach the primary's backend", || {
+        c.last_tid(c.pzeo.addr()) > acked
+    });
+    let committed = Instant::now();
+    // Well past ack_timeout_ms: still not shown to anyone.
+    wait_until(SYNC, "ack timeout passed", || {
+        started.elapsed() > Duration::from_millis(2500)
+    });
+    let seen = c.last_tid(c.primary.addr());
+    assert_eq!(seen, acked, "a new client saw an unacknowledged tid");
+    // The connected client's invalidation is held too.
+    obs.send_line("probe");
+    obs.expect_line(&format!("AT {acked}"), SYNC);
+    let st = semisync_status(&c);
+    assert_eq!(st["degraded"], false, "{st}");
+    assert!(st["waiting_commits"].as_u64().unwrap_or(0) >= 1, "{st}");
+    // The client's commit began before its backend had it.
+    let held_for = committed.elapsed();
+    c.replica.resume();
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let secs: f64 = value_of(&out, "secs").parse().expect("secs");
+    assert!(
+        secs >= held_for.as_secs_f64(),
+        "the commit returned after {secs}s while the replica was stalled {held_for:?}"
+    );
+    let tid = value_of(&out, "tid").to_string();
+    assert!(tid > acked);
+    assert_eq!(c.last_tid(c.primary.addr()), tid);
+    obs.send_line(&format!("wait {tid}"));
+    obs.expect_line(&format!("AT {tid}"), SYNC);
+    obs.send_line("stop");
+    obs.finish();
+}
+
+/// kill -9 of the primary zrelay and its runzeo while a writer commits:
+/// every tid the writer saw acknowledged is on the replica's backend.
+fn kill_primary_while_writing(level: &str, replica_extra: &str, restart_replica: bool) {
+    let mut c = semisync_cluster(
+        Enc::Pickle,
+        &format!("ack_level = \"{level}\"\nack_timeout_ms = 60000"),
+        replica_extra,
+    );
+    let mut w = semisync_py(c.enc(), &["acked-writer", &c.primary.addr().to_string()]).spawn();
+    w.expect_line("READY", Duration::from_secs(60));
+    let base = c.replica.applied_tid();
+    wait_until(SYNC, "the writer to commit through the replica", || {
+        c.replica.applied_tid() != base
+    });
+    c.primary.kill();
+    c.pzeo.kill();
+    w.send_line("stop");
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let acked: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("ACK ")).collect();
+    assert!(!acked.is_empty(), "no acknowledged commit:\n{out}");
+    let newest = acked.iter().max().expect("non-empty").to_string();
+    if restart_replica {
+        c.replica.kill();
+        c.replica.start();
+    }
+    wait_until(SYNC, "every acknowledged tid on the replica", || {
+        c.last_tid(c.rzeo.addr()) >= newest
+    });
+    eprintln!("{} acknowledged commits, newest {newest}", acked.len());
+}
+
+#[test]
+fn kill9_primary_loses_nothing_acknowledged_applied() {
+    kill_primary_while_writing("applied", "", false);
+}
+
+/// `ack_level = "received"`: with the replica's backend stalled, a commit
+/// is acknowledged once it is fsynced in the replica zrelay's spool. Then
+/// the primary zrelay and runzeo die (kill -9), the replica zrelay too, and
+/// a torn record is left at the spool's end: on restart the replica drops
+/// the torn tail and applies the spool, so its backend holds every tid the
+/// writer saw acknowledged although it had not applied them before.
+#[test]
+fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut c = semisync_cluster(
+        Enc::Pickle,
+        "ack_level = \"received\"\nack_timeout_ms = 60000",
+        &format!("data_dir = \"{}\"", spool.path().display()),
+    );
+    let mut w = semisync_py(c.enc(), &["acked-writer", &c.primary.addr().to_string()]).spawn();
+    w.expect_line("READY", Duration::from_secs(60));
+    let base = c.replica.applied_tid();
+    wait_until(SYNC, "the writer to commit through the replica", || {
+        c.replica.applied_tid() != base
+    });
+    // Applies stall; the spool still takes what arrives.
+    c.rzeo.pause();
+    let mut received_only = String::new();
+    wait_until(SYNC, "a commit acknowledged as received only", || {
+        let w = semisync_status(&c)["watermark_tid"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let applied = c.replica.applied_tid().unwrap_or_default();
+        if w > applied {
+            received_only = w;
+            true
+        } else {
+            false
+        }
+    });
+    let applied_then = c.replica.applied_tid().unwrap_or_default();
+    assert!(
+        metric_value(&c.replica.metrics(), "zrelay_replication_spool_bytes") > 0.0,
+        "nothing spooled"
+    );
+    // The writer was told: its commit returned.
+    w.expect_line(&format!("ACK {received_only}"), SYNC);
+    c.primary.kill();
+    c.pzeo.kill();
+    c.replica.kill();
+    w.send_line("stop");
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let newest = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("ACK "))
+        .max()
+        .expect("acknowledged commits")
+        .to_string();
+    assert!(
+        newest > applied_then,
+        "{newest} was applied before the crash"
+    );
+    // A crash mid-append: half a record at the end of the spool.
+    let log = spool.path().join("relay.log");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("spool file");
+    std::io::Write::write_all(&mut f, &[0, 0, 1, 0, 7, 7, 7]).expect("torn tail");
+    drop(f);
+    c.rzeo.resume();
+    c.replica.start();
+    wait_until(SYNC, "the spool applied on the replica", || {
+        c.last_tid(c.rzeo.addr()) >= newest
+    });
+    wait_until(SYNC, "the applied spool emptied", || {
+        metric_value(&c.replica.metrics(), "zrelay_replication_spool_bytes") == 0.0
+    });
+    let log = c.replica.log();
+    assert!(log.contains("dropped a torn tail"), "{log}");
+    assert!(log.contains("spool replayed into the backend"), "{log}");
+}
