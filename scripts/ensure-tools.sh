@@ -3,7 +3,9 @@
 # Python packages (those are scripts/ensure-venv.sh's job):
 #   promtool  (Debian prometheus)        tests/dashboards.rs checks dashboards/zrelay-alerts.yml
 #   etcd      (Debian etcd-server)       tests/coordinator.rs starts real etcd members
-#   protoc    (Debian protobuf-compiler) build time: the etcd-client crate compiles etcd's .proto files
+#   protoc    (Debian protobuf-compiler) build time: the etcd-client crate compiles etcd's .proto files,
+#             which import protobuf's well-known types (Debian libprotobuf-dev, a Recommends we
+#             do not get with --no-install-recommends, so it is checked as a file below)
 #   ip, tc    (Debian iproute2)          tests/support/netns.rs: namespaces, veth, bridge, tbf
 #   nft       (Debian nftables)          tests/support/netns.rs: partitions (drop rules in a namespace)
 #
@@ -40,6 +42,12 @@ for tool in promtool etcd protoc ip tc nft; do
         fi
     fi
 done
+# Not a tool but a file protoc needs: google/protobuf/descriptor.proto & co.
+wkt=/usr/include/google/protobuf/descriptor.proto
+if [[ ! -e "$wkt" ]] && [[ -z "${PROTOC_INCLUDE:-}" ]]; then
+    missing_tools+=("$wkt")
+    missing_pkgs+=(libprotobuf-dev)
+fi
 if [[ ${#missing_tools[@]} -eq 0 ]]; then
     exit 0
 fi
@@ -111,7 +119,7 @@ fi
 
 still=()
 for tool in "${missing_tools[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || still+=("$tool")
+    command -v "$tool" >/dev/null 2>&1 || [[ -e "$tool" ]] || still+=("$tool")
 done
 if [[ ${#still[@]} -ne 0 ]]; then
     echo "ensure-tools: installed ${missing_pkgs[*]} but ${still[*]} still not on PATH" >&2
