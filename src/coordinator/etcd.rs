@@ -33,6 +33,8 @@ struct Task {
     member_lease: Option<i64>,
     leader_lease: Option<i64>,
     leader_epoch: u64,
+    /// Our member record said primary while we held the current leader key.
+    led_as_primary: bool,
     clock: FenceClock,
     /// Last leader seen, to emit Leader/NoLeader only on change.
     seen_leader: Option<Option<LeaderValue>>,
@@ -56,6 +58,7 @@ pub(super) async fn run(
         member_lease: None,
         leader_lease: None,
         leader_epoch: 0,
+        led_as_primary: false,
         clock,
         seen_leader: None,
     };
@@ -68,6 +71,10 @@ pub(super) async fn run(
             m
         };
         if let Err(e) = t.round(&own).await {
+            // Start the next round on a fresh connection: after a partition
+            // heals, a channel whose requests timed out does not always
+            // recover by itself.
+            t.client = None;
             t.snap.send_modify(|s| {
                 s.reachable = false;
                 s.holding = t.clock.holding();
@@ -177,8 +184,11 @@ impl Task {
         if let Some(id) = self.leader_lease {
             let start = Instant::now();
             match self.call("keepalive", keep_alive(c.clone(), id)).await {
-                Ok(left) if left > 0 => self.clock.confirmed(start),
-                Ok(_) => self.fence(FenceReason::Lost).await,
+                Ok(true) => self.clock.confirmed(start),
+                Ok(false) => {
+                    self.fence(FenceReason::Lost).await;
+                    self.leader_lease = None;
+                }
                 Err(e) => {
                     // Keep trying next round; the deadline fences if needed.
                     return Err(err(e));
@@ -189,13 +199,15 @@ impl Task {
         // Member lease and key.
         let member_key = keys::member(&self.cfg.name, &self.me);
         if let Some(id) = self.member_lease {
-            if self
-                .call("keepalive", keep_alive(c.clone(), id))
-                .await
-                .map_err(err)?
-                <= 0
-            {
-                self.member_lease = None;
+            match self.call("keepalive", keep_alive(c.clone(), id)).await {
+                Ok(true) => {}
+                Ok(false) => self.member_lease = None,
+                Err(e) => {
+                    // Maybe expired meanwhile: the next round starts a new one
+                    // (an old lease still alive just expires on its own).
+                    self.member_lease = None;
+                    return Err(err(e));
+                }
             }
         }
         let member_lease = match self.member_lease {
@@ -223,9 +235,16 @@ impl Task {
         .await
         .map_err(err)?;
 
-        // Demoted by the role machinery: give the key back.
-        if own.role == MemberRole::Replica && self.leader_lease.is_some() {
-            self.release_leader(&c).await;
+        // Give the key back when the role machinery demoted us after we led
+        // as primary, or says we may not lead (eligibility withdrawn before
+        // it promoted us). An elected replica still waiting for its promotion
+        // keeps the key.
+        if self.leader_lease.is_some() {
+            if own.role == MemberRole::Primary {
+                self.led_as_primary = true;
+            } else if self.led_as_primary || !own.eligible {
+                self.release_leader(&c).await;
+            }
         }
 
         // Read the whole cluster prefix.
@@ -411,6 +430,7 @@ impl Task {
         metrics::election("won");
         self.leader_lease = Some(lease);
         self.leader_epoch = epoch;
+        self.led_as_primary = own.role == MemberRole::Primary;
         self.clock.confirmed(start);
         metrics::is_leader(true);
         tracing::info!(epoch, "coordinator: took the leader key");
@@ -452,15 +472,15 @@ impl Task {
     }
 }
 
-/// One keep-alive exchange on a fresh stream: the TTL etcd granted (0 when
-/// the lease no longer exists). A fresh stream per call keeps a broken
+/// One keep-alive exchange on a fresh stream (opening the stream sends one
+/// request and waits for its answer): true when etcd renewed the lease, false
+/// when it no longer exists. A fresh stream per call keeps a broken
 /// connection from wedging later renewals.
-async fn keep_alive(mut c: Client, id: i64) -> Result<i64, etcd_client::Error> {
-    let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
-    keeper.keep_alive().await?;
-    match stream.message().await? {
-        Some(r) => Ok(r.ttl()),
-        None => Ok(0),
+async fn keep_alive(mut c: Client, id: i64) -> Result<bool, etcd_client::Error> {
+    match c.lease_keep_alive(id).await {
+        Ok(_) => Ok(true),
+        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -14,6 +14,8 @@
 //! - [`Raw`], [`send_raw`], [`encode_call`] (raw.rs): handcrafted traffic.
 #![allow(dead_code)]
 
+pub mod etcd;
+pub mod netns;
 mod proc;
 mod py;
 mod raw;
