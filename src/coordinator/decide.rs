@@ -95,6 +95,9 @@ pub enum Standoff {
     PrimaryAlive(String),
     /// Our own record is not among the live members yet.
     NotRegistered,
+    /// A replica that started less than one ttl ago: a live primary may not
+    /// have registered yet (cluster start-up), so it does not race it.
+    Settling,
 }
 
 /// What a node with no leader key in sight should do.
@@ -113,7 +116,16 @@ pub enum Plan {
 /// leader ever took. A replica that wins takes one more than everything it
 /// has seen; a primary retaking the key keeps its epoch, but only if nobody
 /// took a newer one meanwhile (then it must follow, not lead).
-pub fn plan(me: &str, live: &[Member], stored_epoch: u64, maintenance: bool) -> Plan {
+///
+/// `settled`: this node's coordinator has been running for at least one ttl
+/// (a primary alive at that time has registered by then).
+pub fn plan(
+    me: &str,
+    live: &[Member],
+    stored_epoch: u64,
+    maintenance: bool,
+    settled: bool,
+) -> Plan {
     if maintenance {
         return Plan::Wait(Standoff::Maintenance);
     }
@@ -136,6 +148,9 @@ pub fn plan(me: &str, live: &[Member], stored_epoch: u64, maintenance: bool) -> 
     }
     if !own.eligible {
         return Plan::Wait(Standoff::NotEligible);
+    }
+    if !settled {
+        return Plan::Wait(Standoff::Settling);
     }
     if let Some(p) = live
         .iter()
@@ -269,10 +284,10 @@ mod tests {
         let live = [far.clone(), near];
         assert_eq!(best_candidate(&live).unwrap().name, "near");
         assert_eq!(
-            plan("far", &live, 1, false),
+            plan("far", &live, 1, false, true),
             Plan::Wait(Standoff::NotEligible)
         );
-        assert_eq!(plan("near", &live, 1, false), Plan::Run { epoch: 2 });
+        assert_eq!(plan("near", &live, 1, false, true), Plan::Run { epoch: 2 });
         assert_eq!(best_candidate(&[far]), None);
     }
 
@@ -281,32 +296,42 @@ mod tests {
         let a = m("a", Replica, true, 0, 10, 3);
         let b = m("b", Replica, true, 0, 9, 3);
         let live = [a.clone(), b.clone()];
-        assert_eq!(plan("a", &live, 3, false), Plan::Run { epoch: 4 });
+        assert_eq!(plan("a", &live, 3, false, true), Plan::Run { epoch: 4 });
         assert_eq!(
-            plan("b", &live, 3, false),
+            plan("b", &live, 3, false, true),
             Plan::Wait(Standoff::NotBest("a".into()))
         );
         // the stored epoch wins over older member epochs
-        assert_eq!(plan("a", &live, 7, false), Plan::Run { epoch: 8 });
-        assert_eq!(plan("a", &live, 3, true), Plan::Wait(Standoff::Maintenance));
+        assert_eq!(plan("a", &live, 7, false, true), Plan::Run { epoch: 8 });
         assert_eq!(
-            plan("zz", &live, 3, false),
+            plan("a", &live, 3, true, true),
+            Plan::Wait(Standoff::Maintenance)
+        );
+        assert_eq!(
+            plan("zz", &live, 3, false, true),
             Plan::Wait(Standoff::NotRegistered)
+        );
+        assert_eq!(
+            plan("a", &live, 3, false, false),
+            Plan::Wait(Standoff::Settling)
         );
         // a live primary retakes; replicas wait for it
         let p = m("p", Primary, true, 0, 10, 3);
         let live = [a.clone(), b, p];
-        assert_eq!(plan("p", &live, 3, false), Plan::Run { epoch: 3 });
+        assert_eq!(plan("p", &live, 3, false, true), Plan::Run { epoch: 3 });
         assert_eq!(
-            plan("a", &live, 3, false),
+            plan("a", &live, 3, false, true),
             Plan::Wait(Standoff::PrimaryAlive("p".into()))
         );
         // a stale primary (someone took a newer epoch) must not retake
-        assert!(matches!(plan("p", &live, 4, false), Plan::Wait(_)));
+        assert!(matches!(plan("p", &live, 4, false, true), Plan::Wait(_)));
         // ... and replicas no longer wait for it
         let stale = m("p", Primary, true, 0, 10, 3);
         let a4 = m("a", Replica, true, 0, 10, 4);
-        assert_eq!(plan("a", &[a4, stale], 4, false), Plan::Run { epoch: 5 });
+        assert_eq!(
+            plan("a", &[a4, stale], 4, false, true),
+            Plan::Run { epoch: 5 }
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ struct Task {
     member_lease: Option<i64>,
     leader_lease: Option<i64>,
     leader_epoch: u64,
+    started: Instant,
     /// Our member record said primary while we held the current leader key.
     led_as_primary: bool,
     clock: FenceClock,
@@ -59,6 +60,7 @@ pub(super) async fn run(
         leader_lease: None,
         leader_epoch: 0,
         led_as_primary: false,
+        started: Instant::now(),
         clock,
         seen_leader: None,
     };
@@ -256,40 +258,13 @@ impl Task {
             })
             .await
             .map_err(err)?;
-        let mut members = Vec::new();
-        let mut leader: Option<(LeaderValue, i64)> = None;
-        let (mut stored_epoch, mut epoch_rev) = (0u64, 0i64);
-        let mut maintenance = false;
-        let (members_prefix, leader_key, epoch_key, maint_key) = (
-            keys::members(&self.cfg.name),
-            keys::leader(&self.cfg.name),
-            keys::epoch(&self.cfg.name),
-            keys::maintenance(&self.cfg.name),
-        );
-        for kv in resp.kvs() {
-            let k = String::from_utf8_lossy(kv.key());
-            if k.starts_with(&members_prefix) {
-                match serde_json::from_slice::<Member>(kv.value()) {
-                    Ok(m) => members.push(m),
-                    Err(e) => {
-                        tracing::warn!(key = %k, error = %e, "coordinator: unreadable member")
-                    }
-                }
-            } else if k == leader_key {
-                match serde_json::from_slice::<LeaderValue>(kv.value()) {
-                    Ok(l) => leader = Some((l, kv.lease())),
-                    Err(e) => tracing::warn!(error = %e, "coordinator: unreadable leader key"),
-                }
-            } else if k == epoch_key {
-                stored_epoch = std::str::from_utf8(kv.value())
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or(0);
-                epoch_rev = kv.mod_revision();
-            } else if k == maint_key {
-                maintenance = true;
-            }
-        }
+        let Parsed {
+            members,
+            mut leader,
+            stored_epoch,
+            epoch_rev,
+            maintenance,
+        } = parse(&self.cfg.name, resp.kvs());
 
         match &leader {
             Some((l, lease)) if Some(*lease) == self.leader_lease && l.node == self.me => {
@@ -303,7 +278,8 @@ impl Task {
         }
         if leader.is_none() && !self.clock.holding() {
             self.leader_lease = None;
-            let plan = decide::plan(&self.me, &members, stored_epoch, maintenance);
+            let settled = self.started.elapsed() >= self.cfg.ttl();
+            let plan = decide::plan(&self.me, &members, stored_epoch, maintenance, settled);
             match plan {
                 Plan::Run { epoch } => {
                     if self
@@ -326,6 +302,7 @@ impl Task {
                     Standoff::NotBest(_) => "not_best",
                     Standoff::PrimaryAlive(_) => "primary_alive",
                     Standoff::NotRegistered => "not_registered",
+                    Standoff::Settling => "settling",
                 }),
             }
         }
@@ -472,6 +449,56 @@ impl Task {
     }
 }
 
+/// What `/<name>/` holds.
+pub(super) struct Parsed {
+    pub members: Vec<Member>,
+    /// The leader value and the id of the lease it is under.
+    pub leader: Option<(LeaderValue, i64)>,
+    pub stored_epoch: u64,
+    /// Mod revision of the epoch key (0: absent), for the election compare.
+    pub epoch_rev: i64,
+    pub maintenance: bool,
+}
+
+pub(super) fn parse(name: &str, kvs: &[etcd_client::KeyValue]) -> Parsed {
+    let mut p = Parsed {
+        members: Vec::new(),
+        leader: None,
+        stored_epoch: 0,
+        epoch_rev: 0,
+        maintenance: false,
+    };
+    let (members_prefix, leader_key, epoch_key, maint_key) = (
+        keys::members(name),
+        keys::leader(name),
+        keys::epoch(name),
+        keys::maintenance(name),
+    );
+    for kv in kvs {
+        let k = String::from_utf8_lossy(kv.key());
+        if k.starts_with(&members_prefix) {
+            match serde_json::from_slice::<Member>(kv.value()) {
+                Ok(m) => p.members.push(m),
+                Err(e) => tracing::warn!(key = %k, error = %e, "coordinator: unreadable member"),
+            }
+        } else if k == leader_key {
+            match serde_json::from_slice::<LeaderValue>(kv.value()) {
+                Ok(l) => p.leader = Some((l, kv.lease())),
+                Err(e) => tracing::warn!(error = %e, "coordinator: unreadable leader key"),
+            }
+        } else if k == epoch_key {
+            p.stored_epoch = std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            p.epoch_rev = kv.mod_revision();
+        } else if k == maint_key {
+            p.maintenance = true;
+        }
+    }
+    p
+}
+
 /// One keep-alive exchange on a fresh stream (opening the stream sends one
 /// request and waits for its answer): true when etcd renewed the lease, false
 /// when it no longer exists. A fresh stream per call keeps a broken
@@ -484,7 +511,7 @@ async fn keep_alive(mut c: Client, id: i64) -> Result<bool, etcd_client::Error> 
     }
 }
 
-fn connect_options(cfg: &CoordinatorConfig) -> Result<ConnectOptions, String> {
+pub(super) fn connect_options(cfg: &CoordinatorConfig) -> Result<ConnectOptions, String> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| format!("coordinator: read {}: {e}", p.display()))
     };

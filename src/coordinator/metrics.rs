@@ -59,7 +59,7 @@ pub fn fenced(reason: &'static str) {
 }
 
 /// `outcome`: won, lost, not_best, maintenance, not_eligible, primary_alive,
-/// not_registered.
+/// not_registered, settling.
 pub fn election(outcome: &'static str) {
     counter!(ELECTIONS, "outcome" => outcome).increment(1);
 }

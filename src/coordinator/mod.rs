@@ -26,7 +26,9 @@
 //! (applied or acknowledged, whichever is newer, so no commit a client saw
 //! acknowledged in semi-sync mode is lost), then priority, then the smaller
 //! name. It waits while a member still reports itself primary in a current
-//! epoch (that one retakes the key), and while the maintenance key exists.
+//! epoch (that one retakes the key), while the maintenance key exists, and
+//! during its first `ttl` after start (at cluster start-up the primary may
+//! not have registered yet).
 //! Running means one etcd transaction: *if* the leader key, the maintenance
 //! key are absent and the epoch key is unchanged since read, *then* put the
 //! leader key (under a fresh lease) and epoch + 1. etcd serializes
@@ -67,6 +69,7 @@
 pub mod decide;
 mod etcd;
 pub mod metrics;
+pub mod view;
 
 use std::path::PathBuf;
 use std::time::Duration;
