@@ -194,6 +194,7 @@ struct Observer {
     log: Log<Change>,
     ns: String,
     endpoints: Vec<String>,
+    opts: etcd_client::ConnectOptions,
     stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
@@ -203,10 +204,14 @@ impl Observer {
         let log: Log<Change> = Arc::default();
         let stop = CancellationToken::new();
         let (l, s, eps) = (log.clone(), stop.clone(), etcd.endpoints());
+        let opts = etcd.connect_options();
+        let o = opts.clone();
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let r = ready.clone();
         let thread = in_ns(&etcd.ns, move || async move {
-            let mut c = Client::connect(eps, None).await.expect("observer connect");
+            let mut c = Client::connect(eps, Some(o))
+                .await
+                .expect("observer connect");
             let mut w = c
                 .watch(
                     format!("/{CLUSTER}/"),
@@ -241,6 +246,7 @@ impl Observer {
             log,
             ns: etcd.ns.clone(),
             endpoints: etcd.endpoints(),
+            opts,
             stop,
             thread: Some(thread),
         }
@@ -264,13 +270,13 @@ impl Observer {
 
     /// Current value of a key (a direct read, not the log).
     fn get(&self, key: &str) -> Option<(String, i64)> {
-        let (eps, key) = (self.endpoints.clone(), key.to_string());
+        let (eps, key, opts) = (self.endpoints.clone(), key.to_string(), self.opts.clone());
         in_ns(&self.ns, move || async move {
             // One endpoint at a time: some members may have been killed.
             let mut last = None;
             for ep in eps {
                 let r = async {
-                    let mut c = Client::connect([ep], None).await?;
+                    let mut c = Client::connect([ep], Some(opts.clone())).await?;
                     c.get(key.clone(), None).await
                 }
                 .await;
@@ -626,4 +632,62 @@ fn etcd_leader_killed_causes_no_failover() {
             .all(|(_, (k, v))| k != &key("leader") || v.is_some()),
         "the leader key was deleted"
     );
+}
+
+/// etcd with TLS and client-certificate auth: a node with a certificate of
+/// the cluster CA registers and leads; one from another CA is refused and
+/// its error shows in its view.
+#[test]
+fn etcd_over_mutual_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    for (dir, names) in [
+        (certs.path(), &["etcd", "p"][..]),
+        (other.path(), &["q"][..]),
+    ] {
+        zrelay::certgen::ensure_ca(dir).unwrap();
+        for n in names {
+            zrelay::certgen::issue_node(dir, n, 1).unwrap();
+        }
+    }
+    let mut net = Net::new();
+    let ens = net.node(ETCD_HOST);
+    let etcd = Etcd::start_with(&ens, &Net::addr(ETCD_HOST), 1, Some(certs.path().into()));
+    let obs = Observer::start(&etcd);
+    let tls_cfg = |dir: &std::path::Path, name: &str| {
+        let mut c = config(&etcd.endpoints(), 4);
+        let f = |n: String| Some(dir.join(n));
+        c.tls = Some(coordinator::EtcdTls {
+            ca_file: certs.path().join("ca.pem"),
+            cert_file: f(format!("{name}.pem")),
+            key_file: f(format!("{name}-key.pem")),
+            server_name: Some("etcd".into()),
+        });
+        c.check().unwrap();
+        c
+    };
+    let (pn, qn) = (net.node(1), net.node(2));
+    let p = Node::start(
+        &pn,
+        "p",
+        tls_cfg(certs.path(), "p"),
+        member(MemberRole::Primary, true, 0, 1, 1),
+    );
+    let q = Node::start(
+        &qn,
+        "q",
+        tls_cfg(other.path(), "q"),
+        member(MemberRole::Replica, true, 0, 1, 1),
+    );
+    p.wait_event("holding over TLS", |e| *e == Event::Holding { epoch: 1 });
+    obs.wait("p registered", &key("members/p"), |v| v.is_some());
+    let err = wait_for(Duration::from_secs(30), "q's TLS error", || {
+        q.snapshot.borrow().last_error.clone()
+    });
+    assert!(
+        obs.get(&key("members/q")).is_none(),
+        "q registered with a foreign certificate"
+    );
+    assert!(q.events().is_empty(), "q saw the cluster: {:?}", q.events());
+    eprintln!("q refused: {err}");
 }

@@ -523,6 +523,9 @@ pub(super) fn connect_options(cfg: &CoordinatorConfig) -> Result<ConnectOptions,
         .with_keep_alive_while_idle(true);
     if let Some(t) = &cfg.tls {
         let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&t.ca_file)?));
+        if let Some(n) = &t.server_name {
+            tls = tls.domain_name(n.clone());
+        }
         if let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) {
             tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
         }

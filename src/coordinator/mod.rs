@@ -128,6 +128,10 @@ pub struct EtcdTls {
     pub cert_file: Option<PathBuf>,
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// Name to verify in etcd's certificate instead of the endpoint's host
+    /// (for endpoints given as IP addresses whose certificates carry names).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 fn default_name() -> String {

@@ -19,6 +19,7 @@ pub struct EtcdMember {
 pub struct Etcd {
     pub ns: String,
     pub members: Vec<EtcdMember>,
+    pub tls: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -26,6 +27,14 @@ impl Etcd {
     /// `n` members in namespace `ns`, all on `ip` (client port 2379 + 2k,
     /// peer port 2380 + 2k). Returns once every member answers `status`.
     pub fn start(ns: &str, ip: &str, n: usize) -> Etcd {
+        Self::start_with(ns, ip, n, None)
+    }
+
+    /// With `tls = Some(dir)`: clients must use https and a certificate from
+    /// the CA in `dir` (`ca.pem`); the server presents `dir/etcd.pem` (issued
+    /// for the name "etcd"). Peers stay on plain http inside the namespace.
+    pub fn start_with(ns: &str, ip: &str, n: usize, tls: Option<PathBuf>) -> Etcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = super::temp_dir("zrelay-etcd");
         let peers: Vec<(String, String)> = (0..n)
             .map(|k| (format!("m{k}"), format!("http://{ip}:{}", 2380 + 2 * k)))
@@ -37,7 +46,7 @@ impl Etcd {
             .join(",");
         let mut members = Vec::new();
         for (k, (name, peer)) in peers.iter().enumerate() {
-            let client_url = format!("http://{ip}:{}", 2379 + 2 * k);
+            let client_url = format!("{scheme}://{ip}:{}", 2379 + 2 * k);
             let log = dir.path().join(format!("{name}.log"));
             let data = dir.path().join(format!("{name}.etcd"));
             let mut cmd = Net::cmd(ns, "etcd");
@@ -67,6 +76,16 @@ impl Etcd {
                 "--log-level",
                 "warn",
             ]);
+            if let Some(d) = &tls {
+                let f = |n: &str| d.join(n).display().to_string();
+                cmd.args([
+                    "--cert-file",
+                    &f("etcd.pem"),
+                    "--key-file",
+                    &f("etcd-key.pem"),
+                ]);
+                cmd.args(["--trusted-ca-file", &f("ca.pem"), "--client-cert-auth"]);
+            }
             // ETCD_UNSUPPORTED_ARCH etc. are not needed on amd64; keep the
             // environment clean of ETCD_* from the caller.
             for (k, _) in std::env::vars() {
@@ -85,6 +104,7 @@ impl Etcd {
         let e = Etcd {
             ns: ns.to_string(),
             members,
+            tls,
             _dir: dir,
         };
         for k in 0..n {
@@ -108,10 +128,8 @@ impl Etcd {
     /// answer or knows no leader.
     pub fn status(&self, k: usize) -> Option<(u64, u64)> {
         let url = self.members[k].client_url.clone();
+        let opts = self.connect_options();
         in_ns(&self.ns, move || async move {
-            let opts = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(1))
-                .with_timeout(Duration::from_secs(1));
             let mut c = etcd_client::Client::connect([url], Some(opts)).await.ok()?;
             let s = c.status().await.ok()?;
             let id = s.header()?.member_id();
@@ -119,6 +137,23 @@ impl Etcd {
         })
         .join()
         .expect("status thread")
+    }
+
+    /// Options for a test client (with the "p" client certificate under TLS).
+    pub fn connect_options(&self) -> etcd_client::ConnectOptions {
+        let mut o = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(1));
+        if let Some(d) = &self.tls {
+            let r = |n: &str| std::fs::read(d.join(n)).expect("read test certificate");
+            o = o.with_tls(
+                etcd_client::TlsOptions::new()
+                    .domain_name("etcd")
+                    .ca_certificate(etcd_client::Certificate::from_pem(r("ca.pem")))
+                    .identity(etcd_client::Identity::from_pem(r("p.pem"), r("p-key.pem"))),
+            );
+        }
+        o
     }
 
     /// Index of the member that is the raft leader now.
