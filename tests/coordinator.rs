@@ -691,3 +691,68 @@ fn etcd_over_mutual_tls() {
     assert!(q.events().is_empty(), "q saw the cluster: {:?}", q.events());
     eprintln!("q refused: {err}");
 }
+
+/// etcd v3 auth: a node with `username` + `password_file` registers and
+/// leads within its permitted prefix; a wrong password is refused.
+#[test]
+fn etcd_with_user_and_password() {
+    let mut net = Net::new();
+    let ens = net.node(ETCD_HOST);
+    let etcd = Etcd::start(&ens, &Net::addr(ETCD_HOST), 1);
+    let eps = etcd.endpoints();
+    let e2 = eps.clone();
+    in_ns(&ens, move || async move {
+        let mut c = Client::connect(e2, None).await.expect("connect");
+        c.user_add("root", "rootpw", None).await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.role_add("zr").await.unwrap();
+        let perm = etcd_client::Permission::read_write(format!("/{CLUSTER}/")).with_prefix();
+        c.role_grant_permission("zr", perm).await.unwrap();
+        c.user_add("zr", "s3cret", None).await.unwrap();
+        c.user_grant_role("zr", "zr").await.unwrap();
+        c.auth_enable().await.unwrap();
+    })
+    .join()
+    .expect("set up etcd auth");
+    let dir = tempfile::tempdir().unwrap();
+    let with_password = |pw: &str, file: &str| {
+        let path = dir.path().join(file);
+        std::fs::write(&path, format!("{pw}\n")).unwrap();
+        let mut c = config(&eps, 4);
+        c.username = Some("zr".into());
+        c.password_file = Some(path);
+        c.check().unwrap();
+        c
+    };
+    let (pn, qn) = (net.node(1), net.node(2));
+    let p = Node::start(
+        &pn,
+        "p",
+        with_password("s3cret", "good"),
+        member(MemberRole::Primary, true, 0, 1, 1),
+    );
+    let q = Node::start(
+        &qn,
+        "q",
+        with_password("wrong", "bad"),
+        member(MemberRole::Replica, true, 0, 1, 1),
+    );
+    p.wait_event("holding with auth", |e| *e == Event::Holding { epoch: 1 });
+    wait_for(Duration::from_secs(30), "p sees itself registered", || {
+        p.snapshot
+            .borrow()
+            .members
+            .iter()
+            .any(|m| m.name == "p")
+            .then_some(())
+    });
+    let err = wait_for(Duration::from_secs(30), "q's auth error", || {
+        q.snapshot.borrow().last_error.clone()
+    });
+    assert!(q.events().is_empty(), "q saw the cluster: {:?}", q.events());
+    assert!(
+        p.snapshot.borrow().members.iter().all(|m| m.name != "q"),
+        "q registered with a wrong password"
+    );
+    eprintln!("q refused: {err}");
+}
