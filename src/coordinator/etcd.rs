@@ -520,7 +520,9 @@ pub(super) fn connect_options(cfg: &CoordinatorConfig) -> Result<ConnectOptions,
         .with_connect_timeout(wait)
         .with_timeout(wait)
         .with_keep_alive(wait, wait)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // etcd auth tokens expire (--auth-token-ttl, 5 min by default).
+        .with_auto_token_refresh(true);
     if let Some(t) = &cfg.tls {
         let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&t.ca_file)?));
         if let Some(n) = &t.server_name {
