@@ -103,6 +103,16 @@ impl Task {
         }
     }
 
+    /// Never waits for the consumer: a slow role machinery must not delay
+    /// the fencing timer. (Events are a few per leader change; a full
+    /// channel means the consumer is stuck, and `ClusterSnapshot::holding`
+    /// still tells the truth.)
+    fn emit(&self, e: Event) {
+        if let Err(e) = self.events.try_send(e) {
+            tracing::error!(event = ?e, "coordinator: event channel full or closed; event dropped");
+        }
+    }
+
     async fn fence(&mut self, reason: FenceReason) {
         if !self.clock.holding() {
             return;
@@ -118,7 +128,7 @@ impl Task {
             "coordinator: fencing (leader lease not renewed in time)"
         );
         self.snap.send_modify(|s| s.holding = false);
-        let _ = self.events.send(Event::Fence { reason }).await;
+        self.emit(Event::Fence { reason });
     }
 
     /// One etcd call: bounded by `loop_wait`, raced against the fencing
@@ -315,18 +325,11 @@ impl Task {
             self.seen_leader = Some(seen.clone());
             match &seen {
                 Some(l) if l.node == self.me && self.clock.holding() => {}
-                Some(l) => {
-                    let _ = self
-                        .events
-                        .send(Event::Leader {
-                            node: l.node.clone(),
-                            epoch: l.epoch,
-                        })
-                        .await;
-                }
-                None => {
-                    let _ = self.events.send(Event::NoLeader).await;
-                }
+                Some(l) => self.emit(Event::Leader {
+                    node: l.node.clone(),
+                    epoch: l.epoch,
+                }),
+                None => self.emit(Event::NoLeader),
             }
         }
 
@@ -416,7 +419,7 @@ impl Task {
         } else {
             Event::Elected { epoch }
         };
-        let _ = self.events.send(ev).await;
+        self.emit(ev);
         Ok(true)
     }
 

@@ -259,6 +259,9 @@ pub enum Event {
 }
 
 /// What the coordinator last saw in etcd (for `zrelay status` and `/status`).
+/// `holding` is the level-triggered truth the role machinery may also poll:
+/// it turns false the moment the node fences (events are edge notifications,
+/// sent without waiting, so a stuck consumer never delays a fence).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ClusterSnapshot {
     /// Whether the last round reached etcd.
