@@ -42,6 +42,27 @@ fn run(args: &[&str]) {
     );
 }
 
+/// Namespaces left by test processes that were killed before their `Net`
+/// was dropped (named `zr<pid>x...`, pid no longer running).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name
+            .strip_prefix("zr")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
 /// A test's private network: a hub namespace with a bridge, and nodes.
 pub struct Net {
     tag: String,
@@ -52,6 +73,7 @@ pub struct Net {
 impl Net {
     pub fn new() -> Net {
         require_root();
+        remove_stale();
         let tag = format!(
             "zr{}x{}",
             std::process::id(),
