@@ -14,10 +14,11 @@ TEST_THREADS ?= 4
 
 all: build
 
-build:
+# protoc (etcd-client's build script) comes from scripts/ensure-tools.sh.
+build: tools
 	$(CARGO) build
 
-release:
+release: tools
 	$(CARGO) build --release
 
 venv:

@@ -77,7 +77,7 @@ scripts/ensure-venv.sh
     -d docker/wheels -r requirements.txt
 step "wheels for the image: $(ls docker/wheels/*.whl | wc -l) files in docker/wheels/"
 
-[[ -x target/release/zrelay ]] || cargo build --release
+[[ -x target/release/zrelay ]] || { scripts/ensure-tools.sh && cargo build --release; }
 install -m 0755 target/release/zrelay "$work/zrelay"
 strip "$work/zrelay"
 step "stripped host binary: $(du -h "$work/zrelay" | cut -f1)"

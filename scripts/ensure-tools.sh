@@ -1,22 +1,60 @@
 #!/usr/bin/env bash
-# Install the external tools the tests run that are not Python packages
-# (those are scripts/ensure-venv.sh's job). Today: promtool, which
-# tests/dashboards.rs uses to check and unit-test dashboards/zrelay-alerts.yml.
+# Install the external tools the build and the tests need that are not
+# Python packages (those are scripts/ensure-venv.sh's job):
+#   promtool  (Debian prometheus)        tests/dashboards.rs checks dashboards/zrelay-alerts.yml
+#   etcd      (Debian etcd-server)       tests/coordinator.rs starts real etcd members
+#   protoc    (Debian protobuf-compiler) build time: the etcd-client crate compiles etcd's .proto files,
+#             which import protobuf's well-known types (Debian libprotobuf-dev, a Recommends we
+#             do not get with --no-install-recommends, so it is checked as a file below)
+#   ip, tc    (Debian iproute2)          tests/support/netns.rs: namespaces, veth, bridge, tbf
+#   nft       (Debian nftables)          tests/support/netns.rs: partitions (drop rules in a namespace)
 #
 # Fast path: every tool already on PATH -> do nothing and print nothing.
-# Otherwise install from the distribution (Debian/Ubuntu: package
-# `prometheus` ships /usr/bin/promtool), without starting the prometheus
-# service the package would otherwise enable.
+# Otherwise install every missing one from the distribution in ONE apt-get
+# call, without starting the services some of these packages would enable
+# (prometheus, etcd).
 # Usage: scripts/ensure-tools.sh   (needs root or sudo on the slow path)
 set -euo pipefail
 
-if command -v promtool >/dev/null 2>&1; then
+# tool -> Debian package
+declare -A pkg_of=(
+    [promtool]=prometheus
+    [etcd]=etcd-server
+    [protoc]=protobuf-compiler
+    [ip]=iproute2
+    [tc]=iproute2
+    [nft]=nftables
+)
+# Services the packages above enable; only their binaries are wanted.
+services=(prometheus.service etcd.service)
+
+# /usr/sbin is not on every root PATH (sudo, cron); ip/tc/nft live there.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+missing_tools=()
+missing_pkgs=()
+for tool in promtool etcd protoc ip tc nft; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        missing_tools+=("$tool")
+        p="${pkg_of[$tool]}"
+        if [[ " ${missing_pkgs[*]-} " != *" $p "* ]]; then
+            missing_pkgs+=("$p")
+        fi
+    fi
+done
+# Not a tool but a file protoc needs: google/protobuf/descriptor.proto & co.
+wkt=/usr/include/google/protobuf/descriptor.proto
+if [[ ! -e "$wkt" ]] && [[ -z "${PROTOC_INCLUDE:-}" ]]; then
+    missing_tools+=("$wkt")
+    missing_pkgs+=(libprotobuf-dev)
+fi
+if [[ ${#missing_tools[@]} -eq 0 ]]; then
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "ensure-tools: promtool is missing and this is not a Debian-like system;" >&2
-    echo "ensure-tools: install it from https://prometheus.io/download/ (it ships in the prometheus tarball)" >&2
+    echo "ensure-tools: missing ${missing_tools[*]} and this is not a Debian-like system;" >&2
+    echo "ensure-tools: install the equivalents of: ${missing_pkgs[*]}" >&2
     exit 1
 fi
 
@@ -25,23 +63,26 @@ if [[ "$(id -u)" != 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then
         sudo=(sudo)
     else
-        echo "ensure-tools: promtool is missing; run as root: apt-get install prometheus" >&2
+        echo "ensure-tools: missing ${missing_tools[*]}; run as root: apt-get install ${missing_pkgs[*]}" >&2
         exit 1
     fi
 fi
 
-echo "ensure-tools: installing promtool (Debian package prometheus)" >&2
+echo "ensure-tools: installing ${missing_tools[*]} (Debian packages: ${missing_pkgs[*]})" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq
     -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
 
 # Package lists may be absent (slim images) or stale: update only when apt
-# does not know a candidate for the package.
-if ! apt-cache policy prometheus 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-    "${apt[@]}" update >/dev/null
-fi
+# does not know a candidate for one of the packages.
+for p in "${missing_pkgs[@]}"; do
+    if ! apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        "${apt[@]}" update >/dev/null
+        break
+    fi
+done
 
-# Keep the package's maintainer scripts from starting a prometheus service:
+# Keep the packages' maintainer scripts from starting services:
 # invoke-rc.d consults /usr/sbin/policy-rc.d, and 101 means "action not
 # allowed". Container images often have one already; only add (and later
 # remove) ours if there is none.
@@ -56,20 +97,32 @@ else
 fi
 
 # dpkg and debconf chatter goes to a log that is shown only on failure.
-if ! "${apt[@]}" install -y --no-install-recommends prometheus >"$log" 2>&1; then
+if ! "${apt[@]}" install -y --no-install-recommends "${missing_pkgs[@]}" >"$log" 2>&1; then
     cat "$log" >&2
-    echo "ensure-tools: apt-get install prometheus failed" >&2
+    echo "ensure-tools: apt-get install ${missing_pkgs[*]} failed" >&2
     exit 1
 fi
 
-# The package enables prometheus.service for the next boot; only promtool
-# is wanted here.
+# The packages enable their services for the next boot (and, without
+# policy-rc.d, would have started them now). Stop and disable them; tests
+# start their own etcd members on their own ports.
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
-    "${sudo[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    for s in "${services[@]}"; do
+        "${sudo[@]}" systemctl disable --now "$s" >/dev/null 2>&1 || true
+    done
+fi
+# Without systemd (containers) a policy-rc.d that already existed may still
+# have allowed the sysvinit script to start etcd: stop it the same way.
+if [[ -x /etc/init.d/etcd ]] && pgrep -x etcd >/dev/null 2>&1; then
+    "${sudo[@]}" /etc/init.d/etcd stop >/dev/null 2>&1 || true
 fi
 
-if ! command -v promtool >/dev/null 2>&1; then
-    echo "ensure-tools: installed prometheus but promtool is still not on PATH" >&2
+still=()
+for tool in "${missing_tools[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || [[ -e "$tool" ]] || still+=("$tool")
+done
+if [[ ${#still[@]} -ne 0 ]]; then
+    echo "ensure-tools: installed ${missing_pkgs[*]} but ${still[*]} still not on PATH" >&2
     exit 1
 fi
-echo "ensure-tools: $(promtool --version 2>&1 | head -n1)" >&2
+echo "ensure-tools: installed ${missing_tools[*]}" >&2

@@ -56,6 +56,9 @@ pub struct Config {
     /// How this node routes client sessions (see `crate::door`).
     #[serde(default)]
     pub door: crate::door::DoorConfig,
+    /// Absent: static roles, manual switchover (see `crate::coordinator`).
+    #[serde(default)]
+    pub coordinator: Option<crate::coordinator::CoordinatorConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -446,6 +449,9 @@ impl Config {
             key,
             message,
         };
+        if let Some(c) = &self.coordinator {
+            c.check().map_err(|(key, message)| invalid(key, message))?;
+        }
         if self.client.max_message_bytes < 1024 {
             return Err(invalid(
                 "client.max_message_bytes",

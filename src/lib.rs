@@ -9,6 +9,7 @@ pub mod certgen;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod coordinator;
 pub mod door;
 pub mod live;
 pub mod metrics;

@@ -103,8 +103,26 @@ enum Command {
     },
     /// Show every node's role, state and lag (like `patronictl list`).
     Status {
-        #[arg(long = "admin", required = true)]
+        #[arg(long = "admin", required_unless_present = "config")]
         admins: Vec<String>,
+        /// A node's config file with [coordinator]: show the cluster as etcd
+        /// sees it (leader, epoch, lease time left, members).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Pause automatic failover (maintenance mode, stored in etcd).
+    Pause {
+        /// A node's config file with [coordinator].
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Stored as the maintenance key's value, for whoever looks.
+        #[arg(long, default_value = "paused by zrelay pause")]
+        reason: String,
+    },
+    /// Resume automatic failover (clears maintenance mode).
+    Resume {
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Stop accepting new client sessions on a node; open ones end at their
     /// next safe point (POST /drain). Exit 0 done, 1 refused, 2 unreachable.
@@ -197,6 +215,22 @@ fn control(
     })
 }
 
+/// The `[coordinator]` section of a node's config file, or exit 2.
+fn coordinator_config(
+    path: &std::path::Path,
+) -> Result<zrelay::coordinator::CoordinatorConfig, ExitCode> {
+    match zrelay::config::Config::load(path) {
+        Ok(c) => c.coordinator.ok_or_else(|| {
+            eprintln!("zrelay: {}: no [coordinator] section", path.display());
+            ExitCode::from(2)
+        }),
+        Err(e) => {
+            eprintln!("zrelay: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn block_on(f: impl std::future::Future<Output = i32>) -> ExitCode {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -277,7 +311,36 @@ fn main() -> ExitCode {
             };
             block_on(async move { zrelay::replication::clone::run_command(args).await })
         }
-        Command::Status { admins } => block_on(zrelay::admin::cli::status_command(&admins)),
+        Command::Status { admins, config } => {
+            let coord = match config.as_deref().map(coordinator_config).transpose() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            block_on(async move {
+                let mut code = 0;
+                if let Some(c) = &coord {
+                    code = zrelay::coordinator::view::status_command(c).await;
+                }
+                if !admins.is_empty() {
+                    code = code.max(zrelay::admin::cli::status_command(&admins).await);
+                }
+                code
+            })
+        }
+        Command::Pause { config, reason } => match coordinator_config(&config) {
+            Ok(c) => block_on(async move {
+                zrelay::coordinator::view::set_maintenance(&c, true, &reason).await
+            }),
+            Err(code) => code,
+        },
+        Command::Resume { config } => {
+            match coordinator_config(&config) {
+                Ok(c) => block_on(async move {
+                    zrelay::coordinator::view::set_maintenance(&c, false, "").await
+                }),
+                Err(code) => code,
+            }
+        }
         Command::Check {
             admin,
             max_lag,

@@ -389,6 +389,15 @@ async fn serve(
         version = env!("CARGO_PKG_VERSION"),
         "zrelay serving ZEO clients"
     );
+    if let Some(c) = &cfg.coordinator {
+        // Not wired into the role yet (issue 9 builds on issue 8's role
+        // machinery); say so rather than pretend to fail over.
+        tracing::warn!(
+            endpoints = ?c.endpoints,
+            "[coordinator] is configured but automatic failover is not active yet: \
+             roles stay static; `zrelay status/pause/resume --config` use etcd"
+        );
+    }
     let limits = SessionLimits {
         max_message_bytes: cfg.client.max_message_bytes,
         handshake_timeout: cfg.client.handshake_timeout(),

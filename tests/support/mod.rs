@@ -11,9 +11,14 @@
 //! - [`Relay`] (relay.rs): `zrelay run --config FILE`;
 //! - [`py`], [`scenario`], [`Py`] (py.rs): `tests/py` scripts, also
 //!   interactive ones driven line by line;
-//! - [`Raw`], [`send_raw`], [`encode_call`] (raw.rs): handcrafted traffic.
+//! - [`Raw`], [`send_raw`], [`encode_call`] (raw.rs): handcrafted traffic;
+//! - [`netns::Net`] (netns.rs): private namespaces + bridge, partitions with
+//!   nftables, code run inside a namespace ([`netns::in_ns`]); root only;
+//! - [`etcd::Etcd`] (etcd.rs): real etcd members (one or three) in a namespace.
 #![allow(dead_code)]
 
+pub mod etcd;
+pub mod netns;
 mod proc;
 mod py;
 mod raw;
