@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod relay;
 pub mod reload;
 pub mod replication;
+pub mod role;
 pub mod server;
 pub mod status;
 pub mod verify;
