@@ -56,6 +56,11 @@ pub struct Config {
     /// How this node routes client sessions (see `crate::door`).
     #[serde(default)]
     pub door: crate::door::DoorConfig,
+    /// Where the node keeps its own durable state (the role state file
+    /// `role.json`: role, cluster epoch, history). Absent: role changes are
+    /// not persisted (the configured role is used at every start).
+    #[serde(default)]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -117,6 +122,10 @@ pub struct ReplicationConfig {
     /// getInvalidations answers (older client caches are dropped).
     #[serde(default = "default_applied_log_txns")]
     pub applied_log_txns: usize,
+    /// Promotion eligibility of this node: a priority (higher preferred)
+    /// or "never" (a remote replica that must not take over).
+    #[serde(default)]
+    pub promotion: crate::role::Promotion,
     pub tls: crate::replication::tls::TlsFiles,
 }
 

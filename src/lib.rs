@@ -17,6 +17,7 @@ pub mod relay;
 pub mod reload;
 pub mod replication;
 pub mod role;
+pub mod rolectl;
 pub mod server;
 pub mod status;
 pub mod verify;

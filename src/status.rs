@@ -87,6 +87,13 @@ pub struct NodeStatus {
     pub upstream_roster: Vec<crate::replication::protocol::RosterEntry>,
     /// Writer: `control::Control::drain`. No new client sessions accepted.
     pub draining: bool,
+    /// Writer: the primary feed: each replica's promotion eligibility, as
+    /// its Hello announced it (absent: an older build, never a target).
+    #[serde(skip)]
+    pub replica_promotion: BTreeMap<String, crate::role::Promotion>,
+    /// Writer: the role controller (`crate::rolectl`): the detailed role,
+    /// the cluster epoch and the role-change history.
+    pub role_state: Option<crate::role::RoleState>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -124,6 +131,8 @@ impl StatusHub {
                 door: None,
                 upstream_roster: Vec::new(),
                 draining: false,
+                replica_promotion: BTreeMap::new(),
+                role_state: None,
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

@@ -267,6 +267,8 @@ pub(crate) mod tests {
             door: None,
             upstream_roster: Vec::new(),
             draining: false,
+            replica_promotion: BTreeMap::new(),
+            role_state: None,
             started: None,
         }
     }

@@ -239,6 +239,12 @@ pub struct ListenerConfig {
     pub doors: Option<DoorSink>,
     /// The backend's files for `zrelay clone` (None: clones are refused).
     pub clone_source: Option<CloneSource>,
+    /// The node's epoch (None: 0, as before epochs existed).
+    pub role: Option<Arc<crate::role::fence::RoleCell>>,
+    /// Set by the role controller at a switchover: once a replica has been
+    /// sent every transaction up to the tid, it is sent the message (a
+    /// [`StreamMsg::Handover`]) and its stream ends.
+    pub handover: Option<watch::Receiver<Option<(StreamMsg, Tid)>>>,
 }
 
 /// Accepts replica connections until shutdown. A refused or failed peer
@@ -457,6 +463,17 @@ async fn admit_door<S>(
             R::WrongStorage,
             format!("door serves storage {:?}", door.storage),
         ))
+    } else if let Some(e) = door
+        .epoch
+        .filter(|e| cfg.role.as_ref().is_some_and(|r| *e < r.epoch()))
+    {
+        Some((
+            R::StaleEpoch,
+            format!(
+                "door is at epoch {e}, this node at epoch {}",
+                cfg.role.as_ref().map(|r| r.epoch()).unwrap_or(0)
+            ),
+        ))
     } else if status.role() != crate::status::Role::Primary && !door.read_only {
         // A replica takes read-only sessions from other doors (its own door
         // decides where they are served); writers only go to the primary.
@@ -522,6 +539,14 @@ where
     let mut live = feed.commits.subscribe();
     let (mut rh, mut wh) = tokio::io::split(stream);
     let max = cfg.max_message_bytes;
+    status.update(|s| match hello.promotion {
+        Some(p) => {
+            s.replica_promotion.insert(name.to_string(), p);
+        }
+        None => {
+            s.replica_promotion.remove(name);
+        }
+    });
     if hello.client_addr.is_some() || hello.replication_addr.is_some() {
         status.update(|s| {
             s.replica_adverts.insert(
@@ -550,7 +575,8 @@ where
             None => None,
         }
     };
-    let mut state = SenderState::new(cfg.sender.clone());
+    let mut state = SenderState::new(cfg.sender.clone())
+        .with_epoch(cfg.role.as_ref().map(|r| r.epoch()).unwrap_or(0));
     let mut wbuf = BytesMut::with_capacity(64 * 1024);
     let known_last = *feed.last_tid.borrow();
     match state.on_hello(&hello, primary_last.max(known_last), digest, Instant::now()) {
@@ -610,6 +636,8 @@ where
         }
     });
     let features_pack = hello.features.iter().any(|f| f == protocol::FEATURE_PACK);
+    let features_roles = hello.features.iter().any(|f| f == protocol::FEATURE_ROLES);
+    let mut handover = cfg.handover.clone();
     let mut packs = PackGate::new(feed.packs.clone(), features_pack, hello.last_tid);
     let result = stream_loop(
         &mut state,
@@ -624,6 +652,7 @@ where
         &peer_addr,
         status,
         cfg.cluster.as_deref(),
+        (&mut handover, features_roles),
         &shutdown,
     )
     .await;
@@ -645,6 +674,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     peer_addr: &str,
     status: &StatusHub,
     cluster: Option<&crate::cluster::ClusterView>,
+    (handover, understands): (&mut Option<HandoverRx>, bool),
     shutdown: &CancellationToken,
 ) -> Result<(), StreamError> {
     let mut next_roster = Instant::now();
@@ -701,6 +731,21 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
         if state.mode() != SenderMode::Live && state.mode() != SenderMode::CatchingUp {
             return Ok(());
         }
+        let due = handover
+            .as_ref()
+            .and_then(|h| h.borrow().clone())
+            .filter(|(_, upto)| state.last_sent() >= *upto);
+        if let Some((msg, upto)) = due {
+            // Everything this primary committed was sent: hand over, end.
+            if understands {
+                protocol::encode(&msg, wbuf)?;
+                wh.write_all(wbuf).await?;
+                wbuf.clear();
+            }
+            wh.flush().await?;
+            info!(replica = name, upto = %tid_hex(&upto), told = understands, "switchover: stream handed over");
+            return Ok(());
+        }
         let mut wake = state
             .next_wakeup()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
@@ -722,8 +767,20 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             open = packs.changed(), if packs.is_open() => if open {
                 packs.on_changed()
             },
+            r = handover_changed(handover) => if r.is_err() {
+                *handover = None;
+            },
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+    }
+}
+
+type HandoverRx = watch::Receiver<Option<(StreamMsg, Tid)>>;
+
+async fn handover_changed(h: &mut Option<HandoverRx>) -> Result<(), watch::error::RecvError> {
+    match h {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

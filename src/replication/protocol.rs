@@ -67,14 +67,25 @@ pub struct Hello {
     /// is sent none of them.
     #[serde(default)]
     pub features: Vec<String>,
+    /// The newest cluster epoch the replica knows (see `crate::role`); a
+    /// feeder that knows only an older one is stale and refuses. None from
+    /// older builds.
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// The replica's promotion eligibility (`promotion` in its config):
+    /// None from older builds, which are never switched over to.
+    #[serde(default)]
+    pub promotion: Option<crate::role::Promotion>,
 }
 
 /// Feature: the replica executes [`StreamMsg::Pack`].
 pub const FEATURE_PACK: &str = "pack";
+/// Feature: the replica understands [`StreamMsg::Handover`].
+pub const FEATURE_ROLES: &str = "roles";
 
 /// The features this build's replica announces.
 pub fn replica_features() -> Vec<String> {
-    vec![FEATURE_PACK.to_string()]
+    vec![FEATURE_PACK.to_string(), FEATURE_ROLES.to_string()]
 }
 
 /// A door's opening message: instead of a replication stream, relay one ZEO
@@ -91,6 +102,10 @@ pub struct DoorHello {
     /// The client registered read-only (a routed reader) or read-write (a
     /// forwarded writer).
     pub read_only: bool,
+    /// The door's cluster epoch; a node at a newer one refuses (None: an
+    /// older build, accepted).
+    #[serde(default)]
+    pub epoch: Option<u64>,
 }
 
 /// One node as the cluster view reports it (see `crate::cluster`).
@@ -148,6 +163,9 @@ pub enum RefuseReason {
     Protocol,
     /// A clone was asked of a node that has no `[backend] data_fs`.
     CloneUnavailable,
+    /// The peer's cluster epoch is older than this node's (or the feeder's
+    /// is older than the replica's): a fenced-out node.
+    StaleEpoch,
 }
 
 impl RefuseReason {
@@ -161,6 +179,7 @@ impl RefuseReason {
             RefuseReason::Busy => "busy",
             RefuseReason::Protocol => "protocol",
             RefuseReason::CloneUnavailable => "clone_unavailable",
+            RefuseReason::StaleEpoch => "stale_epoch",
         }
     }
 }
@@ -182,6 +201,10 @@ pub enum StreamMsg {
         node: String,
         #[serde(with = "serde_bin::array")]
         primary_last_tid: Tid,
+        /// The feeder's cluster epoch; a replica at a newer one refuses
+        /// it. None from older builds.
+        #[serde(default)]
+        epoch: Option<u64>,
     },
     /// primary -> replica, then the primary closes.
     Refuse {
@@ -268,6 +291,16 @@ pub enum StreamMsg {
         #[serde(with = "serde_bin::array")]
         upto: Tid,
     },
+    /// primary -> replica (only to replicas announcing [`FEATURE_ROLES`]),
+    /// last message of a switchover: the primary has stopped committing and
+    /// everything it committed was sent; `primary` is the new primary at
+    /// `epoch`. The replica named `primary` promotes itself; the others
+    /// follow it at `replication_addr`.
+    Handover {
+        epoch: u64,
+        primary: String,
+        replication_addr: Option<String>,
+    },
 }
 
 impl StreamMsg {
@@ -291,6 +324,7 @@ impl StreamMsg {
             StreamMsg::CloneFileEnd { .. } => "clone_file_end",
             StreamMsg::CloneEnd { .. } => "clone_end",
             StreamMsg::Pack { .. } => "pack",
+            StreamMsg::Handover { .. } => "handover",
         }
     }
 }
@@ -438,6 +472,7 @@ mod tests {
             RefuseReason::Busy,
             RefuseReason::Protocol,
             RefuseReason::CloneUnavailable,
+            RefuseReason::StaleEpoch,
         ];
         let mut v = vec![
             StreamMsg::Hello(Hello {
@@ -450,6 +485,8 @@ mod tests {
                 client_addr: None,
                 replication_addr: None,
                 features: replica_features(),
+                epoch: Some(3),
+                promotion: Some(crate::role::Promotion::Never(crate::role::NeverWord::Never)),
             }),
             StreamMsg::Hello(Hello {
                 version: 7,
@@ -461,11 +498,19 @@ mod tests {
                 client_addr: None,
                 replication_addr: None,
                 features: vec![],
+                epoch: None,
+                promotion: Some(crate::role::Promotion::Priority(5)),
             }),
             StreamMsg::Welcome {
                 version: PROTOCOL_VERSION,
                 node: "p".into(),
                 primary_last_tid: [0xff; 8],
+                epoch: Some(2),
+            },
+            StreamMsg::Handover {
+                epoch: 4,
+                primary: "b".into(),
+                replication_addr: Some("127.0.0.1:1".into()),
             },
             StreamMsg::Txn {
                 prev: [2; 8],

@@ -134,6 +134,16 @@ pub enum Incoming {
         reason: RefuseReason,
         message: String,
     },
+    /// The feeder is at a newer cluster epoch than this replica knew: adopt
+    /// it (see `crate::role`).
+    NewEpoch(u64),
+    /// The feeder handed over (switchover): `primary` is the new primary
+    /// at `epoch`. The stream ends here.
+    Handover {
+        epoch: u64,
+        primary: String,
+        replication_addr: Option<String>,
+    },
     /// The primary was packed at `pack_time_unix`: pack this node's backend
     /// the same way once everything received so far (which includes `upto`)
     /// is applied.
@@ -174,6 +184,8 @@ pub struct ReceiverState {
     last_contact: Option<Instant>,
     stale_after: Duration,
     divergence: Option<Divergence>,
+    /// The cluster epoch this replica knows (see `crate::role`).
+    epoch: u64,
 }
 
 impl ReceiverState {
@@ -195,7 +207,14 @@ impl ReceiverState {
             last_contact: None,
             stale_after: DEFAULT_STALE_AFTER,
             divergence: None,
+            epoch: 0,
         }
+    }
+
+    /// The cluster epoch this replica knows: a feeder at an older one is
+    /// refused (the fencing token, see `crate::role`).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
     }
 
     /// Sets how long a connected stream may stay silent before it is stale.
@@ -226,6 +245,8 @@ impl ReceiverState {
             client_addr: None,
             replication_addr: None,
             features: super::protocol::replica_features(),
+            epoch: Some(self.epoch),
+            promotion: None,
         })
     }
 
@@ -244,10 +265,49 @@ impl ReceiverState {
                 version,
                 node,
                 primary_last_tid,
+                epoch,
             } => {
                 self.expect(kind, self.mode == ReceiverMode::Handshaking)?;
+                if let Some(e) = epoch.filter(|e| *e < self.epoch) {
+                    // A fenced-out primary: never apply anything from it.
+                    self.mode = ReceiverMode::Disconnected;
+                    self.received = self.applied;
+                    return Ok(Incoming::Refused {
+                        reason: RefuseReason::StaleEpoch,
+                        message: format!(
+                            "feeder {node} is at epoch {e}, this replica knows epoch {}",
+                            self.epoch
+                        ),
+                    });
+                }
                 self.on_welcome(version, node, primary_last_tid, now)?;
-                Ok(Incoming::Nothing)
+                match epoch {
+                    Some(e) if e > self.epoch => {
+                        self.epoch = e;
+                        Ok(Incoming::NewEpoch(e))
+                    }
+                    _ => Ok(Incoming::Nothing),
+                }
+            }
+            StreamMsg::Handover {
+                epoch,
+                primary,
+                replication_addr,
+            } => {
+                self.expect(kind, self.mode.connected())?;
+                self.last_contact = Some(now);
+                if epoch < self.epoch {
+                    return Err(ProtocolError::Unexpected {
+                        got: "handover to an older epoch",
+                        state: self.mode.as_str(),
+                    }
+                    .into());
+                }
+                Ok(Incoming::Handover {
+                    epoch,
+                    primary,
+                    replication_addr,
+                })
             }
             StreamMsg::Refuse {
                 reason,
@@ -591,6 +651,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             node: "p".into(),
             primary_last_tid: primary_last,
+            epoch: None,
         };
         assert_eq!(r.on_message(w, now), Ok(Incoming::Nothing));
         r
@@ -744,6 +805,7 @@ mod tests {
             version: 99,
             node: "p".into(),
             primary_last_tid: Z64,
+            epoch: None,
         };
         assert_eq!(
             r.on_message(w, now),
@@ -757,6 +819,7 @@ mod tests {
             version: 1,
             node: "p".into(),
             primary_last_tid: Z64,
+            epoch: None,
         };
         assert!(
             matches!(r.on_message(w, now), Err(ReceiverError::Protocol(_))),
@@ -775,6 +838,7 @@ mod tests {
             version: 1,
             node: "p".into(),
             primary_last_tid: t(4),
+            epoch: None,
         };
         assert!(matches!(
             r.on_message(w, now),
@@ -1432,5 +1496,42 @@ mod tests {
         assert!(r.on_message(refusal.to_msg(), now).is_err());
         assert_eq!(r.mode(), ReceiverMode::Diverged);
         assert_eq!(r.applied(), t(2));
+    }
+
+    #[test]
+    fn feeder_of_an_older_epoch_refused_newer_adopted() {
+        let now = Instant::now();
+        let welcome = |e: u64| StreamMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            node: "p".into(),
+            primary_last_tid: Z64,
+            epoch: Some(e),
+        };
+        let mut r = ReceiverState::new(Z64, None, now);
+        r.set_epoch(5);
+        let StreamMsg::Hello(h) = r.hello("c", "1", "r") else {
+            panic!("hello")
+        };
+        assert_eq!(h.epoch, Some(5));
+        match r.on_message(welcome(3), now) {
+            Ok(Incoming::Refused { reason, message }) => {
+                assert_eq!(reason, RefuseReason::StaleEpoch);
+                assert!(message.contains("epoch 3"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        r.hello("c", "1", "r");
+        assert_eq!(r.on_message(welcome(7), now), Ok(Incoming::NewEpoch(7)));
+        // A handover to an older epoch than known is a protocol error.
+        assert!(r
+            .on_message(
+                StreamMsg::Handover {
+                    epoch: 6,
+                    primary: "b".into(),
+                    replication_addr: None
+                },
+                now
+            )
+            .is_err());
     }
 }

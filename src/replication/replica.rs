@@ -54,6 +54,9 @@ pub struct ReplicaConfig {
     /// `replicate_pack`: where packs from the stream are executed (None:
     /// they are ignored).
     pub packer: Option<super::pack::PackRunner>,
+    /// The node's epoch and eligibility, and where epoch news and handovers
+    /// are reported (None: epoch 0, nothing reported).
+    pub role: Option<Arc<crate::role::fence::RoleCell>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,10 +277,14 @@ async fn stream_once(
     };
     let (mut rh, mut wh) = tokio::io::split(stream);
     let mut wbuf = BytesMut::new();
+    if let Some(r) = &cfg.role {
+        st.set_epoch(r.epoch());
+    }
     let mut hello = st.hello(&cfg.cluster, &cfg.storage, &cfg.node);
     if let StreamMsg::Hello(h) = &mut hello {
         h.client_addr = cfg.client_addr.clone();
         h.replication_addr = cfg.replication_addr.clone();
+        h.promotion = cfg.role.as_ref().map(|r| r.promotion);
     }
     protocol::encode(&hello, &mut wbuf)?;
     wh.write_all(&wbuf).await?;
@@ -323,6 +330,40 @@ async fn stream_once(
             Incoming::Roster(nodes) => status.update(|s| s.upstream_roster = nodes),
             Incoming::Refused { reason, message } => {
                 return Err(RunError::Refused(format!("{reason}: {message}")));
+            }
+            Incoming::NewEpoch(e) => {
+                if let Some(r) = &cfg.role {
+                    r.report(crate::role::fence::RoleEvent::SawEpoch(e));
+                }
+            }
+            Incoming::Handover {
+                epoch,
+                primary,
+                replication_addr,
+            } => {
+                // Everything received is applied first: the new primary
+                // (this node or another) must have it all.
+                if applier.has_pending() {
+                    let r = applier.complete().await;
+                    confirm(applier, st, &mut inflight, &mut wbuf)?;
+                    cfg.applied.send_if_modified(|t| bump(t, st.applied()));
+                    r?;
+                }
+                if !wbuf.is_empty() {
+                    wh.write_all(&wbuf).await?;
+                    wbuf.clear();
+                }
+                info!(%primary, epoch, applied = %tid_hex(&st.applied()), "handover from the primary");
+                if let Some(r) = &cfg.role {
+                    r.report(crate::role::fence::RoleEvent::Handover {
+                        epoch,
+                        primary,
+                        replication_addr,
+                    });
+                }
+                // The controller restarts this task (or promotes); until
+                // then, do not reconnect to the old primary.
+                return Err(RunError::Closed);
             }
             Incoming::Pack {
                 pack_time_unix,

@@ -156,6 +156,7 @@ struct Bucket {
 #[derive(Debug)]
 pub struct SenderState {
     cfg: SenderConfig,
+    epoch: u64,
     mode: SenderMode,
     replica_node: Option<String>,
     last_sent: Tid,
@@ -197,7 +198,15 @@ impl SenderState {
             unacked_txns: 0,
             unacked_bytes: 0,
             stats: SenderStats::default(),
+            epoch: 0,
         }
+    }
+
+    /// This feeder's cluster epoch (see `crate::role`): sent in the Welcome;
+    /// a replica that knows a newer one is refused (this feeder is stale).
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// Handles the replica's Hello. `primary_last_tid` is the primary's
@@ -236,6 +245,7 @@ impl SenderState {
             version: PROTOCOL_VERSION,
             node: self.cfg.primary_node.clone(),
             primary_last_tid: self.primary_last,
+            epoch: Some(self.epoch),
         })
     }
 
@@ -273,6 +283,15 @@ impl SenderState {
                 format!(
                     "storage {:?} here, {:?} asked",
                     self.cfg.storage, hello.storage
+                ),
+            ));
+        }
+        if let Some(e) = hello.epoch.filter(|e| *e > self.epoch) {
+            return Err(Refusal::new(
+                StaleEpoch,
+                format!(
+                    "replica knows epoch {e}, this feeder is at epoch {}: it was fenced out",
+                    self.epoch
                 ),
             ));
         }
@@ -630,6 +649,8 @@ mod tests {
             client_addr: None,
             replication_addr: None,
             features: vec![],
+            epoch: None,
+            promotion: None,
         }
     }
 
@@ -1002,5 +1023,23 @@ mod tests {
         assert!(
             matches!(m, Some(StreamMsg::Txn { prev, ref txn }) if prev == t(2) && txn.tid == t(3))
         );
+    }
+
+    #[test]
+    fn replica_of_a_newer_epoch_refuses_this_feeder() {
+        let now = Instant::now();
+        let mut h = hello(Z64, None);
+        h.epoch = Some(5);
+        let mut s = SenderState::new(cfg(100, 1 << 20)).with_epoch(3);
+        let r = s.on_hello(&h, Z64, None, now).unwrap_err();
+        assert_eq!(r.reason, RefuseReason::StaleEpoch);
+        let mut s = SenderState::new(cfg(100, 1 << 20)).with_epoch(5);
+        match s.on_hello(&h, Z64, None, now) {
+            Ok(StreamMsg::Welcome { epoch, .. }) => assert_eq!(epoch, Some(5)),
+            other => panic!("{other:?}"),
+        }
+        // An older build sends no epoch: accepted.
+        let mut s = SenderState::new(cfg(100, 1 << 20)).with_epoch(5);
+        assert!(s.on_hello(&hello(Z64, None), Z64, None, now).is_ok());
     }
 }

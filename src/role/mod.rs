@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod fence;
 pub mod persist;
 
 /// A node's role as the state machine knows it.
