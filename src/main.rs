@@ -131,6 +131,16 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = zrelay::admin::cli::parse_duration)]
         timeout: Duration,
     },
+    /// Offline: truncate a stopped FileStorage after the transaction TID,
+    /// keeping the cut bytes in DATA_FS.rewound-TID (the way back for a
+    /// diverged old primary: afterwards it follows the new primary).
+    Rewind {
+        #[arg(long)]
+        data_fs: PathBuf,
+        /// The last transaction to keep (16 hex digits).
+        #[arg(long)]
+        to: String,
+    },
     /// Promote a replica to primary now (POST /promote).
     Promote {
         #[command(flatten)]
@@ -183,6 +193,38 @@ struct RoleCallArgs {
     tls: AdminTlsArgs,
     #[arg(long, default_value = "90s", value_parser = zrelay::admin::cli::parse_duration)]
     timeout: Duration,
+}
+
+fn rewind(data_fs: &std::path::Path, to: &str) -> ExitCode {
+    use zrelay::replication::rewind;
+    let tid = match rewind::parse_tid(to) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("zrelay: --to {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rewind::rewind(data_fs, &tid) {
+        Ok(r) => {
+            for t in &r.cut {
+                println!("cut {}", zrelay::replication::txn::tid_hex(t));
+            }
+            match &r.saved {
+                Some(p) => println!(
+                    "rewound to {to}: {} transaction(s) cut, kept in {}; size {}",
+                    r.cut.len(),
+                    p.display(),
+                    r.new_size
+                ),
+                None => println!("nothing after {to}: unchanged"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zrelay: rewind: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn role_call(c: RoleCallArgs, path: &str) -> ExitCode {
@@ -342,6 +384,7 @@ fn main() -> ExitCode {
             tls,
             timeout,
         } => control(admin, "/reload", token_file, tls, timeout),
+        Command::Rewind { data_fs, to } => rewind(&data_fs, &to),
         Command::Promote { call } => role_call(call, "/promote"),
         Command::Demote { follow, call } => role_call(call, &format!("/demote?follow={follow}")),
         Command::Switchover { to, call } => role_call(call, &format!("/switchover?to={to}")),

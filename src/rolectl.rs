@@ -638,10 +638,14 @@ impl RoleCtl {
         // The replica task stops at a transaction boundary: what it applied
         // is committed; a replay cut mid-way is aborted by the backend.
         self.stop().await;
+        let last = self.link.open(true).await.ok().map(|(_, t)| tid_hex(&t));
         let epoch = self
             .state
             .promote(at_least, unix_now(), why)
             .map_err(|e| e.to_string())?;
+        if let Some(t) = last {
+            self.state.note_last_tid(t);
+        }
         self.cell.set_epoch(epoch);
         self.cell.set_fenced(false);
         self.save()?;

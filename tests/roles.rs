@@ -47,7 +47,7 @@ struct Pair {
     a: Node,
     b: Node,
     a_repl: SocketAddr,
-    _azeo: Zeo,
+    azeo: Zeo,
     _bzeo: Zeo,
     certs: Certs,
     token_file: std::path::PathBuf,
@@ -66,6 +66,10 @@ fn pair(enc: Enc) -> Pair {
     let admin = format!("token_file = {:?}\n", token_file.display().to_string());
     let azeo = Zeo::start(enc, ZeoOpts::default());
     let bzeo = Zeo::start(enc, ZeoOpts::default());
+    let b_repl = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let book = |name: &str, addr: SocketAddr| {
+        format!("{DOOR}\n[[cluster.nodes]]\nname = {name:?}\nreplication = \"{addr}\"\n")
+    };
     let mut a = Node::prepare(&NodeSpec {
         name: "a".into(),
         backend: azeo.addr().clone(),
@@ -76,11 +80,10 @@ fn pair(enc: Enc) -> Pair {
         backend_extra: BACKEND_EXTRA.into(),
         admin_extra: admin.clone(),
         replication_extra: "promotion = 50\n".into(),
-        extra: DOOR.into(),
+        extra: book("b", b_repl),
     });
     a.start();
     let a_repl = a.repl();
-    let b_repl = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut b = Node::prepare(&NodeSpec {
         name: "b".into(),
         backend: bzeo.addr().clone(),
@@ -92,14 +95,14 @@ fn pair(enc: Enc) -> Pair {
         backend_extra: BACKEND_EXTRA.into(),
         admin_extra: admin,
         replication_extra: format!("listen = \"{b_repl}\"\npromotion = 80\n"),
-        extra: DOOR.into(),
+        extra: book("a", a_repl),
     });
     b.start();
     Pair {
         a,
         b,
         a_repl,
-        _azeo: azeo,
+        azeo,
         _bzeo: bzeo,
         certs,
         token_file,
@@ -385,4 +388,94 @@ fn stale_epoch_refused_and_detach(p: &Pair) {
     c.start();
     wait_until(SYNC, "c restarted as primary", || role_of(&c) == "primary");
     assert_eq!(c.status()["role_state"]["cluster"], cluster.as_str());
+}
+
+/// Async mode's failure: the primary dies with a commit its replica never
+/// received; the replica is promoted and commits on. The old primary,
+/// demoted to follow it, is refused as diverged (the tids named); `zrelay
+/// rewind` cuts what the new primary lacks (kept aside) and it follows.
+#[test]
+fn async_failure_divergence_and_rewind() {
+    let mut p = pair(Enc::Pickle);
+    p.wait_ready();
+    let tf = p.tf();
+    let ad = p.a.addr().to_string();
+    let out = run(p.enc, &["write", &ad, "k1", "1"]);
+    let t1 = value_of(&out, "tid").to_string();
+    wait_until(SYNC, "b applied k1", || {
+        p.b.applied_tid().as_deref() == Some(t1.as_str())
+    });
+    p.b.stop();
+    let out = run(p.enc, &["write", &ad, "k2", "2"]);
+    let t2 = value_of(&out, "tid").to_string();
+    p.a.kill();
+
+    // b takes over.
+    p.b.start();
+    let (code, text) = zrelay(&[
+        "promote",
+        "--admin",
+        &p.b.admin().to_string(),
+        "--token-file",
+        &tf,
+    ]);
+    assert_eq!(code, 0, "{text}");
+    wait_until(SYNC, "b is primary", || role_of(&p.b) == "primary");
+    let hist = p.b.status()["role_state"]["history"].clone();
+    assert_eq!(hist[0]["last_tid"], t1.as_str(), "{hist}");
+    let out = run(p.enc, &["write", &p.b.addr().to_string(), "k3", "3"]);
+    let t3 = value_of(&out, "tid").to_string();
+
+    // The old primary comes back and is told to follow b: diverged.
+    p.a.start();
+    let (code, text) = zrelay(&[
+        "demote",
+        "--admin",
+        &p.a.admin().to_string(),
+        "--follow",
+        "b",
+        "--token-file",
+        &tf,
+    ]);
+    assert_eq!(code, 0, "{text}");
+    wait_until(SYNC, "a refused as diverged", || {
+        p.a.status()["upstream"]["state"] == "diverged"
+    });
+    let err = p.a.status()["upstream"]["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        err.contains(&t2),
+        "the divergence names a's extra tid: {err}"
+    );
+    assert!(
+        err.contains(&format!("--to {t1}")),
+        "and the way back: {err}"
+    );
+
+    // The way back, offline.
+    p.a.stop();
+    p.azeo.stop();
+    let data_fs = p.azeo.dir().join("Data.fs");
+    let (code, text) = zrelay(&[
+        "rewind",
+        "--data-fs",
+        data_fs.to_str().unwrap(),
+        "--to",
+        &t1,
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("cut {t2}")), "{text}");
+    let kept = std::fs::metadata(format!("{}.rewound-{t1}", data_fs.display())).unwrap();
+    assert!(kept.len() > 0);
+    p.azeo.start_again();
+    p.a.start();
+    wait_until(SYNC, "a follows b, live", || live_replica(&p.a));
+    wait_until(SYNC, "a applied k3", || {
+        p.a.applied_tid().as_deref() == Some(t3.as_str())
+    });
+    let backend = p.azeo.addr().to_string();
+    assert!(run(p.enc, &["read", &backend, "k3"]).contains("value='3'"));
+    assert!(run(p.enc, &["read", &backend, "k2"]).contains("value=None"));
 }

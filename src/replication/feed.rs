@@ -581,7 +581,24 @@ where
     let known_last = *feed.last_tid.borrow();
     match state.on_hello(&hello, primary_last.max(known_last), digest, Instant::now()) {
         Ok(welcome) => protocol::encode(&welcome, &mut wbuf)?,
-        Err(refusal) => {
+        Err(mut refusal) => {
+            if refusal.reason == protocol::RefuseReason::Diverged {
+                // The way back: where this primary's history began.
+                let promoted = status.snapshot().role_state.and_then(|r| {
+                    r.history
+                        .iter()
+                        .rev()
+                        .find(|c| c.role == crate::role::RoleKind::Primary)
+                        .and_then(|c| c.last_tid.clone().map(|t| (c.epoch, t)))
+                });
+                if let Some((epoch, t)) = promoted {
+                    refusal.message = format!(
+                        "{}; this primary was promoted at epoch {epoch} holding up to {t}: \
+                         stop the replica's runzeo, `zrelay rewind --data-fs PATH --to {t}`, restart",
+                        refusal.message
+                    );
+                }
+            }
             protocol::encode(&refusal.to_msg(), &mut wbuf)?;
             wh.write_all(&wbuf).await?;
             let _ = wh.shutdown().await;

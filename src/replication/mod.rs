@@ -13,6 +13,7 @@ pub mod receiver;
 pub mod replica;
 pub mod replica_session;
 pub mod restore_bench;
+pub mod rewind;
 pub mod sender;
 pub mod stream_io;
 pub mod tls;

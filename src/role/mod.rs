@@ -84,6 +84,10 @@ pub struct Change {
     pub at_unix: f64,
     pub role: RoleKind,
     pub why: String,
+    /// The backend's last tid when the change was made (hex), if known: at
+    /// a promotion, what a diverged old primary rewinds to.
+    #[serde(default)]
+    pub last_tid: Option<String>,
 }
 
 /// How many history entries are kept.
@@ -142,6 +146,7 @@ impl RoleState {
             at_unix,
             role,
             why,
+            last_tid: None,
         });
         if self.history.len() > HISTORY_LEN {
             let cut = self.history.len() - HISTORY_LEN;
@@ -233,6 +238,13 @@ impl RoleState {
         self.following = None;
         self.record(RoleKind::Detached, at_unix, why.to_string());
         Ok(self.epoch)
+    }
+
+    /// Notes the backend's last tid on the newest history entry.
+    pub fn note_last_tid(&mut self, tid_hex: String) {
+        if let Some(c) = self.history.last_mut() {
+            c.last_tid = Some(tid_hex);
+        }
     }
 
     /// The fencing token: a peer's epoch (None: an older build that sends
