@@ -230,10 +230,74 @@ fn switchover_and_back(p: &Pair) {
     });
 }
 
+/// Opens a door session to `target` (a replication listener) as node b's
+/// door would, announcing `epoch`; the ZEO server's offer on success.
+fn open_door(p: &Pair, target: SocketAddr, epoch: Option<u64>) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    use zrelay::cluster::Target;
+    use zrelay::door::forward::ForwardOpener;
+    use zrelay::relay::UpstreamOpener;
+    use zrelay::replication::protocol::{DoorHello, PROTOCOL_VERSION};
+    use zrelay::replication::tls;
+
+    let files = p.certs.tls("b");
+    let cfg = tls::client_config(&tls::TlsFiles {
+        ca_file: files.ca,
+        cert_file: files.cert,
+        key_file: files.key,
+    })
+    .expect("client TLS config");
+    let opener = ForwardOpener {
+        target: Target {
+            node: "a".into(),
+            replication_addr: target.to_string(),
+        },
+        hello: DoorHello {
+            version: PROTOCOL_VERSION,
+            cluster: "zrelay".into(),
+            storage: "1".into(),
+            node: "b".into(),
+            read_only: false,
+            epoch,
+        },
+        connector: tokio_rustls::TlsConnector::from(cfg),
+        timeout: Duration::from_secs(10),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (mut r, _w) = opener.open().await?;
+        let mut offer = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut offer))
+            .await
+            .map_err(|_| "no offer".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(offer.to_vec())
+    })
+}
+
+/// After the switch back a is at epoch 2: a door at epoch 1 (it missed a
+/// role change) is refused, one at epoch 2 is served.
+fn stale_door_refused(p: &Pair) {
+    let err = open_door(p, p.a_repl, Some(1)).expect_err("stale door admitted");
+    assert!(err.contains("stale_epoch") || err.contains("epoch"), "{err}");
+    let offer = open_door(p, p.a_repl, Some(2)).expect("current door");
+    assert_eq!(&offer[..4], &[0, 0, 0, 2], "{offer:?}");
+    let m = p.a.metrics();
+    assert_eq!(
+        metric_value(&m, "zrelay_door_refused_total{reason=\"stale_epoch\"}"),
+        1.0,
+        "{m}"
+    );
+}
+
 #[test]
 fn switchover_under_load_and_back_pickle() {
     let p = pair(Enc::Pickle);
     switchover_and_back(&p);
+    stale_door_refused(&p);
     control_is_authenticated(&p);
     stale_epoch_refused_and_detach(&p);
 }
