@@ -62,6 +62,40 @@ pub enum Command {
 pub type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
 pub type Requests = mpsc::Sender<(Command, Reply)>;
 
+pub const ROLE_EPOCH: &str = "zrelay_role_epoch";
+pub const ROLE_FENCED: &str = "zrelay_role_fenced";
+pub const ROLE_CHANGES: &str = "zrelay_role_changes_total";
+pub const SWITCHOVER_FENCED: &str = "zrelay_switchover_fenced_seconds";
+const CHANGES: &[&str] = &["promote", "demote", "fence", "unfence", "follow", "detach"];
+
+/// Describes the role metrics and creates their series.
+pub fn describe() {
+    metrics::describe_gauge!(
+        ROLE_EPOCH,
+        "This node's cluster epoch (bumped by every change of primary)."
+    );
+    metrics::describe_gauge!(
+        ROLE_FENCED,
+        "1 while this primary takes no new commits (a switchover or demotion under way)."
+    );
+    metrics::describe_counter!(
+        ROLE_CHANGES,
+        "Role changes of this node, by change (promote, demote, fence, unfence, follow, detach)."
+    );
+    metrics::describe_histogram!(
+        SWITCHOVER_FENCED,
+        metrics::Unit::Seconds,
+        "How long a switchover kept commits fenced (fence to handover), on the old primary."
+    );
+    for c in CHANGES {
+        metrics::counter!(ROLE_CHANGES, "change" => *c).increment(0);
+    }
+}
+
+fn changed(change: &'static str) {
+    metrics::counter!(ROLE_CHANGES, "change" => change).increment(1);
+}
+
 /// How long a switchover waits for commits in flight to finish.
 const INFLIGHT_WAIT: Duration = Duration::from_secs(15);
 /// How long a switchover waits for the target to apply everything.
@@ -214,6 +248,12 @@ impl RoleCtl {
     }
 
     fn publish_state(&self) {
+        metrics::gauge!(ROLE_EPOCH).set(self.state.epoch as f64);
+        metrics::gauge!(ROLE_FENCED).set(if self.state.role == RoleKind::Fenced {
+            1.0
+        } else {
+            0.0
+        });
         let st = self.state.clone();
         self.status.update(|s| s.role_state = Some(st));
     }
@@ -515,6 +555,7 @@ impl RoleCtl {
                     .map_err(|e| e.to_string())?;
                 self.cell.set_epoch(epoch);
                 self.save()?;
+                changed("demote");
                 self.become_replica(Some(addr)).await?;
                 Ok(self.summary())
             }
@@ -536,6 +577,7 @@ impl RoleCtl {
                 self.cell.set_epoch(epoch);
                 self.cell.set_fenced(false);
                 self.save()?;
+                changed("detach");
                 info!(cluster = %name, epoch, "detached: an independent primary of a new cluster");
                 self.start_primary().await.map_err(|e| format!("{e:#}"))?;
                 Ok(self.summary())
@@ -594,6 +636,7 @@ impl RoleCtl {
                 if let Err(e) = self.save() {
                     error!(error = %e, "could not persist the role state");
                 }
+                changed("follow");
                 self.stop().await;
                 if let Err(e) = self.start_replica(Some(addr)).await {
                     error!(error = %format!("{e:#}"), "could not follow the new primary");
@@ -649,6 +692,7 @@ impl RoleCtl {
         self.cell.set_epoch(epoch);
         self.cell.set_fenced(false);
         self.save()?;
+        changed("promote");
         info!(epoch, why, "promoted: serving writes");
         self.start_primary().await.map_err(|e| format!("{e:#}"))
     }
@@ -661,6 +705,7 @@ impl RoleCtl {
             .map_err(|e| e.to_string())?;
         self.cell.set_fenced(true);
         self.save()?;
+        changed("fence");
         let deadline = Instant::now() + INFLIGHT_WAIT;
         while self.cell.in_flight() > 0 {
             if Instant::now() > deadline {
@@ -684,6 +729,7 @@ impl RoleCtl {
     fn unfence(&mut self, why: &str) {
         if self.state.unfence(unix_now(), why).is_ok() {
             self.cell.set_fenced(false);
+            changed("unfence");
             if let Err(e) = self.save() {
                 error!(error = %e, "could not persist the role state");
             }
@@ -743,6 +789,8 @@ impl RoleCtl {
             .map_err(|e| e.to_string())?;
         self.cell.set_epoch(epoch);
         self.save()?;
+        changed("demote");
+        metrics::histogram!(SWITCHOVER_FENCED).record(started.elapsed().as_secs_f64());
         if let Some(h) = self.running.as_ref().and_then(|r| r.handover.as_ref()) {
             h.send_replace(Some((
                 StreamMsg::Handover {

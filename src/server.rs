@@ -79,6 +79,9 @@ async fn serve(
     tls::describe();
     crate::reload::describe();
     pack::describe();
+    if cfg.replication.is_some() {
+        crate::rolectl::describe();
+    }
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
