@@ -117,8 +117,12 @@ struct Running {
     token: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Primary only: the handover announcement of a switchover.
-    handover: Option<watch::Sender<Option<(StreamMsg, Tid)>>>,
+    handover: Option<HandoverTx>,
 }
+
+/// The handover announcement of a switchover: the message and the tid
+/// after which each replica gets it.
+type HandoverTx = Arc<watch::Sender<Option<(StreamMsg, Tid)>>>;
 
 pub struct RoleCtl {
     cfg: Config,
@@ -340,7 +344,7 @@ impl RoleCtl {
         self.running = Some(Running {
             token,
             tasks,
-            handover: Some(handover_tx),
+            handover: Some(Arc::new(handover_tx)),
         });
         Ok(())
     }
@@ -779,19 +783,12 @@ impl RoleCtl {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let epoch = self
-            .state
-            .demote(
-                &addr,
-                unix_now(),
-                &format!("switchover: {to} is the new primary"),
-            )
-            .map_err(|e| e.to_string())?;
-        self.cell.set_epoch(epoch);
-        self.save()?;
-        changed("demote");
-        metrics::histogram!(SWITCHOVER_FENCED).record(started.elapsed().as_secs_f64());
-        if let Some(h) = self.running.as_ref().and_then(|r| r.handover.as_ref()) {
+        // Hand over first, demote after: until the target has the handover
+        // this node is still the primary and can give up cleanly.
+        let epoch = self.state.epoch + 1;
+        self.status.update(|s| s.handed_over.clear());
+        let handover = self.running.as_ref().and_then(|r| r.handover.clone());
+        if let Some(h) = &handover {
             h.send_replace(Some((
                 StreamMsg::Handover {
                     epoch,
@@ -801,19 +798,46 @@ impl RoleCtl {
                 last,
             )));
         }
-        // Every replica's stream ends once it has everything and the
-        // handover; the target's must have.
         let deadline = Instant::now() + HANDOVER_WAIT;
-        while Instant::now() < deadline {
+        loop {
             let st = self.status.snapshot();
-            if st.replicas.values().all(|p| {
-                p.state != crate::status::StreamState::Live
-                    && p.state != crate::status::StreamState::CatchingUp
-            }) {
+            let target_told = st.handed_over.contains(to);
+            let all_done = st.replicas.iter().all(|(n, p)| {
+                st.handed_over.contains(n)
+                    || (p.state != crate::status::StreamState::Live
+                        && p.state != crate::status::StreamState::CatchingUp)
+            });
+            if target_told && all_done {
                 break;
+            }
+            if Instant::now() > deadline {
+                if target_told {
+                    break;
+                }
+                if let Some(h) = &handover {
+                    h.send_replace(None);
+                }
+                self.unfence("the switchover target was not told");
+                return Err(format!(
+                    "{to} did not receive the handover within {HANDOVER_WAIT:?}; fence lifted, still primary"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let demoted = self
+            .state
+            .demote(
+                &addr,
+                unix_now(),
+                &format!("switchover: {to} is the new primary"),
+            )
+            .map_err(|e| e.to_string())?;
+        debug_assert_eq!(demoted, epoch);
+        self.state.note_last_tid(tid_hex(&last));
+        self.cell.set_epoch(demoted);
+        self.save()?;
+        changed("demote");
+        metrics::histogram!(SWITCHOVER_FENCED).record(started.elapsed().as_secs_f64());
         self.become_replica(Some(addr)).await?;
         let mut v = self.summary();
         v["new_primary"] = json!(to);

@@ -94,6 +94,10 @@ pub struct NodeStatus {
     /// Writer: the role controller (`crate::rolectl`): the detailed role,
     /// the cluster epoch and the role-change history.
     pub role_state: Option<crate::role::RoleState>,
+    /// Writer: the primary feed: replicas sent the switchover `Handover`
+    /// (cleared by the role controller when a switchover starts).
+    #[serde(skip)]
+    pub handed_over: std::collections::BTreeSet<String>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -133,6 +137,7 @@ impl StatusHub {
                 draining: false,
                 replica_promotion: BTreeMap::new(),
                 role_state: None,
+                handed_over: Default::default(),
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

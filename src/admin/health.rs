@@ -269,6 +269,7 @@ pub(crate) mod tests {
             draining: false,
             replica_promotion: BTreeMap::new(),
             role_state: None,
+            handed_over: Default::default(),
             started: None,
         }
     }

@@ -760,6 +760,11 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 wbuf.clear();
             }
             wh.flush().await?;
+            if understands {
+                status.update(|s| {
+                    s.handed_over.insert(name.to_string());
+                });
+            }
             info!(replica = name, upto = %tid_hex(&upto), told = understands, "switchover: stream handed over");
             return Ok(());
         }
