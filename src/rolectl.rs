@@ -193,6 +193,9 @@ impl RoleCtl {
             ))),
             None => None,
         };
+        if path.is_none() {
+            warn!("no data_dir: role changes (switchover, promote, ...) are forgotten at restart");
+        }
         let allowed = Live::new(r.allowed_peers.clone());
         let passthrough: HooksFactory = Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>);
         Ok(RoleCtl {
