@@ -520,8 +520,12 @@ fn async_failure_divergence_and_rewind() {
         &tf,
     ]);
     assert_eq!(code, 0, "{text}");
-    wait_until(SYNC, "a refused as diverged", || {
-        p.a.status()["upstream"]["state"] == "diverged"
+    wait_until(SYNC, "a refused as diverged, the tids named", || {
+        let st = p.a.status();
+        st["upstream"]["state"] == "diverged"
+            && st["upstream"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("lacks:"))
     });
     let err = p.a.status()["upstream"]["last_error"]
         .as_str()

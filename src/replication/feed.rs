@@ -494,6 +494,7 @@ async fn admit_door<S>(
             reason: *reason,
             message: message.clone(),
             primary_last_tid: None,
+            rewind_to: None,
         },
         None => StreamMsg::DoorWelcome {
             node: cfg.sender.primary_node.clone(),
@@ -592,6 +593,7 @@ where
                         .and_then(|c| c.last_tid.clone().map(|t| (c.epoch, t)))
                 });
                 if let Some((epoch, t)) = promoted {
+                    refusal.rewind_to = u64::from_str_radix(&t, 16).ok().map(u64::to_be_bytes);
                     refusal.message = format!(
                         "{}; this primary was promoted at epoch {epoch} holding up to {t}: \
                          stop the replica's runzeo, `zrelay rewind --data-fs PATH --to {t}`, restart",

@@ -215,6 +215,11 @@ pub enum StreamMsg {
         /// position and lag.
         #[serde(default, with = "serde_bin::opt_array")]
         primary_last_tid: Option<Tid>,
+        /// For a diverged replica: the last tid it shares with this primary
+        /// when known (this primary's history began there, at its
+        /// promotion); what it holds after it is what the primary lacks.
+        #[serde(default, with = "serde_bin::opt_array")]
+        rewind_to: Option<Tid>,
     },
     /// primary -> replica: one committed transaction. `prev` is the tid sent
     /// just before it on this stream (the Hello's `last_tid` for the first);
@@ -573,6 +578,7 @@ mod tests {
                 reason: r,
                 message: format!("because {r}"),
                 primary_last_tid: None,
+                rewind_to: Some([7; 8]),
             });
         }
         v

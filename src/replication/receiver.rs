@@ -186,6 +186,8 @@ pub struct ReceiverState {
     divergence: Option<Divergence>,
     /// The cluster epoch this replica knows (see `crate::role`).
     epoch: u64,
+    /// From a diverged refusal: the last tid shared with the primary.
+    rewind_to: Option<Tid>,
 }
 
 impl ReceiverState {
@@ -208,7 +210,14 @@ impl ReceiverState {
             stale_after: DEFAULT_STALE_AFTER,
             divergence: None,
             epoch: 0,
+            rewind_to: None,
         }
+    }
+
+    /// After a diverged refusal: the last tid this replica shares with the
+    /// primary, if the primary knows it (see `StreamMsg::Refuse`).
+    pub fn rewind_to(&self) -> Option<Tid> {
+        self.rewind_to
     }
 
     /// The cluster epoch this replica knows: a feeder at an older one is
@@ -313,7 +322,9 @@ impl ReceiverState {
                 reason,
                 message,
                 primary_last_tid,
+                rewind_to,
             } => {
+                self.rewind_to = rewind_to;
                 self.last_contact = Some(now);
                 if let Some(t) = primary_last_tid {
                     // What the primary really has, even if it will not feed
@@ -869,6 +880,7 @@ mod tests {
             reason: RefuseReason::Busy,
             message: "full".into(),
             primary_last_tid: None,
+            rewind_to: None,
         };
         assert_eq!(
             r.on_message(m, now),
@@ -884,6 +896,7 @@ mod tests {
             reason: RefuseReason::Diverged,
             message: "no".into(),
             primary_last_tid: Some(t(9)),
+            rewind_to: None,
         };
         assert!(matches!(
             r.on_message(m, now),

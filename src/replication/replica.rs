@@ -123,9 +123,25 @@ pub async fn run_replica(
             _ = shutdown.cancelled() => return,
             r = stream_once(&cfg, &mut applier, st, &status, &mut ticker) => r,
         };
-        let err = r.err().map(|e| e.to_string());
-        match &err {
+        let mut err = r.err().map(|e| e.to_string());
+        match &mut err {
             Some(e) if st.mode() == ReceiverMode::Diverged => {
+                if let Some(shared) = st.rewind_to() {
+                    // Name what this node holds that the primary lacks.
+                    match extra_tids(&mut applier, shared).await {
+                        Ok((n, first)) if n > 0 => {
+                            let list: Vec<String> = first.iter().map(tid_hex).collect();
+                            e.push_str(&format!(
+                                "; this node holds {n} transaction(s) after {} that the primary lacks: {}{}",
+                                tid_hex(&shared),
+                                list.join(", "),
+                                if n as usize > list.len() { ", ..." } else { "" }
+                            ));
+                        }
+                        Ok(_) => {}
+                        Err(x) => warn!(error = %x, "could not list the diverged transactions"),
+                    }
+                }
                 error!(error = %e, "replica diverged from the primary: applying stopped; serving read-only");
                 m::diverged(true);
             }
@@ -148,6 +164,25 @@ pub async fn run_replica(
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// The transactions of this node's backend after `shared`: how many, and
+/// the first few tids (at most 20; a bounded scan of 10 000).
+async fn extra_tids(applier: &mut Applier, shared: Tid) -> Result<(u64, Vec<Tid>), ApplyError> {
+    let mut reader = applier.reader().await?;
+    let after = u64::from_be_bytes(shared).saturating_add(1).to_be_bytes();
+    let mut cursor = super::history::HistoryCursor::open(&mut reader, after, None).await?;
+    let (mut n, mut first) = (0u64, Vec::new());
+    while n < 10_000 {
+        let Some(t) = cursor.next(&mut reader).await? else {
+            break;
+        };
+        n += 1;
+        if first.len() < 20 {
+            first.push(t.tid);
+        }
+    }
+    Ok((n, first))
 }
 
 async fn init_state(

@@ -97,6 +97,8 @@ pub struct Refusal {
     pub message: String,
     /// The primary's newest tid, told to the refused replica.
     pub primary_last_tid: Option<Tid>,
+    /// See [`StreamMsg::Refuse`]: set by the feed for a diverged replica.
+    pub rewind_to: Option<Tid>,
 }
 
 impl Refusal {
@@ -105,6 +107,7 @@ impl Refusal {
             reason,
             message: message.into(),
             primary_last_tid: None,
+            rewind_to: None,
         }
     }
 
@@ -113,6 +116,7 @@ impl Refusal {
             reason: self.reason,
             message: self.message.clone(),
             primary_last_tid: self.primary_last_tid,
+            rewind_to: self.rewind_to,
         }
     }
 }
