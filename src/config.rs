@@ -59,6 +59,11 @@ pub struct Config {
     /// Absent: static roles, manual switchover (see `crate::coordinator`).
     #[serde(default)]
     pub coordinator: Option<crate::coordinator::CoordinatorConfig>,
+    /// Where the node keeps its own durable state (the role state file
+    /// `role.json`: role, cluster epoch, history). Absent: role changes are
+    /// not persisted (the configured role is used at every start).
+    #[serde(default)]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -130,6 +135,10 @@ pub struct ReplicationConfig {
     /// mismatch is logged, counted, and the read-back is published).
     #[serde(default)]
     pub capture_verify: bool,
+    /// Promotion eligibility of this node: a priority (higher preferred)
+    /// or "never" (a remote replica that must not take over).
+    #[serde(default)]
+    pub promotion: crate::role::Promotion,
     pub tls: crate::replication::tls::TlsFiles,
     /// Primary: "async" (default) or "semi-sync" (see
     /// `crate::replication::semisync`).

@@ -29,6 +29,9 @@ pub struct Control {
     drain: CancellationToken,
     status: Arc<StatusHub>,
     reload: mpsc::Sender<ReloadReply>,
+    /// Role changes go to the role controller (`crate::rolectl`); unset on
+    /// a node without replication.
+    roles: std::sync::OnceLock<crate::rolectl::Requests>,
 }
 
 impl Control {
@@ -44,6 +47,7 @@ impl Control {
                 drain,
                 status,
                 reload: tx,
+                roles: std::sync::OnceLock::new(),
             }),
             rx,
         )
@@ -71,6 +75,28 @@ impl Control {
         let (tx, rx) = oneshot::channel();
         self.reload
             .send(tx)
+            .await
+            .map_err(|_| "the server is shutting down".to_string())?;
+        rx.await
+            .map_err(|_| "the server is shutting down".to_string())?
+    }
+
+    /// Connects the role controller (once, at start-up).
+    pub fn set_roles(&self, tx: crate::rolectl::Requests) {
+        let _ = self.roles.set(tx);
+    }
+
+    /// Asks the role controller for a role change and waits for its result.
+    pub async fn role_change(
+        &self,
+        cmd: crate::rolectl::Command,
+    ) -> Result<serde_json::Value, String> {
+        let tx = self
+            .roles
+            .get()
+            .ok_or_else(|| "this node is not replicated: no role to change".to_string())?;
+        let (reply, rx) = oneshot::channel();
+        tx.send((cmd, reply))
             .await
             .map_err(|_| "the server is shutting down".to_string())?;
         rx.await

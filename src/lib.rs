@@ -18,6 +18,8 @@ pub mod own_conns;
 pub mod relay;
 pub mod reload;
 pub mod replication;
+pub mod role;
+pub mod rolectl;
 pub mod server;
 pub mod status;
 pub mod tls;

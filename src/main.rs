@@ -149,6 +149,44 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = zrelay::admin::cli::parse_duration)]
         timeout: Duration,
     },
+    /// Offline: truncate a stopped FileStorage after the transaction TID,
+    /// keeping the cut bytes in DATA_FS.rewound-TID (the way back for a
+    /// diverged old primary: afterwards it follows the new primary).
+    Rewind {
+        #[arg(long)]
+        data_fs: PathBuf,
+        /// The last transaction to keep (16 hex digits).
+        #[arg(long)]
+        to: String,
+    },
+    /// Promote a replica to primary now (POST /promote).
+    Promote {
+        #[command(flatten)]
+        call: RoleCallArgs,
+    },
+    /// Fence a primary and make it follow NODE (POST /demote?follow=NODE);
+    /// NODE is promoted separately.
+    Demote {
+        /// The node to follow.
+        #[arg(long)]
+        follow: String,
+        #[command(flatten)]
+        call: RoleCallArgs,
+    },
+    /// Swap the primary and a replica without losing a commit (POST
+    /// /switchover?to=NODE, sent to the primary).
+    Switchover {
+        /// The replica to promote.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        call: RoleCallArgs,
+    },
+    /// Make a replica an independent primary of a new cluster (POST /detach).
+    Detach {
+        #[command(flatten)]
+        call: RoleCallArgs,
+    },
     /// Nagios/SlapOS check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
     Check {
         #[arg(long)]
@@ -158,6 +196,57 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = zrelay::admin::cli::parse_duration)]
         timeout: Duration,
     },
+}
+
+/// What the role-change commands share (same auth options as `drain`).
+#[derive(clap::Args)]
+struct RoleCallArgs {
+    /// host:port, or https://host:port for an admin listener with TLS.
+    #[arg(long)]
+    admin: String,
+    /// File holding the admin bearer token (the node's admin.token_file).
+    #[arg(long, env = "ZRELAY_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: AdminTlsArgs,
+    #[arg(long, default_value = "90s", value_parser = zrelay::admin::cli::parse_duration)]
+    timeout: Duration,
+}
+
+fn rewind(data_fs: &std::path::Path, to: &str) -> ExitCode {
+    use zrelay::replication::rewind;
+    let tid = match rewind::parse_tid(to) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("zrelay: --to {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rewind::rewind(data_fs, &tid) {
+        Ok(r) => {
+            for t in &r.cut {
+                println!("cut {}", zrelay::replication::txn::tid_hex(t));
+            }
+            match &r.saved {
+                Some(p) => println!(
+                    "rewound to {to}: {} transaction(s) cut, kept in {}; size {}",
+                    r.cut.len(),
+                    p.display(),
+                    r.new_size
+                ),
+                None => println!("nothing after {to}: unchanged"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zrelay: rewind: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn role_call(c: RoleCallArgs, path: &str) -> ExitCode {
+    control(c.admin, path, c.token_file, c.tls, c.timeout)
 }
 
 /// TLS options of the commands that call mutating admin endpoints.
@@ -191,7 +280,7 @@ impl AdminTlsArgs {
 
 fn control(
     admin: String,
-    path: &'static str,
+    path: &str,
     token_file: Option<PathBuf>,
     tls: AdminTlsArgs,
     timeout: Duration,
@@ -358,6 +447,11 @@ fn main() -> ExitCode {
             tls,
             timeout,
         } => control(admin, "/reload", token_file, tls, timeout),
+        Command::Rewind { data_fs, to } => rewind(&data_fs, &to),
+        Command::Promote { call } => role_call(call, "/promote"),
+        Command::Demote { follow, call } => role_call(call, &format!("/demote?follow={follow}")),
+        Command::Switchover { to, call } => role_call(call, &format!("/switchover?to={to}")),
+        Command::Detach { call } => role_call(call, "/detach"),
         Command::CheckConfig { file } => match zrelay::config::Config::load(&file) {
             Ok(_) => {
                 println!("{}: OK", file.display());

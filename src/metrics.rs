@@ -311,7 +311,7 @@ pub fn describe_door() {
     );
     describe_counter!(
         DOOR_REFUSED,
-        "Door sessions this node refused, by reason (not_primary, wrong_cluster, wrong_storage, version_mismatch, protocol)."
+        "Door sessions this node refused, by reason (not_primary, wrong_cluster, wrong_storage, version_mismatch, protocol, stale_epoch)."
     );
     describe_counter!(
         DOOR_ROUTE_FAILURES,

@@ -6,40 +6,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::admin::auth::AdminAuth;
 use crate::admin::http::AdminSettings;
 use crate::cluster::ClusterView;
-use crate::config::{AckMode, Config, ReplicationConfig, RoleConfig};
+use crate::config::{Config, RoleConfig};
 use crate::control::Control;
 use crate::door::{Door, DoorParts};
 use crate::live::Live;
-use crate::relay::hooks::Chain;
 use crate::relay::listener::{ClientListener, HooksFactory, InjectedClient};
 use crate::relay::{PassThrough, SessionHooks, SessionLimits};
 use crate::reload::{LogFilterSetter, Reloadables};
-use crate::replication::applied::AppliedLog;
-use crate::replication::applier::Applier;
-use crate::replication::capture::{self, CaptureHooks, CaptureHub};
-use crate::replication::feed::{
-    self, BackendLink, CaptureLink, DoorSink, FeedHandle, ListenerConfig,
-};
-use crate::replication::pack::{self, PackCapture, PackOp, PackRunner};
-use crate::replication::replica::{self, ReplicaConfig};
-use crate::replication::replica_session::ReplicaHooks;
-use crate::replication::semisync::{self, SemiSync, SemiSyncConfig, SemiSyncHooks};
-use crate::replication::sender::SenderConfig;
+use crate::replication::capture;
+use crate::replication::feed::{self, BackendLink, DoorSink};
+use crate::replication::pack;
 use crate::replication::tls;
-use crate::replication::txn::{Tid, Z64};
+use crate::replication::txn::Z64;
+use crate::rolectl::RoleCtl;
 use crate::status::{Role, StatusHub};
-
-/// How long the feed waits for a client session whose `tpc_finish` reply
-/// races the observer's invalidation of the same commit; past it, the commit
-/// is read back (correct either way).
-const CAPTURE_WAIT: Duration = Duration::from_millis(200);
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     run_file(cfg, None)
@@ -98,6 +85,9 @@ async fn serve(
     crate::tls::expiry::describe();
     // Zero series even on a plaintext port: dashboards query them everywhere.
     crate::tls::client::describe_and_init();
+    if cfg.replication.is_some() {
+        crate::rolectl::describe();
+    }
 
     let role = match cfg.replication.as_ref().map(|r| r.role) {
         Some(RoleConfig::Replica) => Role::Replica,
@@ -157,7 +147,7 @@ async fn serve(
         }
     });
     crate::metrics::describe_door();
-    let env = Env {
+    let env = crate::rolectl::Env {
         cluster: cluster.clone(),
         doors: door_sink,
     };
@@ -183,138 +173,43 @@ async fn serve(
     // a primary's never moves.
     let (applied_tx, applied_rx) = watch::channel(Z64);
     let applied_tx = Arc::new(applied_tx);
-    let mut door_connector = None;
-    let local_hooks: HooksFactory = match &cfg.replication {
-        Some(r) if r.role == RoleConfig::Primary => {
-            let capture = (r.capture_max_bytes > 0).then(|| CaptureLink {
-                hub: CaptureHub::new(),
-                verify: r.capture_verify,
-                wait: CAPTURE_WAIT,
-            });
-            let feed = start_feed(
-                r,
-                &cfg,
-                &env,
-                &link,
-                &status,
-                &shutdown,
-                &mut tasks,
-                &mut reloadables,
-                capture.clone(),
-            )
-            .await?;
-            let semisync = feed.semisync.clone();
-            // The primary's own sessions: commits captured for the feed
-            // (replication::capture), client packs replayed on the replicas
-            // (replication::pack).
-            let mut parts: Vec<HooksFactory> = Vec::new();
-            if let Some(c) = capture {
-                capture::init_series();
-                let max = r.capture_max_bytes;
-                let storage = storage.clone();
-                parts.push(Arc::new(move || {
-                    Box::new(CaptureHooks::new(c.hub.clone(), max, storage.clone()))
-                        as Box<dyn SessionHooks>
-                }));
-            }
-            if r.replicate_pack {
-                let (captured, packs) = tokio::sync::mpsc::channel(16);
-                tasks.push(tokio::spawn(pack::relay_packs(
-                    link.clone(),
-                    packs,
-                    feed.published,
-                    feed.packs,
-                    shutdown.clone(),
-                )));
-                parts.push(Arc::new(move || {
-                    Box::new(PackCapture::new(captured.clone())) as Box<dyn SessionHooks>
-                }));
-            }
-            let role_hooks: HooksFactory = match parts.len() {
-                0 => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
-                1 => parts.pop().expect("one"),
-                _ => Arc::new(move || {
-                    Box::new(Chain(parts.iter().map(|f| f()).collect())) as Box<dyn SessionHooks>
-                }),
-            };
-            match semisync {
-                // Nothing a client sees runs ahead of the replicas'
-                // acknowledgements (invariant 6).
-                Some(ss) => Arc::new(move || {
-                    Box::new(SemiSyncHooks::new(role_hooks(), ss.subscribe()))
-                        as Box<dyn SessionHooks>
-                }),
-                None => role_hooks,
-            }
-        }
-        Some(r) => {
-            let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
-            let downstream = if r.listen.is_some() {
-                // Cascading: what this replica's backend commits (the
-                // applier's replays, in tid order) is fed downstream exactly
-                // as a primary feeds its replicas; so are its packs.
-                let feed = start_feed(
-                    r,
-                    &cfg,
-                    &env,
-                    &link,
-                    &status,
-                    &shutdown,
-                    &mut tasks,
-                    &mut reloadables,
-                    None,
-                )
-                .await?;
-                Some(feed.packs)
-            } else {
-                None
-            };
-            let packer = r.replicate_pack.then(|| {
-                let (p, task) = PackRunner::start(link.clone(), downstream, shutdown.clone());
-                tasks.push(task);
-                p
-            });
-            let connector = start_replica(
-                r,
-                &cfg,
-                &link,
-                applied.clone(),
-                applied_tx.clone(),
-                &status,
-                &shutdown,
-                &mut tasks,
-                packer,
-            )?;
-            door_connector = Some(connector.clone());
-            reloadables.repl_connector = Some(connector);
-            let allow_pack = r.allow_pack;
-            Arc::new(move || {
-                Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
-            })
-        }
-        None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
-    };
     // Every node of a cluster is a door: it decides at register where each
-    // session is served (see crate::door).
+    // session is served (see crate::door). The role-dependent pieces run
+    // under the role controller, which swaps them at run time.
     let hooks: HooksFactory = match &cfg.replication {
-        Some(r) => {
-            let connector = match door_connector {
-                Some(c) => c,
-                None => Live::new(tokio_rustls::TlsConnector::from(
-                    tls::client_config(&r.tls).context("load replication TLS files")?,
-                )),
-            };
+        Some(_) => {
+            let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut ctl = RoleCtl::new(
+                crate::rolectl::Parts {
+                    cfg: cfg.clone(),
+                    env,
+                    link: link.clone(),
+                    applied_tx: applied_tx.clone(),
+                    status: status.clone(),
+                    shutdown: shutdown.clone(),
+                },
+                events_tx,
+            )?;
+            status.update(|s| s.role = ctl.initial_role());
+            ctl.start().await?;
+            reloadables.repl_connector = Some(ctl.connector());
+            reloadables.repl_acceptor = ctl.acceptor();
+            reloadables.repl_allowed = Some(ctl.allowed());
             let door = Door::new(DoorParts {
                 cfg: cfg.door.clone(),
                 cluster: cluster.clone(),
-                connector,
-                cluster_name: r.cluster.clone(),
+                connector: ctl.connector(),
+                cluster_name: ctl.cluster_name(),
                 storage: storage.clone(),
                 node: cfg.node_name.clone(),
                 connect_timeout: cfg.backend.connect_timeout(),
-                local_hooks,
+                local_hooks: ctl.local_hooks(),
                 status: status.clone(),
+                role: Some(ctl.cell()),
             });
+            let (role_tx, role_rx) = tokio::sync::mpsc::channel(4);
+            control.set_roles(role_tx);
+            tasks.push(tokio::spawn(ctl.run(role_rx, events_rx)));
             let keep_sender = applied_tx.clone();
             let (d, st, sd) = (door.clone(), status.clone(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
@@ -323,7 +218,7 @@ async fn serve(
             }));
             Arc::new(move || door.hooks())
         }
-        None => local_hooks,
+        None => Arc::new(|| Box::new(PassThrough) as Box<dyn SessionHooks>),
     };
 
     if let Some(a) = &cfg.admin {
@@ -385,7 +280,7 @@ async fn serve(
         listen = %listener.local_addr()?,
         backend = %cfg.backend.addr(),
         node = %cfg.node_name,
-        role = ?role,
+        role = ?status.role(),
         version = env!("CARGO_PKG_VERSION"),
         "zrelay serving ZEO clients"
     );
@@ -441,31 +336,6 @@ async fn serve(
     Ok(())
 }
 
-/// What every role's wiring shares.
-struct Env {
-    cluster: Arc<ClusterView>,
-    doors: DoorSink,
-}
-
-/// What [`start_feed`] hands back: where packs to replay go, and the
-/// feed's last published tid.
-struct FeedOut {
-    packs: watch::Sender<Option<PackOp>>,
-    published: watch::Receiver<Tid>,
-    /// Semi-sync primary: the acknowledgement count.
-    semisync: Option<Arc<SemiSync>>,
-}
-
-fn track_replication_certs(r: &ReplicationConfig, status: &StatusHub) -> anyhow::Result<()> {
-    crate::tls::expiry::track(
-        status,
-        "replication",
-        &r.tls.cert_file,
-        Some(&r.tls.ca_file),
-    )
-    .context("read replication certificate expiry")
-}
-
 /// The client port's TLS door, if `[client.tls]` is configured.
 fn client_gate(
     cfg: &Config,
@@ -484,181 +354,6 @@ fn client_gate(
         "clients connect over TLS"
     );
     Ok(Some(Arc::new(door)))
-}
-
-/// The commit feed and the replication listener: on a primary, and on a
-/// replica that feeds further replicas.
-#[allow(clippy::too_many_arguments)]
-async fn start_feed(
-    r: &ReplicationConfig,
-    cfg: &Config,
-    env: &Env,
-    link: &BackendLink,
-    status: &Arc<StatusHub>,
-    shutdown: &CancellationToken,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-    reloadables: &mut Reloadables,
-    capture: Option<CaptureLink>,
-) -> anyhow::Result<FeedOut> {
-    let server_cfg = tls::server_config(&r.tls).context("load replication TLS files")?;
-    let acceptor = Live::new(tokio_rustls::TlsAcceptor::from(server_cfg));
-    let allowed_peers = Live::new(r.allowed_peers.clone());
-    reloadables.repl_acceptor = Some(acceptor.clone());
-    reloadables.repl_allowed = Some(allowed_peers.clone());
-    track_replication_certs(r, status)?;
-    let listen = r.listen.context("replication.listen")?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listen for replicas on {listen}"))?;
-    info!(listen = %listen, cluster = %r.cluster, "replication: accepting replicas over mutual TLS");
-    // Bounded: a replica that falls this far behind the live feed reads
-    // history instead (see SenderState). Each sender drains it into its own
-    // byte-limited queue, so this only has to absorb a burst while a sender
-    // is busy writing; it holds at most this many transactions.
-    let (commits, _) = broadcast::channel(256);
-    let (last_tx, last_rx) = watch::channel(Z64);
-    let (packs_tx, packs_rx) = watch::channel(None);
-    let report = (r.role == RoleConfig::Primary).then(|| status.clone());
-    let semisync = start_semisync(r, link, &last_rx, status, shutdown, tasks);
-    tasks.push(tokio::spawn(feed::run_feed(
-        link.clone(),
-        commits.clone(),
-        last_tx,
-        report,
-        shutdown.clone(),
-        capture,
-    )));
-    let lcfg = ListenerConfig {
-        acceptor,
-        allowed_peers,
-        sender: SenderConfig {
-            cluster: r.cluster.clone(),
-            storage: link.storage.clone(),
-            primary_node: cfg.node_name.clone(),
-            heartbeat_interval: Duration::from_millis(r.heartbeat_interval_ms),
-            live_queue_limit_txns: r.live_queue_txns,
-            live_queue_limit_bytes: r.live_queue_bytes,
-        },
-        max_message_bytes: r.max_message_bytes,
-        handshake_timeout: Duration::from_secs(10),
-        cluster: Some(env.cluster.clone()),
-        doors: Some(env.doors.clone()),
-        clone_source: cfg.backend.clone_source(),
-        semisync: semisync.clone(),
-    };
-    tasks.push(tokio::spawn(feed::serve_replicas(
-        listener,
-        lcfg,
-        link.clone(),
-        FeedHandle {
-            commits,
-            last_tid: last_rx.clone(),
-            packs: packs_rx,
-        },
-        status.clone(),
-        shutdown.clone(),
-    )));
-    Ok(FeedOut {
-        packs: packs_tx,
-        published: last_rx,
-        semisync,
-    })
-}
-
-/// A semi-sync primary's acknowledgement count and its coordinator.
-fn start_semisync(
-    r: &ReplicationConfig,
-    link: &BackendLink,
-    last: &watch::Receiver<Tid>,
-    status: &Arc<StatusHub>,
-    shutdown: &CancellationToken,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Option<Arc<SemiSync>> {
-    if r.role != RoleConfig::Primary || r.ack_mode != AckMode::SemiSync {
-        return None;
-    }
-    semisync::describe();
-    info!(
-        min_acks = r.min_acks,
-        ack_level = ?r.ack_level,
-        ack_timeout_ms = r.ack_timeout_ms,
-        strict = r.strict,
-        "replication: semi-synchronous commits"
-    );
-    let ss = SemiSync::new(SemiSyncConfig {
-        min_acks: r.min_acks,
-        level: r.ack_level,
-        timeout: Duration::from_millis(r.ack_timeout_ms),
-        strict: r.strict,
-    });
-    tasks.push(tokio::spawn(semisync::run_coordinator(
-        ss.clone(),
-        link.clone(),
-        last.clone(),
-        status.clone(),
-        shutdown.clone(),
-    )));
-    Some(ss)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn start_replica(
-    r: &ReplicationConfig,
-    cfg: &Config,
-    link: &BackendLink,
-    applied: Arc<AppliedLog>,
-    applied_tx: Arc<watch::Sender<Tid>>,
-    status: &Arc<StatusHub>,
-    shutdown: &CancellationToken,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-    packer: Option<PackRunner>,
-) -> anyhow::Result<Arc<Live<tokio_rustls::TlsConnector>>> {
-    let client_cfg = tls::client_config(&r.tls).context("load replication TLS files")?;
-    let connector = Live::new(tokio_rustls::TlsConnector::from(client_cfg));
-    track_replication_certs(r, status)?;
-    let upstream = r.upstream.clone().context("replication.upstream")?;
-    info!(upstream = %upstream, cluster = %r.cluster, "replication: replica, read-only service");
-    let applier = Applier::new(
-        link.addr.clone(),
-        link.storage.clone(),
-        link.connect_timeout,
-        link.call_timeout,
-        r.max_message_bytes,
-        applied,
-    );
-    let rcfg = ReplicaConfig {
-        cluster: r.cluster.clone(),
-        storage: link.storage.clone(),
-        node: cfg.node_name.clone(),
-        upstream_name: r.upstream_server_name(),
-        upstream,
-        connector: connector.clone(),
-        stale_after: Duration::from_millis(r.stale_after_ms),
-        max_message_bytes: r.max_message_bytes,
-        connect_timeout: link.connect_timeout,
-        client_addr: Some(
-            cfg.cluster
-                .advertise_client
-                .clone()
-                .unwrap_or_else(|| cfg.client.listen.to_string()),
-        ),
-        replication_addr: cfg
-            .cluster
-            .advertise_replication
-            .clone()
-            .or_else(|| r.listen.map(|a| a.to_string())),
-        applied: applied_tx,
-        packer,
-        spool_dir: r.data_dir.clone(),
-        spool_max_bytes: r.spool_max_bytes,
-    };
-    tasks.push(tokio::spawn(replica::run_replica(
-        rcfg,
-        applier,
-        status.clone(),
-        shutdown.clone(),
-    )));
-    Ok(connector)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -94,6 +94,17 @@ pub struct NodeStatus {
     /// "semi-sync"`; see `crate::replication::semisync`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub semisync: Option<SemiSyncStatus>,
+    /// Writer: the primary feed: each replica's promotion eligibility, as
+    /// its Hello announced it (absent: an older build, never a target).
+    #[serde(skip)]
+    pub replica_promotion: BTreeMap<String, crate::role::Promotion>,
+    /// Writer: the role controller (`crate::rolectl`): the detailed role,
+    /// the cluster epoch and the role-change history.
+    pub role_state: Option<crate::role::RoleState>,
+    /// Writer: the primary feed: replicas sent the switchover `Handover`
+    /// (cleared by the role controller when a switchover starts).
+    #[serde(skip)]
+    pub handed_over: std::collections::BTreeSet<String>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -150,6 +161,9 @@ impl StatusHub {
                 draining: false,
                 certificates: Vec::new(),
                 semisync: None,
+                replica_promotion: BTreeMap::new(),
+                role_state: None,
+                handed_over: Default::default(),
                 started: Some(SystemTime::now()),
             }),
             started: Instant::now(),

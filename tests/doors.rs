@@ -269,6 +269,7 @@ fn open_door(c: &Cluster, cert: &str) -> Result<Vec<u8>, String> {
             storage: "1".into(),
             node: cert.into(),
             read_only: false,
+            epoch: None,
         },
         connector: tokio_rustls::TlsConnector::from(cfg),
         timeout: Duration::from_secs(10),

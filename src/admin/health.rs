@@ -269,6 +269,9 @@ pub(crate) mod tests {
             draining: false,
             certificates: Vec::new(),
             semisync: None,
+            replica_promotion: BTreeMap::new(),
+            role_state: None,
+            handed_over: Default::default(),
             started: None,
         }
     }

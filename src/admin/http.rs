@@ -223,6 +223,16 @@ enum Endpoint {
     Probe(Check),
     Drain,
     Reload,
+    /// A role change (see `crate::rolectl`).
+    Role(RoleOp),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RoleOp {
+    Promote,
+    Demote,
+    Switchover,
+    Detach,
 }
 
 const ROUTES: &[(&str, Endpoint)] = &[
@@ -237,6 +247,10 @@ const ROUTES: &[(&str, Endpoint)] = &[
     ("/readiness", Endpoint::Probe(Check::Readiness)),
     ("/drain", Endpoint::Drain),
     ("/reload", Endpoint::Reload),
+    ("/promote", Endpoint::Role(RoleOp::Promote)),
+    ("/demote", Endpoint::Role(RoleOp::Demote)),
+    ("/switchover", Endpoint::Role(RoleOp::Switchover)),
+    ("/detach", Endpoint::Role(RoleOp::Detach)),
 ];
 
 const READ_METHODS: &[Method] = &[Method::GET, Method::HEAD];
@@ -254,7 +268,7 @@ impl Endpoint {
     }
 
     fn mutates(self) -> bool {
-        matches!(self, Endpoint::Drain | Endpoint::Reload)
+        matches!(self, Endpoint::Drain | Endpoint::Reload | Endpoint::Role(_))
     }
 }
 
@@ -374,6 +388,43 @@ async fn route(
             },
             None => uncontrollable(),
         },
+        Endpoint::Role(op) => role_change(state, op, req.uri().query()).await,
+    }
+}
+
+/// `POST /promote`, `/demote?follow=NODE`, `/switchover?to=NODE`,
+/// `/detach`: answered when the change is done (or refused).
+async fn role_change(state: &AdminState, op: RoleOp, query: Option<&str>) -> Response<Full<Bytes>> {
+    use crate::rolectl::Command;
+    let Some(c) = &state.control else {
+        return uncontrollable();
+    };
+    let need = |key: &str| match query_param(query, key) {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("missing {key}=NODE"),
+        ))),
+    };
+    let cmd = match op {
+        RoleOp::Promote => Command::Promote,
+        RoleOp::Detach => Command::Detach,
+        RoleOp::Demote => match need("follow") {
+            Ok(follow) => Command::Demote { follow },
+            Err(r) => return *r,
+        },
+        RoleOp::Switchover => match need("to") {
+            Ok(to) => Command::Switchover { to },
+            Err(r) => return *r,
+        },
+    };
+    match c.role_change(cmd).await {
+        Ok(mut v) => {
+            v["status"] = json!("ok");
+            json_response(StatusCode::OK, &v)
+        }
+        Err(e) => problem(StatusCode::CONFLICT, "refused", e),
     }
 }
 

@@ -131,6 +131,7 @@ pub struct Door {
     /// sessions on a replica; the primary's own hooks on a primary).
     local_hooks: crate::relay::listener::HooksFactory,
     status: Arc<StatusHub>,
+    role: Option<Arc<crate::role::fence::RoleCell>>,
     /// Newest tid committed on the local backend (u64). Writer: monitor.
     applied: AtomicU64,
     /// Live and within the lag limit. Writer: monitor.
@@ -151,6 +152,8 @@ pub struct DoorParts {
     pub connect_timeout: Duration,
     pub local_hooks: crate::relay::listener::HooksFactory,
     pub status: Arc<StatusHub>,
+    /// The node's epoch, sent in every [`DoorHello`].
+    pub role: Option<Arc<crate::role::fence::RoleCell>>,
 }
 
 impl Door {
@@ -167,6 +170,7 @@ impl Door {
             connect_timeout: p.connect_timeout,
             local_hooks: p.local_hooks,
             status: p.status,
+            role: p.role,
             applied: AtomicU64::new(0),
             usable: AtomicBool::new(false),
             primary: RwLock::new(None),
@@ -215,6 +219,7 @@ impl Door {
                     storage: self.storage.clone(),
                     node: self.node.clone(),
                     read_only,
+                    epoch: self.role.as_ref().map(|r| r.epoch()),
                 },
                 connector: (*self.connector.get()).clone(),
                 timeout: self.connect_timeout,
@@ -235,8 +240,15 @@ pub async fn run_monitor(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let max_lag = Duration::from_millis(door.cfg.max_replica_lag_ms).as_secs_f64();
+    let mut role = status.role();
     loop {
         let mut bump = false;
+        if status.role() != role {
+            // Promoted or demoted: sessions served here under the old role
+            // end at a safe point (see DoorHooks::on_wake).
+            role = status.role();
+            bump = true;
+        }
         let applied = u64::from_be_bytes(*applied_rx.borrow_and_update());
         if door.applied.swap(applied, Ordering::AcqRel) != applied {
             bump = true;
@@ -287,8 +299,9 @@ pub async fn run_monitor(
 enum Mode {
     /// Before `register`.
     Undecided,
-    /// Served by this node: read-only at a replica, anything at the primary.
-    Local(Box<dyn SessionHooks>),
+    /// Served by this node: read-only at a replica, anything at the primary
+    /// (the role it was opened under: a role change closes it).
+    Local(Box<dyn SessionHooks>, Role),
     /// Read-write, relayed to `primary`; loads possibly offloaded.
     Forwarded {
         primary: String,
@@ -326,7 +339,7 @@ impl DoorHooks {
             }
             let mut local = (door.local_hooks)();
             let v = local.on_client_message(info, msg);
-            self.mode = Mode::Local(local);
+            self.mode = Mode::Local(local, Role::Primary);
             return v;
         }
         let primary = door.primary();
@@ -368,7 +381,7 @@ impl DoorHooks {
         m::door_session(false, true);
         let mut local = (door.local_hooks)();
         let v = local.on_client_message(info, msg);
-        self.mode = Mode::Local(local);
+        self.mode = Mode::Local(local, Role::Replica);
         v
     }
 }
@@ -402,7 +415,7 @@ impl SessionHooks for DoorHooks {
             }
             Mode::ForwardedEarly { .. } => ClientVerdict::Forward,
             Mode::Undecided => ClientVerdict::Close("call before register".into()),
-            Mode::Local(h) => h.on_client_message(info, msg),
+            Mode::Local(h, _) => h.on_client_message(info, msg),
             Mode::ForwardedReadOnly { .. } => ClientVerdict::Forward,
             Mode::Forwarded { offload: None, .. } => ClientVerdict::Forward,
             Mode::Forwarded {
@@ -423,7 +436,7 @@ impl SessionHooks for DoorHooks {
         answers: Option<&PendingCall>,
     ) -> ServerVerdict {
         match &mut self.mode {
-            Mode::Local(h) => h.on_server_message(info, msg, answers),
+            Mode::Local(h, _) => h.on_server_message(info, msg, answers),
             Mode::Forwarded {
                 offload: Some(o), ..
             } => {
@@ -473,7 +486,10 @@ impl SessionHooks for DoorHooks {
 
     fn on_wake(&mut self, _info: &SessionInfo) -> WakeVerdict {
         match &self.mode {
-            Mode::Local(_)
+            Mode::Local(_, opened_as) if *opened_as != self.door.status.role() => {
+                WakeVerdict::CloseAtSafePoint("this node changed role; reconnect to be routed")
+            }
+            Mode::Local(..)
                 if !self.door.usable.load(Ordering::Acquire)
                     && self.door.status.role() == Role::Replica =>
             {
@@ -491,7 +507,7 @@ impl SessionHooks for DoorHooks {
     }
 
     fn on_close(&mut self, info: &SessionInfo) {
-        if let Mode::Local(h) = &mut self.mode {
+        if let Mode::Local(h, _) = &mut self.mode {
             h.on_close(info);
         }
     }

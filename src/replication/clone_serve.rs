@@ -117,6 +117,7 @@ pub async fn serve<W: AsyncWrite + Unpin>(
                 reason,
                 message: message.clone(),
                 primary_last_tid: None,
+                rewind_to: None,
             },
             &mut buf,
         )?;

@@ -317,6 +317,12 @@ pub struct ListenerConfig {
     pub clone_source: Option<CloneSource>,
     /// Semi-sync primary: where replica acknowledgements are counted.
     pub semisync: Option<Arc<super::semisync::SemiSync>>,
+    /// The node's epoch (None: 0, as before epochs existed).
+    pub role: Option<Arc<crate::role::fence::RoleCell>>,
+    /// Set by the role controller at a switchover: once a replica has been
+    /// sent every transaction up to the tid, it is sent the message (a
+    /// [`StreamMsg::Handover`]) and its stream ends.
+    pub handover: Option<watch::Receiver<Option<(StreamMsg, Tid)>>>,
 }
 
 /// Accepts replica connections until shutdown. A refused or failed peer
@@ -535,6 +541,17 @@ async fn admit_door<S>(
             R::WrongStorage,
             format!("door serves storage {:?}", door.storage),
         ))
+    } else if let Some(e) = door
+        .epoch
+        .filter(|e| cfg.role.as_ref().is_some_and(|r| *e < r.epoch()))
+    {
+        Some((
+            R::StaleEpoch,
+            format!(
+                "door is at epoch {e}, this node at epoch {}",
+                cfg.role.as_ref().map(|r| r.epoch()).unwrap_or(0)
+            ),
+        ))
     } else if status.role() != crate::status::Role::Primary && !door.read_only {
         // A replica takes read-only sessions from other doors (its own door
         // decides where they are served); writers only go to the primary.
@@ -555,6 +572,7 @@ async fn admit_door<S>(
             reason: *reason,
             message: message.clone(),
             primary_last_tid: None,
+            rewind_to: None,
         },
         None => StreamMsg::DoorWelcome {
             node: cfg.sender.primary_node.clone(),
@@ -600,6 +618,14 @@ where
     let mut live = feed.commits.subscribe();
     let (mut rh, mut wh) = tokio::io::split(stream);
     let max = cfg.max_message_bytes;
+    status.update(|s| match hello.promotion {
+        Some(p) => {
+            s.replica_promotion.insert(name.to_string(), p);
+        }
+        None => {
+            s.replica_promotion.remove(name);
+        }
+    });
     if hello.client_addr.is_some() || hello.replication_addr.is_some() {
         status.update(|s| {
             s.replica_adverts.insert(
@@ -628,12 +654,31 @@ where
             None => None,
         }
     };
-    let mut state = SenderState::new(cfg.sender.clone());
+    let mut state = SenderState::new(cfg.sender.clone())
+        .with_epoch(cfg.role.as_ref().map(|r| r.epoch()).unwrap_or(0));
     let mut wbuf = BytesMut::with_capacity(64 * 1024);
     let known_last = *feed.last_tid.borrow();
     match state.on_hello(&hello, primary_last.max(known_last), digest, Instant::now()) {
         Ok(welcome) => protocol::encode(&welcome, &mut wbuf)?,
-        Err(refusal) => {
+        Err(mut refusal) => {
+            if refusal.reason == protocol::RefuseReason::Diverged {
+                // The way back: where this primary's history began.
+                let promoted = status.snapshot().role_state.and_then(|r| {
+                    r.history
+                        .iter()
+                        .rev()
+                        .find(|c| c.role == crate::role::RoleKind::Primary)
+                        .and_then(|c| c.last_tid.clone().map(|t| (c.epoch, t)))
+                });
+                if let Some((epoch, t)) = promoted {
+                    refusal.rewind_to = u64::from_str_radix(&t, 16).ok().map(u64::to_be_bytes);
+                    refusal.message = format!(
+                        "{}; this primary was promoted at epoch {epoch} holding up to {t}: \
+                         stop the replica's runzeo, `zrelay rewind --data-fs PATH --to {t}`, restart",
+                        refusal.message
+                    );
+                }
+            }
             protocol::encode(&refusal.to_msg(), &mut wbuf)?;
             wh.write_all(&wbuf).await?;
             let _ = wh.shutdown().await;
@@ -707,6 +752,8 @@ where
         }
     });
     let features_pack = hello.features.iter().any(|f| f == protocol::FEATURE_PACK);
+    let features_roles = hello.features.iter().any(|f| f == protocol::FEATURE_ROLES);
+    let mut handover = cfg.handover.clone();
     let mut packs = PackGate::new(feed.packs.clone(), features_pack, hello.last_tid);
     let result = stream_loop(
         &mut state,
@@ -721,6 +768,7 @@ where
         &peer_addr,
         status,
         cfg.cluster.as_deref(),
+        (&mut handover, features_roles),
         &shutdown,
     )
     .await;
@@ -742,6 +790,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     peer_addr: &str,
     status: &StatusHub,
     cluster: Option<&crate::cluster::ClusterView>,
+    (handover, understands): (&mut Option<HandoverRx>, bool),
     shutdown: &CancellationToken,
 ) -> Result<(), StreamError> {
     let mut next_roster = Instant::now();
@@ -801,6 +850,26 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
         if state.mode() != SenderMode::Live && state.mode() != SenderMode::CatchingUp {
             return Ok(());
         }
+        let due = handover
+            .as_ref()
+            .and_then(|h| h.borrow().clone())
+            .filter(|(_, upto)| state.last_sent() >= *upto);
+        if let Some((msg, upto)) = due {
+            // Everything this primary committed was sent: hand over, end.
+            if understands {
+                protocol::encode(&msg, wbuf)?;
+                wh.write_all(wbuf).await?;
+                wbuf.clear();
+            }
+            wh.flush().await?;
+            if understands {
+                status.update(|s| {
+                    s.handed_over.insert(name.to_string());
+                });
+            }
+            info!(replica = name, upto = %tid_hex(&upto), told = understands, "switchover: stream handed over");
+            return Ok(());
+        }
         let mut wake = state
             .next_wakeup()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
@@ -822,6 +891,9 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             open = packs.changed(), if packs.is_open() => if open {
                 packs.on_changed()
             },
+            r = handover_changed(handover) => if r.is_err() {
+                *handover = None;
+            },
             _ = tokio::time::sleep_until(wake.into()) => {}
             // Idle between history rounds: drop the invalidations the
             // backend sends this registered connection (see feed_once).
@@ -840,6 +912,15 @@ struct Gone(Arc<super::semisync::SemiSync>, String);
 impl Drop for Gone {
     fn drop(&mut self) {
         self.0.gone(&self.1);
+    }
+}
+
+type HandoverRx = watch::Receiver<Option<(StreamMsg, Tid)>>;
+
+async fn handover_changed(h: &mut Option<HandoverRx>) -> Result<(), watch::error::RecvError> {
+    match h {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -94,6 +94,47 @@ impl ReadAt for [u8] {
 /// returns the committed prefix. Only headers and trailers are read (two
 /// small reads per transaction), never the records.
 pub fn committed_prefix<R: ReadAt + ?Sized>(f: &R, size: u64) -> Result<Boundary, FsError> {
+    scan(f, size, None)
+}
+
+/// [`committed_prefix`], ending after the transaction `upto` at the latest
+/// (the prefix `zrelay rewind` keeps): the scan stops before the first
+/// transaction whose tid is greater.
+pub fn committed_prefix_upto<R: ReadAt + ?Sized>(
+    f: &R,
+    size: u64,
+    upto: &Tid,
+) -> Result<Boundary, FsError> {
+    scan(f, size, Some(upto))
+}
+
+/// Each committed transaction after offset `from` (a transaction boundary),
+/// as (tid, offset), up to `size`; for reports of what a rewind cuts.
+pub fn txns_from<R: ReadAt + ?Sized>(
+    f: &R,
+    from: u64,
+    size: u64,
+) -> Result<Vec<(Tid, u64)>, FsError> {
+    let mut out = Vec::new();
+    let mut pos = from;
+    let mut h = [0u8; TXN_HEADER_LEN as usize];
+    while size.saturating_sub(pos) >= TXN_HEADER_LEN {
+        f.read_exact_at(&mut h, pos)?;
+        let tid: Tid = h[0..8].try_into().expect("8 bytes");
+        let tlen = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
+        if h[16] == b'c' {
+            break;
+        }
+        out.push((tid, pos));
+        match tlen.checked_add(8).and_then(|l| pos.checked_add(l)) {
+            Some(next) if next <= size => pos = next,
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+fn scan<R: ReadAt + ?Sized>(f: &R, size: u64, upto: Option<&Tid>) -> Result<Boundary, FsError> {
     let mut magic = [0u8; 4];
     if size < 4 {
         return Err(FsError::BadMagic);
@@ -117,6 +158,9 @@ pub fn committed_prefix<R: ReadAt + ?Sized>(f: &R, size: u64) -> Result<Boundary
         }
         f.read_exact_at(&mut h, pos)?;
         let tid: Tid = h[0..8].try_into().expect("8 bytes");
+        if upto.is_some_and(|u| tid > *u) {
+            break;
+        }
         let tlen = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
         let status = h[16];
         let lens: u64 = [17, 19, 21]

@@ -14,6 +14,7 @@ pub mod receiver;
 pub mod replica;
 pub mod replica_session;
 pub mod restore_bench;
+pub mod rewind;
 pub mod semisync;
 pub mod sender;
 pub mod spool;

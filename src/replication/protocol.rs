@@ -67,10 +67,21 @@ pub struct Hello {
     /// is sent none of them.
     #[serde(default)]
     pub features: Vec<String>,
+    /// The newest cluster epoch the replica knows (see `crate::role`); a
+    /// feeder that knows only an older one is stale and refuses. None from
+    /// older builds.
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// The replica's promotion eligibility (`promotion` in its config):
+    /// None from older builds, which are never switched over to.
+    #[serde(default)]
+    pub promotion: Option<crate::role::Promotion>,
 }
 
 /// Feature: the replica executes [`StreamMsg::Pack`].
 pub const FEATURE_PACK: &str = "pack";
+/// Feature: the replica understands [`StreamMsg::Handover`].
+pub const FEATURE_ROLES: &str = "roles";
 
 /// Feature (in a Welcome): the primary accepts [`StreamMsg::Received`].
 pub const FEATURE_RECEIVED_ACK: &str = "received_ack";
@@ -82,7 +93,7 @@ pub fn primary_features() -> Vec<String> {
 
 /// The features this build's replica announces.
 pub fn replica_features() -> Vec<String> {
-    vec![FEATURE_PACK.to_string()]
+    vec![FEATURE_PACK.to_string(), FEATURE_ROLES.to_string()]
 }
 
 /// A door's opening message: instead of a replication stream, relay one ZEO
@@ -99,6 +110,10 @@ pub struct DoorHello {
     /// The client registered read-only (a routed reader) or read-write (a
     /// forwarded writer).
     pub read_only: bool,
+    /// The door's cluster epoch; a node at a newer one refuses (None: an
+    /// older build, accepted).
+    #[serde(default)]
+    pub epoch: Option<u64>,
 }
 
 /// One node as the cluster view reports it (see `crate::cluster`).
@@ -156,6 +171,9 @@ pub enum RefuseReason {
     Protocol,
     /// A clone was asked of a node that has no `[backend] data_fs`.
     CloneUnavailable,
+    /// The peer's cluster epoch is older than this node's (or the feeder's
+    /// is older than the replica's): a fenced-out node.
+    StaleEpoch,
 }
 
 impl RefuseReason {
@@ -169,6 +187,7 @@ impl RefuseReason {
             RefuseReason::Busy => "busy",
             RefuseReason::Protocol => "protocol",
             RefuseReason::CloneUnavailable => "clone_unavailable",
+            RefuseReason::StaleEpoch => "stale_epoch",
         }
     }
 }
@@ -194,6 +213,10 @@ pub enum StreamMsg {
         /// [`FEATURE_RECEIVED_ACK`]); absent from older primaries.
         #[serde(default)]
         features: Vec<String>,
+        /// The feeder's cluster epoch; a replica at a newer one refuses
+        /// it. None from older builds.
+        #[serde(default)]
+        epoch: Option<u64>,
     },
     /// primary -> replica, then the primary closes.
     Refuse {
@@ -204,6 +227,11 @@ pub enum StreamMsg {
         /// position and lag.
         #[serde(default, with = "serde_bin::opt_array")]
         primary_last_tid: Option<Tid>,
+        /// For a diverged replica: the last tid it shares with this primary
+        /// when known (this primary's history began there, at its
+        /// promotion); what it holds after it is what the primary lacks.
+        #[serde(default, with = "serde_bin::opt_array")]
+        rewind_to: Option<Tid>,
     },
     /// primary -> replica: one committed transaction. `prev` is the tid sent
     /// just before it on this stream (the Hello's `last_tid` for the first);
@@ -287,6 +315,16 @@ pub enum StreamMsg {
         #[serde(with = "serde_bin::array")]
         upto: Tid,
     },
+    /// primary -> replica (only to replicas announcing [`FEATURE_ROLES`]),
+    /// last message of a switchover: the primary has stopped committing and
+    /// everything it committed was sent; `primary` is the new primary at
+    /// `epoch`. The replica named `primary` promotes itself; the others
+    /// follow it at `replication_addr`.
+    Handover {
+        epoch: u64,
+        primary: String,
+        replication_addr: Option<String>,
+    },
 }
 
 impl StreamMsg {
@@ -311,6 +349,7 @@ impl StreamMsg {
             StreamMsg::CloneFileEnd { .. } => "clone_file_end",
             StreamMsg::CloneEnd { .. } => "clone_end",
             StreamMsg::Pack { .. } => "pack",
+            StreamMsg::Handover { .. } => "handover",
         }
     }
 }
@@ -458,6 +497,7 @@ mod tests {
             RefuseReason::Busy,
             RefuseReason::Protocol,
             RefuseReason::CloneUnavailable,
+            RefuseReason::StaleEpoch,
         ];
         let mut v = vec![
             StreamMsg::Hello(Hello {
@@ -470,6 +510,8 @@ mod tests {
                 client_addr: None,
                 replication_addr: None,
                 features: replica_features(),
+                epoch: Some(3),
+                promotion: Some(crate::role::Promotion::Never(crate::role::NeverWord::Never)),
             }),
             StreamMsg::Hello(Hello {
                 version: 7,
@@ -481,12 +523,20 @@ mod tests {
                 client_addr: None,
                 replication_addr: None,
                 features: vec![],
+                epoch: None,
+                promotion: Some(crate::role::Promotion::Priority(5)),
             }),
             StreamMsg::Welcome {
                 version: PROTOCOL_VERSION,
                 node: "p".into(),
                 primary_last_tid: [0xff; 8],
                 features: vec![],
+                epoch: Some(2),
+            },
+            StreamMsg::Handover {
+                epoch: 4,
+                primary: "b".into(),
+                replication_addr: Some("127.0.0.1:1".into()),
             },
             StreamMsg::Txn {
                 prev: [2; 8],
@@ -549,6 +599,7 @@ mod tests {
                 reason: r,
                 message: format!("because {r}"),
                 primary_last_tid: None,
+                rewind_to: Some([7; 8]),
             });
         }
         v

@@ -134,6 +134,16 @@ pub enum Incoming {
         reason: RefuseReason,
         message: String,
     },
+    /// The feeder is at a newer cluster epoch than this replica knew: adopt
+    /// it (see `crate::role`).
+    NewEpoch(u64),
+    /// The feeder handed over (switchover): `primary` is the new primary
+    /// at `epoch`. The stream ends here.
+    Handover {
+        epoch: u64,
+        primary: String,
+        replication_addr: Option<String>,
+    },
     /// The primary was packed at `pack_time_unix`: pack this node's backend
     /// the same way once everything received so far (which includes `upto`)
     /// is applied.
@@ -174,6 +184,10 @@ pub struct ReceiverState {
     last_contact: Option<Instant>,
     stale_after: Duration,
     divergence: Option<Divergence>,
+    /// The cluster epoch this replica knows (see `crate::role`).
+    epoch: u64,
+    /// From a diverged refusal: the last tid shared with the primary.
+    rewind_to: Option<Tid>,
 }
 
 impl ReceiverState {
@@ -195,7 +209,21 @@ impl ReceiverState {
             last_contact: None,
             stale_after: DEFAULT_STALE_AFTER,
             divergence: None,
+            epoch: 0,
+            rewind_to: None,
         }
+    }
+
+    /// After a diverged refusal: the last tid this replica shares with the
+    /// primary, if the primary knows it (see `StreamMsg::Refuse`).
+    pub fn rewind_to(&self) -> Option<Tid> {
+        self.rewind_to
+    }
+
+    /// The cluster epoch this replica knows: a feeder at an older one is
+    /// refused (the fencing token, see `crate::role`).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
     }
 
     /// Sets how long a connected stream may stay silent before it is stale.
@@ -226,6 +254,8 @@ impl ReceiverState {
             client_addr: None,
             replication_addr: None,
             features: super::protocol::replica_features(),
+            epoch: Some(self.epoch),
+            promotion: None,
         })
     }
 
@@ -244,17 +274,58 @@ impl ReceiverState {
                 version,
                 node,
                 primary_last_tid,
+                epoch,
                 ..
             } => {
                 self.expect(kind, self.mode == ReceiverMode::Handshaking)?;
+                if let Some(e) = epoch.filter(|e| *e < self.epoch) {
+                    // A fenced-out primary: never apply anything from it.
+                    self.mode = ReceiverMode::Disconnected;
+                    self.received = self.applied;
+                    return Ok(Incoming::Refused {
+                        reason: RefuseReason::StaleEpoch,
+                        message: format!(
+                            "feeder {node} is at epoch {e}, this replica knows epoch {}",
+                            self.epoch
+                        ),
+                    });
+                }
                 self.on_welcome(version, node, primary_last_tid, now)?;
-                Ok(Incoming::Nothing)
+                match epoch {
+                    Some(e) if e > self.epoch => {
+                        self.epoch = e;
+                        Ok(Incoming::NewEpoch(e))
+                    }
+                    _ => Ok(Incoming::Nothing),
+                }
+            }
+            StreamMsg::Handover {
+                epoch,
+                primary,
+                replication_addr,
+            } => {
+                self.expect(kind, self.mode.connected())?;
+                self.last_contact = Some(now);
+                if epoch < self.epoch {
+                    return Err(ProtocolError::Unexpected {
+                        got: "handover to an older epoch",
+                        state: self.mode.as_str(),
+                    }
+                    .into());
+                }
+                Ok(Incoming::Handover {
+                    epoch,
+                    primary,
+                    replication_addr,
+                })
             }
             StreamMsg::Refuse {
                 reason,
                 message,
                 primary_last_tid,
+                rewind_to,
             } => {
+                self.rewind_to = rewind_to;
                 self.last_contact = Some(now);
                 if let Some(t) = primary_last_tid {
                     // What the primary really has, even if it will not feed
@@ -594,6 +665,7 @@ mod tests {
             node: "p".into(),
             primary_last_tid: primary_last,
             features: vec![],
+            epoch: None,
         };
         assert_eq!(r.on_message(w, now), Ok(Incoming::Nothing));
         r
@@ -748,6 +820,7 @@ mod tests {
             node: "p".into(),
             primary_last_tid: Z64,
             features: vec![],
+            epoch: None,
         };
         assert_eq!(
             r.on_message(w, now),
@@ -762,6 +835,7 @@ mod tests {
             node: "p".into(),
             primary_last_tid: Z64,
             features: vec![],
+            epoch: None,
         };
         assert!(
             matches!(r.on_message(w, now), Err(ReceiverError::Protocol(_))),
@@ -781,6 +855,7 @@ mod tests {
             node: "p".into(),
             primary_last_tid: t(4),
             features: vec![],
+            epoch: None,
         };
         assert!(matches!(
             r.on_message(w, now),
@@ -811,6 +886,7 @@ mod tests {
             reason: RefuseReason::Busy,
             message: "full".into(),
             primary_last_tid: None,
+            rewind_to: None,
         };
         assert_eq!(
             r.on_message(m, now),
@@ -826,6 +902,7 @@ mod tests {
             reason: RefuseReason::Diverged,
             message: "no".into(),
             primary_last_tid: Some(t(9)),
+            rewind_to: None,
         };
         assert!(matches!(
             r.on_message(m, now),
@@ -1438,5 +1515,43 @@ mod tests {
         assert!(r.on_message(refusal.to_msg(), now).is_err());
         assert_eq!(r.mode(), ReceiverMode::Diverged);
         assert_eq!(r.applied(), t(2));
+    }
+
+    #[test]
+    fn feeder_of_an_older_epoch_refused_newer_adopted() {
+        let now = Instant::now();
+        let welcome = |e: u64| StreamMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            node: "p".into(),
+            primary_last_tid: Z64,
+            features: vec![],
+            epoch: Some(e),
+        };
+        let mut r = ReceiverState::new(Z64, None, now);
+        r.set_epoch(5);
+        let StreamMsg::Hello(h) = r.hello("c", "1", "r") else {
+            panic!("hello")
+        };
+        assert_eq!(h.epoch, Some(5));
+        match r.on_message(welcome(3), now) {
+            Ok(Incoming::Refused { reason, message }) => {
+                assert_eq!(reason, RefuseReason::StaleEpoch);
+                assert!(message.contains("epoch 3"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        r.hello("c", "1", "r");
+        assert_eq!(r.on_message(welcome(7), now), Ok(Incoming::NewEpoch(7)));
+        // A handover to an older epoch than known is a protocol error.
+        assert!(r
+            .on_message(
+                StreamMsg::Handover {
+                    epoch: 6,
+                    primary: "b".into(),
+                    replication_addr: None
+                },
+                now
+            )
+            .is_err());
     }
 }

@@ -59,6 +59,9 @@ pub struct ReplicaConfig {
     /// acks).
     pub spool_dir: Option<std::path::PathBuf>,
     pub spool_max_bytes: u64,
+    /// The node's epoch and eligibility, and where epoch news and handovers
+    /// are reported (None: epoch 0, nothing reported).
+    pub role: Option<Arc<crate::role::fence::RoleCell>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,9 +164,25 @@ pub async fn run_replica(
             _ = shutdown.cancelled() => return,
             r = stream_once(&cfg, &mut applier, st, &status, &mut ticker, &mut spool) => r,
         };
-        let err = r.err().map(|e| e.to_string());
-        match &err {
+        let mut err = r.err().map(|e| e.to_string());
+        match &mut err {
             Some(e) if st.mode() == ReceiverMode::Diverged => {
+                if let Some(shared) = st.rewind_to() {
+                    // Name what this node holds that the primary lacks.
+                    match extra_tids(&mut applier, shared).await {
+                        Ok((n, first)) if n > 0 => {
+                            let list: Vec<String> = first.iter().map(tid_hex).collect();
+                            e.push_str(&format!(
+                                "; this node holds {n} transaction(s) after {} that the primary lacks: {}{}",
+                                tid_hex(&shared),
+                                list.join(", "),
+                                if n as usize > list.len() { ", ..." } else { "" }
+                            ));
+                        }
+                        Ok(_) => {}
+                        Err(x) => warn!(error = %x, "could not list the diverged transactions"),
+                    }
+                }
                 error!(error = %e, "replica diverged from the primary: applying stopped; serving read-only");
                 m::diverged(true);
             }
@@ -186,6 +205,25 @@ pub async fn run_replica(
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// The transactions of this node's backend after `shared`: how many, and
+/// the first few tids (at most 20; a bounded scan of 10 000).
+async fn extra_tids(applier: &mut Applier, shared: Tid) -> Result<(u64, Vec<Tid>), ApplyError> {
+    let mut reader = applier.reader().await?;
+    let after = u64::from_be_bytes(shared).saturating_add(1).to_be_bytes();
+    let mut cursor = super::history::HistoryCursor::open(&mut reader, after, None).await?;
+    let (mut n, mut first) = (0u64, Vec::new());
+    while n < 10_000 {
+        let Some(t) = cursor.next(&mut reader).await? else {
+            break;
+        };
+        n += 1;
+        if first.len() < 20 {
+            first.push(t.tid);
+        }
+    }
+    Ok((n, first))
 }
 
 async fn init_state(
@@ -368,10 +406,14 @@ async fn stream_once(
     };
     let (mut rh, mut wh) = tokio::io::split(stream);
     let mut wbuf = BytesMut::new();
+    if let Some(r) = &cfg.role {
+        st.set_epoch(r.epoch());
+    }
     let mut hello = st.hello(&cfg.cluster, &cfg.storage, &cfg.node);
     if let StreamMsg::Hello(h) = &mut hello {
         h.client_addr = cfg.client_addr.clone();
         h.replication_addr = cfg.replication_addr.clone();
+        h.promotion = cfg.role.as_ref().map(|r| r.promotion);
     }
     protocol::encode(&hello, &mut wbuf)?;
     wh.write_all(&wbuf).await?;
@@ -426,6 +468,40 @@ async fn stream_once(
             Incoming::Roster(nodes) => status.update(|s| s.upstream_roster = nodes),
             Incoming::Refused { reason, message } => {
                 return Err(RunError::Refused(format!("{reason}: {message}")));
+            }
+            Incoming::NewEpoch(e) => {
+                if let Some(r) = &cfg.role {
+                    r.report(crate::role::fence::RoleEvent::SawEpoch(e));
+                }
+            }
+            Incoming::Handover {
+                epoch,
+                primary,
+                replication_addr,
+            } => {
+                // Everything received is applied first: the new primary
+                // (this node or another) must have it all.
+                if applier.has_pending() {
+                    let r = applier.complete().await;
+                    confirm(applier, st, &mut inflight, &mut wbuf)?;
+                    cfg.applied.send_if_modified(|t| bump(t, st.applied()));
+                    r?;
+                }
+                if !wbuf.is_empty() {
+                    wh.write_all(&wbuf).await?;
+                    wbuf.clear();
+                }
+                info!(%primary, epoch, applied = %tid_hex(&st.applied()), "handover from the primary");
+                if let Some(r) = &cfg.role {
+                    r.report(crate::role::fence::RoleEvent::Handover {
+                        epoch,
+                        primary,
+                        replication_addr,
+                    });
+                }
+                // The controller restarts this task (or promotes); until
+                // then, do not reconnect to the old primary.
+                return Err(RunError::Closed);
             }
             Incoming::Pack {
                 pack_time_unix,

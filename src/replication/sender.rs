@@ -97,6 +97,8 @@ pub struct Refusal {
     pub message: String,
     /// The primary's newest tid, told to the refused replica.
     pub primary_last_tid: Option<Tid>,
+    /// See [`StreamMsg::Refuse`]: set by the feed for a diverged replica.
+    pub rewind_to: Option<Tid>,
 }
 
 impl Refusal {
@@ -105,6 +107,7 @@ impl Refusal {
             reason,
             message: message.into(),
             primary_last_tid: None,
+            rewind_to: None,
         }
     }
 
@@ -113,6 +116,7 @@ impl Refusal {
             reason: self.reason,
             message: self.message.clone(),
             primary_last_tid: self.primary_last_tid,
+            rewind_to: self.rewind_to,
         }
     }
 }
@@ -156,6 +160,7 @@ struct Bucket {
 #[derive(Debug)]
 pub struct SenderState {
     cfg: SenderConfig,
+    epoch: u64,
     mode: SenderMode,
     replica_node: Option<String>,
     last_sent: Tid,
@@ -197,7 +202,15 @@ impl SenderState {
             unacked_txns: 0,
             unacked_bytes: 0,
             stats: SenderStats::default(),
+            epoch: 0,
         }
+    }
+
+    /// This feeder's cluster epoch (see `crate::role`): sent in the Welcome;
+    /// a replica that knows a newer one is refused (this feeder is stale).
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// Handles the replica's Hello. `primary_last_tid` is the primary's
@@ -237,6 +250,7 @@ impl SenderState {
             node: self.cfg.primary_node.clone(),
             primary_last_tid: self.primary_last,
             features: super::protocol::primary_features(),
+            epoch: Some(self.epoch),
         })
     }
 
@@ -274,6 +288,15 @@ impl SenderState {
                 format!(
                     "storage {:?} here, {:?} asked",
                     self.cfg.storage, hello.storage
+                ),
+            ));
+        }
+        if let Some(e) = hello.epoch.filter(|e| *e > self.epoch) {
+            return Err(Refusal::new(
+                StaleEpoch,
+                format!(
+                    "replica knows epoch {e}, this feeder is at epoch {}: it was fenced out",
+                    self.epoch
                 ),
             ));
         }
@@ -631,6 +654,8 @@ mod tests {
             client_addr: None,
             replication_addr: None,
             features: vec![],
+            epoch: None,
+            promotion: None,
         }
     }
 
@@ -1003,5 +1028,23 @@ mod tests {
         assert!(
             matches!(m, Some(StreamMsg::Txn { prev, ref txn }) if prev == t(2) && txn.tid == t(3))
         );
+    }
+
+    #[test]
+    fn replica_of_a_newer_epoch_refuses_this_feeder() {
+        let now = Instant::now();
+        let mut h = hello(Z64, None);
+        h.epoch = Some(5);
+        let mut s = SenderState::new(cfg(100, 1 << 20)).with_epoch(3);
+        let r = s.on_hello(&h, Z64, None, now).unwrap_err();
+        assert_eq!(r.reason, RefuseReason::StaleEpoch);
+        let mut s = SenderState::new(cfg(100, 1 << 20)).with_epoch(5);
+        match s.on_hello(&h, Z64, None, now) {
+            Ok(StreamMsg::Welcome { epoch, .. }) => assert_eq!(epoch, Some(5)),
+            other => panic!("{other:?}"),
+        }
+        // An older build sends no epoch: accepted.
+        let mut s = SenderState::new(cfg(100, 1 << 20)).with_epoch(5);
+        assert!(s.on_hello(&hello(Z64, None), Z64, None, now).is_ok());
     }
 }

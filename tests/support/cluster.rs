@@ -207,7 +207,8 @@ impl Node {
             ),
         };
         let config = format!(
-            "node_name = {name:?}\nlog_level = \"info,zrelay=debug,zrelay::monitor=info\"\n\n\
+            "node_name = {name:?}\nlog_level = \"info,zrelay=debug,zrelay::monitor=info\"\n\
+             data_dir = {data_dir:?}\n\n\
              [client]\nlisten = \"{client}\"\n\n\
              [backend]\naddress = \"{backend}\"\n{backend_extra}\n\n\
              [admin]\nlisten = \"{admin}\"\n{admin_extra}\n\n\
@@ -215,6 +216,7 @@ impl Node {
              [replication.tls]\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n\n\
              {extra}\n",
             name = spec.name,
+            data_dir = dir.path().join("state").display().to_string(),
             backend = spec.backend,
             backend_extra = spec.backend_extra,
             admin_extra = spec.admin_extra,
