@@ -47,10 +47,10 @@ use bytes::Bytes;
 use metrics::{counter, describe_counter};
 use tokio::sync::Notify;
 
-use super::history::looks_like_blob;
-use super::txn::{Oid, Record, Tid, Txn};
 use crate::relay::hooks::PendingCall;
 use crate::relay::{ServerVerdict, SessionHooks, SessionInfo};
+use crate::replication::history::looks_like_blob;
+use crate::replication::txn::{Oid, Record, Tid, Txn};
 use crate::wire::{pickle, Encoding, Flag, Message, Value};
 
 pub const CAPTURE_TOTAL: &str = "zrelay_replication_capture_total";

@@ -9,8 +9,8 @@
 
 use bytes::Bytes;
 
-pub use super::txn::tid_after;
-use super::txn::{tid_hex, Oid, Record, Tid, Txn};
+pub use crate::replication::txn::tid_after;
+use crate::replication::txn::{tid_hex, Oid, Record, Tid, Txn};
 use crate::wire::{pickle, Value};
 use crate::zeoclient::{ZeoConn, ZeoError};
 

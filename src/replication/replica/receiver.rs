@@ -42,8 +42,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::protocol::{Hello, ProtocolError, RefuseReason, StreamMsg, PROTOCOL_VERSION};
-use super::txn::{tid_delta_secs, tid_hex, Tid, Txn, Z64};
+use crate::replication::protocol::{
+    Hello, ProtocolError, RefuseReason, StreamMsg, PROTOCOL_VERSION,
+};
+use crate::replication::txn::{tid_delta_secs, tid_hex, Tid, Txn, Z64};
 
 /// Default for how long a connected stream may stay silent before the
 /// replica counts as stale (three 5-second heartbeats).
@@ -123,7 +125,7 @@ pub enum Incoming {
     /// Nothing (handshake, Live marker, heartbeat).
     Nothing,
     /// The feeder's cluster roster (for the cluster view).
-    Roster(Vec<super::protocol::RosterEntry>),
+    Roster(Vec<crate::replication::protocol::RosterEntry>),
     /// Replay this transaction, then call `on_applied(txn.tid, digest)`.
     Apply { txn: Txn, digest: [u8; 32] },
     /// A resend: ignore it.
@@ -253,7 +255,7 @@ impl ReceiverState {
             },
             client_addr: None,
             replication_addr: None,
-            features: super::protocol::replica_features(),
+            features: crate::replication::protocol::replica_features(),
             epoch: Some(self.epoch),
             promotion: None,
         })

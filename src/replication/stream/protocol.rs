@@ -22,7 +22,7 @@
 //! error instead of streaming to a client that cannot apply.
 //! Optional messages are negotiated by `Hello.features` rather than by a
 //! version bump: `Pack` (a pack of the primary, see
-//! [`super::pack`]) is sent only to a replica that announced `"pack"`. An
+//! [`crate::replication::pack`]) is sent only to a replica that announced `"pack"`. An
 //! older replica announces nothing and never sees one; an older primary
 //! ignores the field and never sends one.
 
@@ -31,7 +31,7 @@ use std::io::Cursor;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use super::txn::{serde_bin, tid_hex, Tid, Txn};
+use crate::replication::txn::{serde_bin, tid_hex, Tid, Txn};
 
 /// Version of this stream protocol, exchanged in Hello/Welcome.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -48,7 +48,7 @@ pub struct Hello {
     pub storage: String,
     /// The replica's node name.
     pub node: String,
-    /// The last tid the replica has applied ([`super::txn::Z64`] if none).
+    /// The last tid the replica has applied ([`crate::replication::txn::Z64`] if none).
     #[serde(with = "serde_bin::array")]
     pub last_tid: Tid,
     /// Digest ([`Txn::digest`]) of the transaction `last_tid`, if known.
@@ -261,7 +261,7 @@ pub enum StreamMsg {
     },
     /// replica -> primary (only when the Welcome listed
     /// [`FEATURE_RECEIVED_ACK`]): everything up to `tid` is durably in the
-    /// replica's spool (see `super::spool`), not necessarily applied.
+    /// replica's spool (see `crate::replication::spool`), not necessarily applied.
     Received {
         #[serde(with = "serde_bin::array")]
         tid: Tid,

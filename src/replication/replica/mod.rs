@@ -5,6 +5,13 @@
 //! Decisions (apply, skip a resend, divergence) belong to the I/O-free
 //! [`ReceiverState`]; this task moves bytes and drives the [`Applier`].
 
+pub mod applied;
+pub mod applier;
+pub mod clone;
+pub mod receiver;
+pub mod replica_session;
+pub mod spool;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,16 +24,16 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::applier::{Applier, ApplyError};
-use super::history::read_txn;
-use super::protocol::{self, StreamMsg};
-use super::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
-use super::spool::{Spool, Spooled};
-use super::stream_io::{self, ReadError};
-use super::tls;
-use super::txn::{tid_hex, tid_unix_secs, Tid, Z64};
 use crate::live::Live;
 use crate::metrics as m;
+use crate::replication::applier::{Applier, ApplyError};
+use crate::replication::history::read_txn;
+use crate::replication::protocol::{self, StreamMsg};
+use crate::replication::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
+use crate::replication::spool::{Spool, Spooled};
+use crate::replication::stream_io::{self, ReadError};
+use crate::replication::tls;
+use crate::replication::txn::{tid_hex, tid_unix_secs, Tid, Z64};
 use crate::status::{StatusHub, StreamState, UpstreamStatus};
 
 /// After the silence timeout: how long to look for bytes already waiting.
@@ -54,7 +61,7 @@ pub struct ReplicaConfig {
     pub applied: Arc<watch::Sender<Tid>>,
     /// `replicate_pack`: where packs from the stream are executed (None:
     /// they are ignored).
-    pub packer: Option<super::pack::PackRunner>,
+    pub packer: Option<crate::replication::pack::PackRunner>,
     /// `data_dir`: where the spool lives (None: no spool, no `Received`
     /// acks).
     pub spool_dir: Option<std::path::PathBuf>,
@@ -102,7 +109,7 @@ pub async fn run_replica(
     let mut spool: Option<Spool> = None;
     let mut to_replay: Vec<Spooled> = Vec::new();
     if let Some(dir) = &cfg.spool_dir {
-        super::spool::describe();
+        crate::replication::spool::describe();
         match Spool::open(dir) {
             Ok((s, d)) => {
                 if d.dropped > 0 {
@@ -212,7 +219,8 @@ pub async fn run_replica(
 async fn extra_tids(applier: &mut Applier, shared: Tid) -> Result<(u64, Vec<Tid>), ApplyError> {
     let mut reader = applier.reader().await?;
     let after = u64::from_be_bytes(shared).saturating_add(1).to_be_bytes();
-    let mut cursor = super::history::HistoryCursor::open(&mut reader, after, None).await?;
+    let mut cursor =
+        crate::replication::history::HistoryCursor::open(&mut reader, after, None).await?;
     let (mut n, mut first) = (0u64, Vec::new());
     while n < 10_000 {
         let Some(t) = cursor.next(&mut reader).await? else {
@@ -265,15 +273,16 @@ async fn newest_readable(
         return Ok((reported, Some(d)));
     }
     let mut reader = applier.reader().await?;
-    let at = super::txn::tid_unix_secs(&reported);
+    let at = crate::replication::txn::tid_unix_secs(&reported);
     for window in [60.0, 3600.0, 86400.0 * 31.0, f64::INFINITY] {
         let start = if window.is_finite() {
-            super::txn::tid_from_unix_secs(at - window)
+            crate::replication::txn::tid_from_unix_secs(at - window)
         } else {
             Z64
         };
         let mut cursor =
-            super::history::HistoryCursor::open(&mut reader, start, Some(reported)).await?;
+            crate::replication::history::HistoryCursor::open(&mut reader, start, Some(reported))
+                .await?;
         cursor.with_blobs = false;
         let mut newest = None;
         while let Some(t) = cursor.next(&mut reader).await? {
@@ -515,7 +524,7 @@ async fn stream_once(
                     r?;
                 }
                 match &cfg.packer {
-                    Some(p) if st.applied() >= upto => p.submit(super::pack::PackOp {
+                    Some(p) if st.applied() >= upto => p.submit(crate::replication::pack::PackOp {
                         pack_time_unix,
                         upto,
                     }),
@@ -667,7 +676,8 @@ fn set_upstream(
                 // The admin layer adds the time since last contact while
                 // disconnected; publish the tid lag only.
                 let lag = st.lag(now);
-                let tid_lag = super::txn::tid_delta_secs(&st.primary_last_tid(), &st.applied());
+                let tid_lag =
+                    crate::replication::txn::tid_delta_secs(&st.primary_last_tid(), &st.applied());
                 let tid_s = |t: Tid| (t != Z64).then(|| tid_hex(&t));
                 let connected = matches!(st.mode(), ReceiverMode::Live | ReceiverMode::CatchingUp);
                 UpstreamStatus {

@@ -22,18 +22,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use super::capture::{self, CaptureHub, Taken};
-use super::clone_serve::{self, CloneServeError, CloneSource};
-use super::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
-use super::pack::{PackGate, PackOp};
-use super::protocol::{self, StreamMsg};
-use super::sender::{SenderConfig, SenderMode, SenderState};
-use super::stream_io::{read_msg, ReadError};
-use super::tls;
-use super::txn::{tid_after, tid_hex, Tid, Txn, Z64};
 use crate::config::BackendAddr;
 use crate::live::Live;
 use crate::metrics as m;
+use crate::replication::capture::{self, CaptureHub, Taken};
+use crate::replication::clone_serve::{self, CloneServeError, CloneSource};
+use crate::replication::history::{fetch_txn, packed_away, read_txn, HistoryCursor};
+use crate::replication::pack::{PackGate, PackOp};
+use crate::replication::protocol::{self, StreamMsg};
+use crate::replication::sender::{SenderConfig, SenderMode, SenderState};
+use crate::replication::stream_io::{read_msg, ReadError};
+use crate::replication::tls;
+use crate::replication::txn::{tid_after, tid_hex, Tid, Txn, Z64};
 use crate::status::{ReplicaPeerStatus, StatusHub, StreamState};
 use crate::wire::calls::ServerMsg;
 use crate::zeoclient::{ZeoConn, ZeoError};
@@ -72,7 +72,7 @@ pub struct FeedHandle {
     pub commits: broadcast::Sender<Arc<Txn>>,
     /// Newest tid known committed on the backend.
     pub last_tid: watch::Receiver<Tid>,
-    /// The latest pack to replay on replicas (see [`super::pack`]).
+    /// The latest pack to replay on replicas (see [`crate::replication::pack`]).
     pub packs: watch::Receiver<Option<PackOp>>,
 }
 
@@ -273,7 +273,7 @@ fn set_last(last_tid: &watch::Sender<Tid>, status: Option<&StatusHub>, tid: Tid)
     let Some(status) = status else {
         return;
     };
-    let unix = super::txn::tid_unix_secs(&tid);
+    let unix = crate::replication::txn::tid_unix_secs(&tid);
     m::primary_last_commit(unix);
     status.update(|s| {
         s.storage_last_tid = Some(tid_hex(&tid));
@@ -316,7 +316,7 @@ pub struct ListenerConfig {
     /// The backend's files for `zrelay clone` (None: clones are refused).
     pub clone_source: Option<CloneSource>,
     /// Semi-sync primary: where replica acknowledgements are counted.
-    pub semisync: Option<Arc<super::semisync::SemiSync>>,
+    pub semisync: Option<Arc<crate::replication::semisync::SemiSync>>,
     /// The node's epoch (None: 0, as before epochs existed).
     pub role: Option<Arc<crate::role::fence::RoleCell>>,
     /// Set by the role controller at a switchover: once a replica has been
@@ -907,7 +907,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
 
 /// Removes a replica's acknowledgements from the semi-sync count when its
 /// stream ends, however it ends.
-struct Gone(Arc<super::semisync::SemiSync>, String);
+struct Gone(Arc<crate::replication::semisync::SemiSync>, String);
 
 impl Drop for Gone {
     fn drop(&mut self) {

@@ -1,7 +1,7 @@
 //! Semi-synchronous commits on the primary (`ack_mode = "semi-sync"`).
 //!
 //! Replicas acknowledge what they hold: `Received` (fsynced in the replica
-//! zrelay's spool, see [`super::spool`]) and `Ack` (committed by its
+//! zrelay's spool, see [`crate::replication::spool`]) and `Ack` (committed by its
 //! backend). The watermark W is the newest tid acknowledged at `ack_level`
 //! by `min_acks` replicas. Client sessions on the primary never show a tid
 //! above W (invariant 6): [`SemiSyncHooks`] holds the committing client's
@@ -27,12 +27,12 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::txn::{tid_hex, Tid, Z64};
 use crate::config::AckLevel;
 use crate::relay::hooks::{HoldUntil, PendingCall};
 use crate::relay::{
     ClientVerdict, LocalVerdict, ServerVerdict, SessionHooks, SessionInfo, WakeVerdict,
 };
+use crate::replication::txn::{tid_hex, Tid, Z64};
 use crate::status::{SemiSyncStatus, StatusHub};
 use crate::wire::calls::ServerMsg;
 use crate::wire::{Message, Value};
@@ -336,7 +336,7 @@ fn log_event(ev: Event) {
 /// and metrics current.
 pub async fn run_coordinator(
     ss: Arc<SemiSync>,
-    link: super::feed::BackendLink,
+    link: crate::replication::feed::BackendLink,
     mut last_tid: watch::Receiver<Tid>,
     status: Arc<StatusHub>,
     shutdown: CancellationToken,

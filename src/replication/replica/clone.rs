@@ -1,6 +1,6 @@
 //! `zrelay clone`: make a new replica's `Data.fs` and blob directory at disk
 //! speed, from the primary (over the replication channel, see
-//! [`super::clone_serve`]) or from a backup file (`--from-file`), while the
+//! [`crate::replication::clone_serve`]) or from a backup file (`--from-file`), while the
 //! local runzeo is stopped. Then runzeo and the replica zrelay start on the
 //! copy and stream from its last tid.
 //!
@@ -29,12 +29,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::clone_serve::{list_blobs, CloneServeError, CHUNK_BYTES};
-use super::filestorage::{self, FsError};
-use super::protocol::{self, CloneFileKind, CloneRequest, StreamMsg, PROTOCOL_VERSION};
-use super::stream_io::{read_msg, ReadError};
-use super::tls::{self, TlsError, TlsFiles};
-use super::txn::{tid_hex, Tid};
+use crate::replication::clone_serve::{list_blobs, CloneServeError, CHUNK_BYTES};
+use crate::replication::filestorage::{self, FsError};
+use crate::replication::protocol::{
+    self, CloneFileKind, CloneRequest, StreamMsg, PROTOCOL_VERSION,
+};
+use crate::replication::stream_io::{read_msg, ReadError};
+use crate::replication::tls::{self, TlsError, TlsFiles};
+use crate::replication::txn::{tid_hex, Tid};
 
 /// Where the copy goes (the local runzeo's `<filestorage>` paths).
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::protocol::{self, ProtocolError, StreamMsg};
+use crate::replication::protocol::{self, ProtocolError, StreamMsg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

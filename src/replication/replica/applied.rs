@@ -8,7 +8,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
-use super::txn::{Oid, Tid};
+use crate::replication::txn::{Oid, Tid};
 
 pub struct AppliedLog {
     inner: Mutex<Inner>,

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::txn::{serde_bin, Tid, Txn};
+use crate::replication::txn::{serde_bin, Tid, Txn};
 
 const HEADER: usize = 4 + 32;
 const SPOOL_BYTES: &str = "zrelay_replication_spool_bytes";

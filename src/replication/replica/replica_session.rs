@@ -12,11 +12,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::warn;
 
-use super::applied::{AppliedLog, Invalidations};
-use super::txn::Tid;
 use crate::relay::hooks::PendingCall;
 use crate::relay::read_only;
 use crate::relay::{ClientVerdict, ServerVerdict, SessionHooks, SessionInfo};
+use crate::replication::applied::{AppliedLog, Invalidations};
+use crate::replication::txn::Tid;
 use crate::wire::calls::{ClientCall, ServerMsg};
 use crate::wire::{Message, Value};
 

@@ -21,12 +21,12 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use super::filestorage::{self, FsError};
-use super::protocol::{
+use crate::replication::filestorage::{self, FsError};
+use crate::replication::protocol::{
     self, CloneFileKind, CloneRequest, RefuseReason, StreamMsg, PROTOCOL_VERSION,
 };
-use super::sender::SenderConfig;
-use super::txn::{tid_hex, Tid};
+use crate::replication::sender::SenderConfig;
+use crate::replication::txn::{tid_hex, Tid};
 
 /// Bytes per `CloneData` message.
 pub const CHUNK_BYTES: usize = 1024 * 1024;

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::applied::AppliedLog;
-use super::txn::{Tid, Txn};
 use crate::config::BackendAddr;
+use crate::replication::applied::AppliedLog;
+use crate::replication::txn::{Tid, Txn};
 use crate::wire::{pickle, Value};
 use crate::zeoclient::{ZeoConn, ZeoError};
 

@@ -44,8 +44,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::protocol::{Hello, ProtocolError, RefuseReason, StreamMsg, PROTOCOL_VERSION};
-use super::txn::{tid_delta_secs, tid_hex, Tid, Txn, Z64};
+use crate::replication::protocol::{
+    Hello, ProtocolError, RefuseReason, StreamMsg, PROTOCOL_VERSION,
+};
+use crate::replication::txn::{tid_delta_secs, tid_hex, Tid, Txn, Z64};
 
 /// Maximum number of buckets in the unacked ring; past it the two oldest
 /// buckets are merged (counts stay exact in total, only their split blurs).
@@ -249,7 +251,7 @@ impl SenderState {
             version: PROTOCOL_VERSION,
             node: self.cfg.primary_node.clone(),
             primary_last_tid: self.primary_last,
-            features: super::protocol::primary_features(),
+            features: crate::replication::protocol::primary_features(),
             epoch: Some(self.epoch),
         })
     }

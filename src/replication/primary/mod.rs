@@ -1,0 +1,8 @@
+//! The feeding side of replication (a primary, or a cascading replica).
+
+pub mod capture;
+pub mod clone_serve;
+pub mod feed;
+pub mod history;
+pub mod semisync;
+pub mod sender;
