@@ -778,6 +778,30 @@ impl RoleCtl {
         // The replica task stops at a transaction boundary: what it applied
         // is committed; a replay cut mid-way is aborted by the backend.
         self.stop().await;
+        info!("promotion: stopped following");
+        // Everything this replica acknowledged as received (its spool) is
+        // committed before it serves writes; else it stays a replica.
+        if let Some(dir) = self.r.data_dir.clone() {
+            let applier = Applier::new(
+                self.link.addr.clone(),
+                self.link.storage.clone(),
+                self.link.connect_timeout,
+                self.link.call_timeout,
+                self.r.max_message_bytes,
+                Arc::new(AppliedLog::new(16)),
+            );
+            match replica::apply_spool(&dir, applier).await {
+                Ok(0) => {}
+                Ok(n) => info!(transactions = n, "promotion: the spool applied first"),
+                Err(e) => {
+                    let up = self.state.following.clone();
+                    if let Err(e2) = self.start_replica(up).await {
+                        error!(error = %e2, "cannot restart the replica role");
+                    }
+                    return Err(format!("not promoted: {e}"));
+                }
+            }
+        }
         let last = self.link.open(true).await.ok().map(|(_, t)| tid_hex(&t));
         let epoch = self
             .state

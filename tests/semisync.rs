@@ -255,3 +255,85 @@ fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
     assert!(log.contains("dropped a torn tail"), "{log}");
     assert!(log.contains("spool replayed into the backend"), "{log}");
 }
+
+/// `received` acks, then the primary is lost while the replica's backend is
+/// stalled: what the replica acknowledged sits only in its spool. A
+/// promotion applies the spool before the node serves writes, so every
+/// commit a client saw acknowledged is on the new primary.
+#[test]
+fn promotion_applies_the_spool_first() {
+    let spool = tempfile::tempdir().expect("tempdir");
+    let token_dir = tempfile::tempdir().expect("tempdir");
+    let token_file = token_dir.path().join("admin.token");
+    std::fs::write(&token_file, "promote-test-token-0123456789\n").unwrap();
+    let mut opts = ClusterOpts::new(Enc::Msgpack);
+    opts.primary_replication =
+        "ack_mode = \"semi-sync\"\nack_level = \"received\"\nack_timeout_ms = 60000".into();
+    opts.replica_replication = format!("data_dir = \"{}\"", spool.path().display());
+    opts.replica_admin = format!("token_file = {:?}", token_file.display().to_string());
+    let mut c = Cluster::with(opts);
+    wait_until(SYNC, "replica stream live", || {
+        c.replica.upstream_state() == "live"
+    });
+    let mut w = semisync_py(c.enc(), &["acked-writer", &c.primary.addr().to_string()]).spawn();
+    w.expect_line("READY", Duration::from_secs(60));
+    let base = c.replica.applied_tid();
+    wait_until(SYNC, "the writer to commit through the replica", || {
+        c.replica.applied_tid() != base
+    });
+    c.rzeo.pause();
+    wait_until(SYNC, "a commit acknowledged as received only", || {
+        let w = semisync_status(&c)["watermark_tid"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        w > c.replica.applied_tid().unwrap_or_default()
+    });
+    c.primary.kill();
+    c.pzeo.kill();
+    w.send_line("stop");
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let newest = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("ACK "))
+        .max()
+        .expect("acknowledged commits")
+        .to_string();
+    let applied_then = c.replica.applied_tid().unwrap_or_default();
+    assert!(newest > applied_then, "{newest} was applied already");
+    // Promote while the backend is still stalled (the replica task stops;
+    // the spool is applied once the backend answers again).
+    let admin = c.replica.admin().to_string();
+    let tf = token_file.display().to_string();
+    let promote = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zrelay"))
+            .args(["promote", "--admin", &admin, "--token-file", &tf])
+            .output()
+            .expect("run zrelay promote")
+    });
+    wait_until(SYNC, "the replica task stopped for the promotion", || {
+        c.replica.log().contains("promotion: stopped following")
+    });
+    c.rzeo.resume();
+    let out = promote.join().expect("promote thread");
+    assert!(
+        out.status.success(),
+        "promote failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.replica.status()["role"], "primary");
+    let last = c.last_tid(c.rzeo.addr());
+    assert!(
+        last >= newest,
+        "new primary at {last}, acknowledged {newest}"
+    );
+    assert!(
+        c.replica
+            .log()
+            .contains("promotion: the spool applied first"),
+        "{}",
+        c.replica.log()
+    );
+}

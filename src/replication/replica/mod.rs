@@ -329,6 +329,30 @@ async fn resync(applier: &mut Applier, st: &mut ReceiverState) -> Result<(), App
     Ok(())
 }
 
+/// At a promotion: applies what the spool in `dir` holds beyond the
+/// backend's position, so every transaction this replica acknowledged as
+/// received is committed before it serves writes. The replica task must be
+/// stopped. Returns how many transactions were applied.
+pub async fn apply_spool(dir: &std::path::Path, mut applier: Applier) -> Result<usize, String> {
+    let (mut sp, d) = Spool::open(dir).map_err(|e| format!("open the spool: {e}"))?;
+    if d.records.is_empty() {
+        return Ok(0);
+    }
+    let (last, digest) = connect_at_position(&mut applier)
+        .await
+        .map_err(|e| format!("replica backend: {e}"))?;
+    let mut st = ReceiverState::new(last, digest, Instant::now());
+    let n = replay(&mut applier, &mut st, d.records)
+        .await
+        .map_err(|e| format!("apply the spool: {e}"))?;
+    if sp.all_applied(st.applied()) {
+        if let Err(e) = sp.clear() {
+            warn!(error = %e, "spool: cannot empty it");
+        }
+    }
+    Ok(n)
+}
+
 /// Applies spooled transactions beyond the backend's position, in order,
 /// stopping at a gap (the stream resends from there).
 async fn replay(
