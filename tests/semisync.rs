@@ -45,6 +45,19 @@ fn semisync_status(c: &Cluster) -> serde_json::Value {
     c.primary.status()["semisync"].clone()
 }
 
+/// Stops an `acked-writer` and returns the newest tid it saw acknowledged.
+fn stop_writer_newest_ack(w: PyChild) -> String {
+    let mut w = w;
+    w.send_line("stop");
+    let out = w.finish();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    out.lines()
+        .filter_map(|l| l.strip_prefix("ACK "))
+        .max()
+        .expect("acknowledged commits")
+        .to_string()
+}
+
 /// A commit returns only once the replica's backend has it; with the
 /// replica stalled it waits `ack_timeout_ms`, then the primary degrades to
 /// async (status, metrics) and re-arms once the replica caught up.
@@ -222,15 +235,7 @@ fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
     c.primary.kill();
     c.pzeo.kill();
     c.replica.kill();
-    w.send_line("stop");
-    let out = w.finish();
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let newest = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("ACK "))
-        .max()
-        .expect("acknowledged commits")
-        .to_string();
+    let newest = stop_writer_newest_ack(w);
     assert!(
         newest > applied_then,
         "{newest} was applied before the crash"
@@ -291,15 +296,7 @@ fn promotion_applies_the_spool_first() {
     });
     c.primary.kill();
     c.pzeo.kill();
-    w.send_line("stop");
-    let out = w.finish();
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let newest = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("ACK "))
-        .max()
-        .expect("acknowledged commits")
-        .to_string();
+    let newest = stop_writer_newest_ack(w);
     let applied_then = c.replica.applied_tid().unwrap_or_default();
     assert!(newest > applied_then, "{newest} was applied already");
     // Promote while the backend is still stalled (the replica task stops;
