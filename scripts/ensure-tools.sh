@@ -52,68 +52,14 @@ if [[ ${#missing_tools[@]} -eq 0 ]]; then
     exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "ensure-tools: missing ${missing_tools[*]} and this is not a Debian-like system;" >&2
-    echo "ensure-tools: install the equivalents of: ${missing_pkgs[*]}" >&2
-    exit 1
-fi
-
-sudo=()
-if [[ "$(id -u)" != 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-        sudo=(sudo)
-    else
-        echo "ensure-tools: missing ${missing_tools[*]}; run as root: apt-get install ${missing_pkgs[*]}" >&2
-        exit 1
-    fi
-fi
-
-echo "ensure-tools: installing ${missing_tools[*]} (Debian packages: ${missing_pkgs[*]})" >&2
-export DEBIAN_FRONTEND=noninteractive
-apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq
-    -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
-
-# Package lists may be absent (slim images) or stale: update only when apt
-# does not know a candidate for one of the packages.
-for p in "${missing_pkgs[@]}"; do
-    if ! apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-        "${apt[@]}" update >/dev/null
-        break
-    fi
-done
-
-# Keep the packages' maintainer scripts from starting services:
-# invoke-rc.d consults /usr/sbin/policy-rc.d, and 101 means "action not
-# allowed". Container images often have one already; only add (and later
-# remove) ours if there is none.
-policy=/usr/sbin/policy-rc.d
-log="$(mktemp)"
-cleanup=(rm -f "$log")
-if [[ ! -e "$policy" ]]; then
-    "${sudo[@]}" sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
-    trap '"${sudo[@]}" rm -f "$policy"; "${cleanup[@]}"' EXIT
-else
-    trap '"${cleanup[@]}"' EXIT
-fi
-
-# dpkg and debconf chatter goes to a log that is shown only on failure.
-if ! "${apt[@]}" install -y --no-install-recommends "${missing_pkgs[@]}" >"$log" 2>&1; then
-    cat "$log" >&2
-    echo "ensure-tools: apt-get install ${missing_pkgs[*]} failed" >&2
-    exit 1
-fi
-
-# The packages enable their services for the next boot (and, without
-# policy-rc.d, would have started them now). Stop and disable them; tests
-# start their own etcd members on their own ports.
-if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
-    for s in "${services[@]}"; do
-        "${sudo[@]}" systemctl disable --now "$s" >/dev/null 2>&1 || true
-    done
-fi
+echo "ensure-tools: missing ${missing_tools[*]}" >&2
+. "$(dirname "$0")/lib/apt.sh"
+apt_install ensure-tools "${services[*]}" "${missing_pkgs[@]}"
 # Without systemd (containers) a policy-rc.d that already existed may still
 # have allowed the sysvinit script to start etcd: stop it the same way.
 if [[ -x /etc/init.d/etcd ]] && pgrep -x etcd >/dev/null 2>&1; then
+    sudo=()
+    [[ "$(id -u)" == 0 ]] || sudo=(sudo)
     "${sudo[@]}" /etc/init.d/etcd stop >/dev/null 2>&1 || true
 fi
 
