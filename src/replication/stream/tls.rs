@@ -55,27 +55,7 @@ fn tls13_only(e: rustls::Error) -> TlsError {
 /// Session resumption is off, so every connection re-verifies the peer's
 /// certificate (an expired or replaced certificate cannot ride on a ticket).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let roots = load_roots(&files.ca_file)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| {
-            file_error(
-                &files.ca_file,
-                format!("cannot verify clients with it: {e}"),
-            )
-        })?;
-    let certs = load_certs(&files.cert_file)?;
-    let key = load_key(&files.key_file)?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls13_only)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| identity_error(files, e))?;
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    tls13_server(files, true).map(Arc::new)
 }
 
 /// The admin HTTP listener's side (`[admin.tls]`): TLS 1.3, this node
@@ -83,17 +63,27 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 /// is verified if presented but not required (health probes carry none;
 /// mutating calls may authenticate with one, see `admin::auth`).
 pub fn admin_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = tls13_server(files, false)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 server presenting `cert_file`/`key_file` and verifying client
+/// certificates against `ca_file` (`require_client_cert`: or refusing
+/// clients without one). No session resumption.
+fn tls13_server(files: &TlsFiles, require_client_cert: bool) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let roots = load_roots(&files.ca_file)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| {
-            file_error(
-                &files.ca_file,
-                format!("cannot verify clients with it: {e}"),
-            )
-        })?;
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if !require_client_cert {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier.build().map_err(|e| {
+        file_error(
+            &files.ca_file,
+            format!("cannot verify clients with it: {e}"),
+        )
+    })?;
     let certs = load_certs(&files.cert_file)?;
     let key = load_key(&files.key_file)?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -104,8 +94,7 @@ pub fn admin_server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsErr
         .map_err(|e| identity_error(files, e))?;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// A client of an `https://` admin listener (`zrelay drain|reload`): trusts
