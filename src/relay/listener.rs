@@ -102,6 +102,8 @@ impl ClientListener {
                 _ = shutdown.cancelled() => break,
                 a = self.listener.accept() => a,
                 Some(c) = recv_injected(&mut injected) => {
+                    // Already authenticated by whoever accepted it (another
+                    // node's door over mutual TLS): no gate, no peer limit.
                     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
                     let span = info_span!("session", conn = conn_id, peer = %c.peer, enc = tracing::field::Empty);
                     let session = Session::new(
@@ -112,14 +114,7 @@ impl ClientListener {
                         (self.hooks)(),
                         shutdown.clone(),
                     );
-                    sessions.spawn(
-                        async move {
-                            session.run().await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
-                    while sessions.try_join_next().is_some() {}
+                    spawn_session(&mut sessions, session, span, permit);
                     continue;
                 }
             };
@@ -191,10 +186,35 @@ impl ClientListener {
                 }
                 .instrument(span),
             );
-            // Reap finished sessions so the set does not grow.
-            while sessions.try_join_next().is_some() {}
+            reap(&mut sessions);
         }
         drop(self.listener);
         while sessions.join_next().await.is_some() {}
     }
+}
+
+/// Runs a session in the set; `guard` (connection permit, per-peer slot)
+/// is released when it ends.
+fn spawn_session<C, G>(
+    sessions: &mut JoinSet<()>,
+    session: Session<C>,
+    span: tracing::Span,
+    guard: G,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    G: Send + 'static,
+{
+    sessions.spawn(
+        async move {
+            session.run().await;
+            drop(guard);
+        }
+        .instrument(span),
+    );
+    reap(sessions);
+}
+
+/// Reaps finished sessions so the set does not grow.
+fn reap(sessions: &mut JoinSet<()>) {
+    while sessions.try_join_next().is_some() {}
 }
