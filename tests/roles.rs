@@ -609,6 +609,13 @@ fn semisync_failover(enc: Enc, restart_b: bool) {
     .timeout(Duration::from_secs(150))
     .spawn();
     load.expect_line("READY", SYNC);
+    // A client with a persistent cache read k (then left); k changes.
+    let cached = tempfile::tempdir().unwrap();
+    let cdir = cached.path().display().to_string();
+    run(p.enc, &["write", &bd, "k", "old"]);
+    let got = run(p.enc, &["cached-read", &bd, "k", &cdir]);
+    assert!(got.contains("value='old'"), "{got}");
+    run(p.enc, &["write", &bd, "k", "new"]);
     // b's backend stalls: what b acknowledges now is only in its spool.
     p.bzeo.pause();
     let watermark = || {
@@ -651,6 +658,14 @@ fn semisync_failover(enc: Enc, restart_b: bool) {
             .as_str()
             .is_some_and(|last| last >= w.as_str())
     });
+    // The cache that left before k changed comes back: b restored that
+    // change (runzeo records no oids for it), so b tells the client its
+    // cache is too old rather than keep the stale k.
+    let got = run(p.enc, &["cached-read", &bd, "k", &cdir]);
+    assert!(
+        got.contains("value='new'"),
+        "stale cache after promotion: {got}"
+    );
     // Every writer commits again through b's door.
     load.send_line("mark");
     load.expect_line("MARKED", Duration::from_secs(90));

@@ -19,6 +19,9 @@ Commands:
         no acknowledged commit lost.
   write ADDR KEY VALUE        one commit
   read ADDR KEY               prints value=...
+  cached-read ADDR KEY CACHEDIR
+                              the same through a persistent cache (client
+                              "cached" in CACHEDIR), kept for the next run
 """
 import faulthandler
 import os
@@ -227,7 +230,18 @@ def read(addr, key):
         db.close()
 
 
+def cached_read(addr, key, cachedir):
+    db = open_db(addr, client='cached', var=cachedir, cache_size=1 << 20)
+    try:
+        tm, conn = new_conn(db)
+        print(f'value={conn.root().get(key)!r}')
+        tm.abort()
+    finally:
+        db.close()
+
+
 COMMANDS = {
+    'cached-read': cached_read,
     'bank-init': bank_init,
     'switch-load': switch_load,
     'write': write,
