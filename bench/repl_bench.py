@@ -213,12 +213,14 @@ def start_runzeo(procs, node):
 
 
 def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True,
-                 extra=()):
-    """*extra*: more ``[replication]`` lines."""
+                 extra=(), top=()):
+    """*extra*: more ``[replication]`` lines; *top*: more top-level lines
+    (``data_dir``)."""
     node.client_port = P.free_port()
     node.admin_port = P.free_port()
     lines = [f'node_name = "{node.name}"',
              f'log_level = "{args.zrelay_log_level}"',
+             *top,
              '[client]', f'listen = "{HOST}:{node.client_port}"',
              '[backend]', f'address = "{HOST}:{node.zeo_port}"',
              '[admin]', f'listen = "{HOST}:{node.admin_port}"',
@@ -227,7 +229,7 @@ def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True,
         node.repl_port = P.free_port()
         lines += [f'listen = "{HOST}:{node.repl_port}"',
                   'allowed_peers = ["replica"]']
-        if args.no_capture:
+        if getattr(args, 'no_capture', False):
             lines.append('capture_max_bytes = 0')
     else:
         lines += [f'upstream = "{HOST}:{upstream}"',

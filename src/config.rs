@@ -59,9 +59,11 @@ pub struct Config {
     /// Absent: static roles, manual switchover (see `crate::coordinator`).
     #[serde(default)]
     pub coordinator: Option<crate::coordinator::CoordinatorConfig>,
-    /// Where the node keeps its own durable state (the role state file
-    /// `role.json`: role, cluster epoch, history). Absent: role changes are
-    /// not persisted (the configured role is used at every start).
+    /// Where the node keeps its own durable state: the role state file
+    /// `role.json` (role, cluster epoch, history) and, on a replica, the
+    /// spool `spool/relay.log` (see [`Config::spool_dir`]). Absent: role
+    /// changes are not persisted (the configured role is used at every
+    /// start) and a replica acknowledges applied transactions only.
     #[serde(default)]
     pub data_dir: Option<std::path::PathBuf>,
 }
@@ -157,9 +159,10 @@ pub struct ReplicationConfig {
     /// Primary, semi-sync: never degrade; commits wait for the replicas.
     #[serde(default)]
     pub strict: bool,
-    /// Replica: directory of the relay log (spool) that makes
-    /// `ack_level = "received"` acknowledgements durable. Absent: the
-    /// replica acknowledges applied transactions only.
+    /// Deprecated (use the top-level `data_dir`, spool in
+    /// `data_dir/spool/`): the replica's spool directory. Still honoured,
+    /// with a warning (see [`Config::warnings`]), so an existing spool is
+    /// not left behind.
     #[serde(default)]
     pub data_dir: Option<std::path::PathBuf>,
     /// Replica: the spool is emptied once everything in it is applied; past
@@ -434,7 +437,41 @@ pub fn parse_backend_addr(s: &str) -> BackendAddr {
     }
 }
 
+/// Under the top-level `data_dir`: the replica's spool directory.
+pub const SPOOL_SUBDIR: &str = "spool";
+
 impl Config {
+    /// The replica's spool directory (relay log making `ack_level =
+    /// "received"` acknowledgements durable): `data_dir/spool/`, or the
+    /// deprecated `[replication] data_dir` if set (the spool stays where it
+    /// was). None: no spool; the replica acknowledges applied only.
+    pub fn spool_dir(&self) -> Option<PathBuf> {
+        if let Some(d) = self.replication.as_ref().and_then(|r| r.data_dir.clone()) {
+            return Some(d);
+        }
+        self.data_dir.as_ref().map(|d| d.join(SPOOL_SUBDIR))
+    }
+
+    /// Settings that work but should change (deprecated keys): logged at
+    /// start and printed by `zrelay check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(old) = self.replication.as_ref().and_then(|r| r.data_dir.as_ref()) {
+            let now = match &self.data_dir {
+                Some(d) => format!("top-level data_dir = {:?}", d.display().to_string()),
+                None => "no top-level data_dir".to_string(),
+            };
+            w.push(format!(
+                "[replication] data_dir is deprecated; the spool stays in {} while it is set. \
+                 Remove it and use the top-level data_dir (now: {now}); the spool is then \
+                 DATA_DIR/{SPOOL_SUBDIR}/relay.log. Change it while \
+                 zrelay_replication_spool_bytes is 0 (or move relay.log there)",
+                old.display()
+            ));
+        }
+        w
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -753,5 +790,33 @@ address = "127.0.0.1:8200"
         .unwrap_err()
         .to_string();
         assert!(e.contains("ca_file"), "{e}");
+    }
+
+    /// One `data_dir`: the spool is `data_dir/spool/`; the old
+    /// `[replication] data_dir` still names it, with a warning.
+    #[test]
+    fn spool_lives_under_data_dir_old_key_warns() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        let f = dir.path().join("f").display().to_string();
+        let repl = format!(
+            "[replication]\nrole = \"replica\"\nupstream = \"127.0.0.1:9\"\n{{old}}\
+             [replication.tls]\nca_file = \"{f}\"\ncert_file = \"{f}\"\nkey_file = \"{f}\"\n"
+        );
+        let top = "data_dir = \"/var/lib/zrelay\"\n";
+        let c = parse(&format!("{top}{MIN}{}", repl.replace("{old}", ""))).unwrap();
+        assert_eq!(c.spool_dir(), Some(PathBuf::from("/var/lib/zrelay/spool")));
+        assert!(c.warnings().is_empty());
+        let c = parse(&format!("{MIN}{}", repl.replace("{old}", ""))).unwrap();
+        assert_eq!(c.spool_dir(), None);
+        let old = "data_dir = \"/srv/spool\"\n";
+        let c = parse(&format!("{top}{MIN}{}", repl.replace("{old}", old))).unwrap();
+        assert_eq!(c.spool_dir(), Some(PathBuf::from("/srv/spool")));
+        let w = c.warnings().join("\n");
+        assert!(w.contains("[replication] data_dir is deprecated"), "{w}");
+        assert!(
+            w.contains("/srv/spool") && w.contains("/var/lib/zrelay"),
+            "{w}"
+        );
     }
 }

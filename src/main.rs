@@ -453,7 +453,10 @@ fn main() -> ExitCode {
         Command::Switchover { to, call } => role_call(call, &format!("/switchover?to={to}")),
         Command::Detach { call } => role_call(call, "/detach"),
         Command::CheckConfig { file } => match zrelay::config::Config::load(&file) {
-            Ok(_) => {
+            Ok(cfg) => {
+                for w in cfg.warnings() {
+                    eprintln!("zrelay: warning: {}: {w}", file.display());
+                }
                 println!("{}: OK", file.display());
                 ExitCode::SUCCESS
             }

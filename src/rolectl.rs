@@ -340,6 +340,16 @@ impl RoleCtl {
         // (replication::pack), replies held for semi-sync acknowledgements
         // (replication::semisync), all behind the fence of role changes.
         let mut parts: Vec<HooksFactory> = Vec::new();
+        // Transactions restored while this node was a replica have no oids
+        // in runzeo's invalidation queue: older caches are told "too old".
+        if let Some(upto) =
+            crate::replication::primary::restored::restored_upto(&self.state.history)
+        {
+            parts.push(Arc::new(move || {
+                Box::new(crate::replication::primary::restored::RestoredTailHooks::new(upto))
+                    as Box<dyn SessionHooks>
+            }));
+        }
         if let Some(c) = capture {
             capture::init_series();
             let max = self.r.capture_max_bytes;
@@ -463,7 +473,7 @@ impl RoleCtl {
             applied: self.applied_tx.clone(),
             packer,
             role: Some(self.cell.clone()),
-            spool_dir: r.data_dir.clone(),
+            spool_dir: self.cfg.spool_dir(),
             spool_max_bytes: r.spool_max_bytes,
         };
         tasks.push(tokio::spawn(replica::run_replica(
@@ -671,6 +681,9 @@ impl RoleCtl {
                     .detach(&name, unix_now(), "detached by the operator")
                     .map_err(|e| e.to_string())?;
                 self.stop().await;
+                if let Ok((_, t)) = self.link.open(true).await {
+                    self.state.note_last_tid(tid_hex(&t));
+                }
                 self.cell.set_epoch(epoch);
                 self.cell.set_fenced(false);
                 self.save()?;
@@ -781,7 +794,7 @@ impl RoleCtl {
         info!("promotion: stopped following");
         // Everything this replica acknowledged as received (its spool) is
         // committed before it serves writes; else it stays a replica.
-        if let Some(dir) = self.r.data_dir.clone() {
+        if let Some(dir) = self.cfg.spool_dir() {
             let applier = Applier::new(
                 self.link.addr.clone(),
                 self.link.storage.clone(),

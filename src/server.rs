@@ -284,6 +284,9 @@ async fn serve(
         version = env!("CARGO_PKG_VERSION"),
         "zrelay serving ZEO clients"
     );
+    for w in cfg.warnings() {
+        tracing::warn!("config: {w}");
+    }
     if let Some(c) = &cfg.coordinator {
         // Not wired into the role yet (issue 9 builds on issue 8's role
         // machinery); say so rather than pretend to fail over.

@@ -48,7 +48,7 @@ struct Pair {
     b: Node,
     a_repl: SocketAddr,
     azeo: Zeo,
-    _bzeo: Zeo,
+    bzeo: Zeo,
     certs: Certs,
     token_file: std::path::PathBuf,
     _token_dir: tempfile::TempDir,
@@ -59,6 +59,11 @@ const BACKEND_EXTRA: &str = "probe_interval_ms = 200";
 const DOOR: &str = "[door]\nmax_replica_lag_ms = 3000\n";
 
 fn pair(enc: Enc) -> Pair {
+    pair_with(enc, "")
+}
+
+/// [`pair`] with more `[replication]` lines for a (the primary).
+fn pair_with(enc: Enc, extra_a: &str) -> Pair {
     let certs = Certs::new(&["a", "b", "c", "d"]);
     let token_dir = tempfile::tempdir().unwrap();
     let token_file = token_dir.path().join("admin.token");
@@ -79,7 +84,7 @@ fn pair(enc: Enc) -> Pair {
         tls: certs.tls("a"),
         backend_extra: BACKEND_EXTRA.into(),
         admin_extra: admin.clone(),
-        replication_extra: "promotion = 50\n".into(),
+        replication_extra: format!("promotion = 50\n{extra_a}"),
         extra: book("b", b_repl),
     });
     a.start();
@@ -103,7 +108,7 @@ fn pair(enc: Enc) -> Pair {
         b,
         a_repl,
         azeo,
-        _bzeo: bzeo,
+        bzeo,
         certs,
         token_file,
         _token_dir: token_dir,
@@ -564,4 +569,122 @@ fn async_failure_divergence_and_rewind() {
     let backend = p.azeo.addr().to_string();
     assert!(run(p.enc, &["read", &backend, "k3"]).contains("value='3'"));
     assert!(run(p.enc, &["read", &backend, "k2"]).contains("value=None"));
+}
+
+/// Semi-sync `received` with clients at b's door (writers with in-memory
+/// and persistent caches, a reader checking every snapshot); b's runzeo stalls so b acknowledges commits it has only in
+/// its spool; then the primary's zrelay and runzeo die (kill -9), b is
+/// promoted (`restart_b`: b's zrelay is killed and restarted first, its
+/// spool carrying the received-only commits). The clients reconnect
+/// through b's door and continue, none meets "Cache newer than server",
+/// and every commit any writer saw acknowledged is on b.
+fn semisync_failover(enc: Enc, restart_b: bool) {
+    let mut p = pair_with(
+        enc,
+        "ack_mode = \"semi-sync\"\nack_level = \"received\"\nack_timeout_ms = 60000\n",
+    );
+    p.wait_ready();
+    let ad = p.a.addr().to_string();
+    let bd = p.b.addr().to_string();
+    let out = run(p.enc, &["bank-init", &ad, "10", "10000", "4"]);
+    let tid = value_of(&out, "tid").to_string();
+    wait_until(SYNC, "b applied the bank", || {
+        p.b.applied_tid().as_deref() >= Some(tid.as_str())
+    });
+    let cache = tempfile::tempdir().unwrap();
+    // Writers at b's door (the node that survives), two with a persistent
+    // cache; a's clients go down with a.
+    let wdoors = format!("{bd},{bd},{bd},{bd}");
+    let mut load = roles_py(
+        p.enc,
+        &[
+            "switch-load",
+            "10",
+            "10000",
+            &wdoors,
+            &bd,
+            &cache.path().display().to_string(),
+        ],
+    )
+    .timeout(Duration::from_secs(150))
+    .spawn();
+    load.expect_line("READY", SYNC);
+    // A client with a persistent cache read k (then left); k changes.
+    let cached = tempfile::tempdir().unwrap();
+    let cdir = cached.path().display().to_string();
+    run(p.enc, &["write", &bd, "k", "old"]);
+    let got = run(p.enc, &["cached-read", &bd, "k", &cdir]);
+    assert!(got.contains("value='old'"), "{got}");
+    run(p.enc, &["write", &bd, "k", "new"]);
+    // b's backend stalls: what b acknowledges now is only in its spool.
+    p.bzeo.pause();
+    let watermark = || {
+        p.a.status()["semisync"]["watermark_tid"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    wait_until(SYNC, "a commit acknowledged as received only", || {
+        watermark() > p.b.applied_tid().unwrap_or_default()
+    });
+    let w = watermark();
+    p.a.kill();
+    p.azeo.kill();
+    assert!(
+        metric_value(&p.b.metrics(), "zrelay_replication_spool_bytes") > 0.0,
+        "nothing spooled on b"
+    );
+    if restart_b {
+        p.b.kill();
+        p.bzeo.resume();
+        p.b.start();
+        wait_until(SYNC, "b replayed its spool", || {
+            p.b.log().contains("spool replayed into the backend")
+        });
+    } else {
+        p.bzeo.resume();
+    }
+    let (code, text) = zrelay(&[
+        "promote",
+        "--admin",
+        &p.b.admin().to_string(),
+        "--token-file",
+        &p.tf(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    wait_until(SYNC, "b is primary", || role_of(&p.b) == "primary");
+    wait_until(SYNC, "the new primary's backend at the watermark", || {
+        p.b.status()["storage_last_tid"]
+            .as_str()
+            .is_some_and(|last| last >= w.as_str())
+    });
+    // The cache that left before k changed comes back: b restored that
+    // change (runzeo records no oids for it), so b tells the client its
+    // cache is too old rather than keep the stale k.
+    let got = run(p.enc, &["cached-read", &bd, "k", &cdir]);
+    assert!(
+        got.contains("value='new'"),
+        "stale cache after promotion: {got}"
+    );
+    // Every writer commits again through b's door.
+    load.send_line("mark");
+    load.expect_line("MARKED", Duration::from_secs(90));
+    load.send_line("stop");
+    let out = load.finish();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!("{text}");
+    assert!(!err.contains("newer than"), "{err}");
+    // The script checked every writer's acknowledged commits at b.
+    assert!(text.contains("ok switch-load"), "{text}\n{err}");
+}
+
+#[test]
+fn semisync_failover_through_doors_loses_nothing_acknowledged() {
+    semisync_failover(Enc::Pickle, false);
+}
+
+#[test]
+fn semisync_failover_after_a_replica_restart_msgpack() {
+    semisync_failover(Enc::Msgpack, true);
 }

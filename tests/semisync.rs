@@ -197,11 +197,12 @@ fn kill9_primary_loses_nothing_acknowledged_applied() {
 /// writer saw acknowledged although it had not applied them before.
 #[test]
 fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
-    let spool = tempfile::tempdir().expect("tempdir");
+    // The replica's spool: `data_dir/spool/` (every test node has a
+    // top-level data_dir).
     let mut c = semisync_cluster(
         Enc::Pickle,
         "ack_level = \"received\"\nack_timeout_ms = 60000",
-        &format!("data_dir = \"{}\"", spool.path().display()),
+        "",
     );
     let mut w = semisync_py(c.enc(), &["acked-writer", &c.primary.addr().to_string()]).spawn();
     w.expect_line("READY", Duration::from_secs(60));
@@ -241,7 +242,7 @@ fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
         "{newest} was applied before the crash"
     );
     // A crash mid-append: half a record at the end of the spool.
-    let log = spool.path().join("relay.log");
+    let log = c.replica.dir().join("state/spool/relay.log");
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&log)
@@ -267,14 +268,12 @@ fn kill9_primary_received_spool_carries_it_through_a_replica_restart() {
 /// commit a client saw acknowledged is on the new primary.
 #[test]
 fn promotion_applies_the_spool_first() {
-    let spool = tempfile::tempdir().expect("tempdir");
     let token_dir = tempfile::tempdir().expect("tempdir");
     let token_file = token_dir.path().join("admin.token");
     std::fs::write(&token_file, "promote-test-token-0123456789\n").unwrap();
     let mut opts = ClusterOpts::new(Enc::Msgpack);
     opts.primary_replication =
         "ack_mode = \"semi-sync\"\nack_level = \"received\"\nack_timeout_ms = 60000".into();
-    opts.replica_replication = format!("data_dir = \"{}\"", spool.path().display());
     opts.replica_admin = format!("token_file = {:?}", token_file.display().to_string());
     let mut c = Cluster::with(opts);
     wait_until(SYNC, "replica stream live", || {

@@ -6,7 +6,8 @@ Usage: roles.py COMMAND ARGS...
 Commands:
   bank-init ADDR N TOTAL      N accounts holding TOTAL, one counter per writer
   switch-load N TOTAL WDOORS RDOORS CACHEDIR
-        interactive. Writers (one per WDOOR; odd ones with a persistent
+        interactive. Writers (one per WDOOR, "A|B" = a client given both
+        doors' addresses; odd ones with a persistent
         cache in CACHEDIR) transfer money and bump their own counter in the
         same transaction; readers at every RDOOR check each snapshot sums to
         TOTAL. A commit refused by the fence (ReadOnlyError) or cut by a
@@ -18,7 +19,11 @@ Commands:
         no acknowledged commit lost.
   write ADDR KEY VALUE        one commit
   read ADDR KEY               prints value=...
+  cached-read ADDR KEY CACHEDIR
+                              the same through a persistent cache (client
+                              "cached" in CACHEDIR), kept for the next run
 """
+import faulthandler
 import os
 import random
 import sys
@@ -165,6 +170,7 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
                         mark[i] = acked[i]
                     return
             if time.monotonic() > deadline:
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 raise Failure(f'{what}: writers stuck at {acked} '
                               f'(refused {refused}, unknown {unknown})')
             time.sleep(0.02)
@@ -224,7 +230,18 @@ def read(addr, key):
         db.close()
 
 
+def cached_read(addr, key, cachedir):
+    db = open_db(addr, client='cached', var=cachedir, cache_size=1 << 20)
+    try:
+        tm, conn = new_conn(db)
+        print(f'value={conn.root().get(key)!r}')
+        tm.abort()
+    finally:
+        db.close()
+
+
 COMMANDS = {
+    'cached-read': cached_read,
     'bank-init': bank_init,
     'switch-load': switch_load,
     'write': write,

@@ -29,9 +29,13 @@ def check_eq(got, want, what):
 
 
 def parse_addr(text):
-    """'host:port' -> (host, port); an absolute path is a unix socket."""
+    """'host:port' -> (host, port); an absolute path is a unix socket;
+    'A|B|...' -> a list (ClientStorage tries every address, as a client
+    that knows several doors)."""
     if not isinstance(text, str) or text.startswith('/'):
         return text
+    if '|' in text:
+        return [parse_addr(a) for a in text.split('|')]
     host, port = text.rsplit(':', 1)
     return (host, int(port))
 

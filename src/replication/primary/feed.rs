@@ -659,7 +659,16 @@ where
     let mut wbuf = BytesMut::with_capacity(64 * 1024);
     let known_last = *feed.last_tid.borrow();
     match state.on_hello(&hello, primary_last.max(known_last), digest, Instant::now()) {
-        Ok(welcome) => protocol::encode(&welcome, &mut wbuf)?,
+        Ok(mut welcome) => {
+            // Only a primary counting `Received` acks asks its replicas to
+            // spool (an fsync per transaction on their side).
+            if !cfg.semisync.as_ref().is_some_and(|s| s.counts_received()) {
+                if let StreamMsg::Welcome { features, .. } = &mut welcome {
+                    features.retain(|f| f != protocol::FEATURE_RECEIVED_ACK);
+                }
+            }
+            protocol::encode(&welcome, &mut wbuf)?
+        }
         Err(mut refusal) => {
             if refusal.reason == protocol::RefuseReason::Diverged {
                 // The way back: where this primary's history began.

@@ -4,5 +4,6 @@ pub mod capture;
 pub mod clone_serve;
 pub mod feed;
 pub mod history;
+pub mod restored;
 pub mod semisync;
 pub mod sender;

@@ -305,6 +305,16 @@ impl SemiSync {
         }
     }
 
+    /// `ack_level = "received"`: replicas are asked to spool and send
+    /// `Received` (the Welcome lists the feature only then).
+    pub fn counts_received(&self) -> bool {
+        let st = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        st.cfg.level == AckLevel::Received
+    }
+
     pub fn received(&self, replica: &str, tid: Tid) {
         self.with(|s| s.on_received(replica, tid, Instant::now()));
     }

@@ -570,7 +570,9 @@ async fn stream_once(
                 // Pipeline: if the next message is already here, its
                 // transaction goes out while this one finishes.
                 let more = stream_io::has_frame(&rbuf);
-                if let Some(sp) = spool.as_mut() {
+                // Spooled only for a primary that counts `Received` acks
+                // (semi-sync `received`): else the fsync buys nothing.
+                if let Some(sp) = spool.as_mut().filter(|_| received_ok) {
                     if sp.len() > cfg.spool_max_bytes {
                         // Bounded: apply what is spooled, then empty it.
                         if applier.has_pending() {

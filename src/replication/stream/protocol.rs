@@ -83,7 +83,9 @@ pub const FEATURE_PACK: &str = "pack";
 /// Feature: the replica understands [`StreamMsg::Handover`].
 pub const FEATURE_ROLES: &str = "roles";
 
-/// Feature (in a Welcome): the primary accepts [`StreamMsg::Received`].
+/// Feature (in a Welcome): the primary counts [`StreamMsg::Received`] acks
+/// (semi-sync `ack_level = "received"`; the feed drops it from the Welcome
+/// otherwise), so the replica spools what it receives.
 pub const FEATURE_RECEIVED_ACK: &str = "received_ack";
 
 /// The features this build's primary lists in its Welcome.
