@@ -138,11 +138,11 @@ impl Trio {
             enc,
         };
         wait_until(SYNC, "a holds the leader key", || t.writable(0));
-        for i in 1..3 {
-            wait_until(SYNC, &format!("{} follows a, live", NAMES[i]), || {
+        for (i, name) in NAMES.iter().enumerate().skip(1) {
+            wait_until(SYNC, &format!("{name} follows a, live"), || {
                 t.live_replica_of(i, 0)
             });
-            wait_until(SYNC, &format!("{}'s door knows a", NAMES[i]), || {
+            wait_until(SYNC, &format!("{name}'s door knows a"), || {
                 t.nodes[i].status()["door"]["primary"] == "a"
             });
         }
@@ -377,8 +377,8 @@ fn never_and_maintenance_block_promotion() {
     // Maintenance: well past the ttl, nobody leads.
     let quiet = Instant::now() + Duration::from_secs(TTL + 3);
     while Instant::now() < quiet {
-        for i in 1..3 {
-            assert!(!t.writable(i), "{} promoted in maintenance", NAMES[i]);
+        for (i, name) in NAMES.iter().enumerate().skip(1) {
+            assert!(!t.writable(i), "{name} promoted in maintenance");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
