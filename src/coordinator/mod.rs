@@ -262,7 +262,7 @@ pub enum Event {
 /// `holding` is the level-triggered truth the role machinery may also poll:
 /// it turns false the moment the node fences (events are edge notifications,
 /// sent without waiting, so a stuck consumer never delays a fence).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClusterSnapshot {
     /// Whether the last round reached etcd.
     pub reachable: bool,
