@@ -741,7 +741,7 @@ impl Relay<'_> {
         self.lout.clear();
         self.hooks.on_local_lost(self.info);
         for (payload, msg, _) in std::mem::take(&mut self.local_pending) {
-            self.track_client(&msg);
+            self.track_client(msg);
             frame::write_frame(&mut self.bout, &payload);
         }
     }
@@ -794,7 +794,7 @@ impl Relay<'_> {
             match verdict {
                 LocalVerdict::Deliver => self.emit_client(&payload),
                 LocalVerdict::Retry => {
-                    self.track_client(&call);
+                    self.track_client(call);
                     frame::write_frame(&mut self.bout, &orig);
                 }
             }
@@ -864,7 +864,7 @@ impl Relay<'_> {
     ) -> Result<(), SessionEnd> {
         match verdict {
             ClientVerdict::Forward | ClientVerdict::Defer(_) | ClientVerdict::Reroute(_) => {
-                self.track_client(&msg);
+                self.track_client(msg);
                 frame::write_frame(&mut self.bout, &payload);
             }
             ClientVerdict::Local if self.local != LocalState::None => {
@@ -872,7 +872,7 @@ impl Relay<'_> {
                 self.local_pending.push((payload, msg, Instant::now()));
             }
             ClientVerdict::Local => {
-                self.track_client(&msg);
+                self.track_client(msg);
                 frame::write_frame(&mut self.bout, &payload);
             }
             ClientVerdict::Reply(reply) => self.push_client(&reply)?,
@@ -908,7 +908,7 @@ impl Relay<'_> {
             match self.hooks.on_client_message(self.info, &msg) {
                 ClientVerdict::Reroute(r) if msg.method == "register" => {
                     // Sent on the new connection; tracked like any call.
-                    self.track_client(&msg);
+                    self.track_client(msg);
                     self.reroute = Some((r, payload));
                 }
                 ClientVerdict::Reroute(_) => {
@@ -927,11 +927,13 @@ impl Relay<'_> {
         Ok(())
     }
 
-    fn track_client(&mut self, msg: &Message) {
+    /// Bookkeeping for a call on its way upstream. Takes the message: a
+    /// sync call's msgid and method move into the pending list (no copies).
+    fn track_client(&mut self, msg: Message) {
         match msg.method.as_str() {
             "register" => {
                 self.register_sent = true;
-                if let Ok(ClientCall::Register { storage, read_only }) = ClientCall::parse(msg) {
+                if let Ok(ClientCall::Register { storage, read_only }) = ClientCall::parse(&msg) {
                     self.register_args = Some((storage.to_string(), read_only));
                 }
             }
@@ -943,8 +945,8 @@ impl Relay<'_> {
         }
         if msg.flag == Flag::Sync {
             self.pending.push(PendingCall {
-                msgid: msg.msgid.clone(),
-                method: msg.method.clone(),
+                msgid: msg.msgid,
+                method: msg.method,
                 sent: Instant::now(),
             });
         }
