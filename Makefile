@@ -47,6 +47,7 @@ bench: venv bench-tools release
 	.venv/bin/python bench/repl_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/semisync_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/door_bench.py --zrelay target/release/zrelay
+	.venv/bin/python bench/rt_profile.py --zrelay target/release/zrelay
 	.venv/bin/python bench/clone_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/mem_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/failover_bench.py --zrelay target/release/zrelay

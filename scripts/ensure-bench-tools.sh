@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the programs `make bench` compares zrelay with that are not Python
 # packages: HAProxy (`mode tcp`, what an operator would put in front of ZEO
-# instead of zrelay) and a C compiler for bench/baseline_relay.c.
+# instead of zrelay), a C compiler for bench/baseline_relay.c, and strace +
+# valgrind for bench/rt_profile.py.
 #
 # Fast path: everything already on PATH -> do nothing and print nothing.
 # Otherwise install from the distribution (Debian/Ubuntu packages `haproxy`
@@ -13,6 +14,9 @@ set -euo pipefail
 want=()
 command -v haproxy >/dev/null 2>&1 || want+=(haproxy)
 command -v "${CC:-cc}" >/dev/null 2>&1 || want+=(gcc)
+# bench/rt_profile.py: syscalls and user instructions per round trip.
+command -v strace >/dev/null 2>&1 || want+=(strace)
+command -v valgrind >/dev/null 2>&1 || want+=(valgrind)
 if [[ ${#want[@]} -eq 0 ]]; then
     exit 0
 fi

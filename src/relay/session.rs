@@ -334,6 +334,13 @@ where
         let mut charge = Charge::new(self.limits.budget.clone());
         // Set while the session waits for budget (not reading its client).
         let mut stalled_until: Option<tokio::time::Instant> = None;
+        // One timer for deferred calls and local replies, re-armed only when
+        // an earlier deadline is needed (not once per loop iteration while a
+        // local call is out: registering a timer takes the driver's lock).
+        // Firing early is harmless: what is not due is re-armed.
+        let deferred_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(deferred_timer);
+        let mut timer_armed: Option<tokio::time::Instant> = None;
 
         loop {
             if let Some((reroute, register)) = relay.reroute.take() {
@@ -420,13 +427,22 @@ where
                 lbuf.reserve(READ_CHUNK);
             }
             let deadline = drain_deadline;
-            let next_deferred = relay.next_deferred();
+            if let Some(next) = relay.next_deferred() {
+                let earlier = match timer_armed {
+                    Some(armed) => next < armed,
+                    None => true,
+                };
+                if earlier {
+                    deferred_timer.as_mut().reset(next);
+                    timer_armed = Some(next);
+                }
+            }
+            // Biased, shutdown last: a session woken by its sockets does not
+            // re-poll the shutdown signal first (a lock each time). Shutdown
+            // is still seen whenever the session waits, and tokio's
+            // cooperative budget makes even a flooded session wait.
             tokio::select! {
                 biased;
-                _ = &mut cancelled, if drain_deadline.is_none() => {
-                    drain_deadline = Some(tokio::time::Instant::now() + grace);
-                    continue;
-                }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     return Err(SessionEnd::DrainDeadline);
                 }
@@ -485,8 +501,13 @@ where
                         wake = None;
                     }
                 }
-                _ = sleep_until_opt(next_deferred), if next_deferred.is_some() => {
+                _ = &mut deferred_timer, if timer_armed.is_some() => {
+                    timer_armed = None;
                     relay.retry_deferred(false)?;
+                }
+                _ = &mut cancelled, if drain_deadline.is_none() => {
+                    drain_deadline = Some(tokio::time::Instant::now() + grace);
+                    continue;
                 }
             }
         }
@@ -602,9 +623,10 @@ struct Relay<'a> {
     /// session loop opens the new connection before reading more.
     reroute: Option<(Reroute, Bytes)>,
     local: LocalState,
-    /// Calls sent to the local connection: (msgid, original payload, call,
-    /// when sent).
-    local_pending: Vec<(Value, Bytes, Message, Instant)>,
+    /// Calls sent to the local connection: (original payload, the call
+    /// itself (moved here, not copied; its msgid matches the reply), when
+    /// sent).
+    local_pending: Vec<(Bytes, Message, Instant)>,
     /// Calls held by `ClientVerdict::Defer`.
     deferred: Vec<Deferred>,
     /// Set by a hook: end the session at the next safe point.
@@ -718,8 +740,8 @@ impl Relay<'_> {
         self.local = LocalState::None;
         self.lout.clear();
         self.hooks.on_local_lost(self.info);
-        for (_, payload, msg, _) in std::mem::take(&mut self.local_pending) {
-            self.track_client(&msg);
+        for (payload, msg, _) in std::mem::take(&mut self.local_pending) {
+            self.track_client(msg);
             frame::write_frame(&mut self.bout, &payload);
         }
     }
@@ -748,7 +770,7 @@ impl Relay<'_> {
             if !msg.is_reply() {
                 continue;
             }
-            if msg.msgid == Value::str(LOCAL_REGISTER_MSGID) {
+            if matches!(&msg.msgid, Value::Str(id) if id == LOCAL_REGISTER_MSGID) {
                 if msg.flag == Flag::Error {
                     self.local_lost();
                 } else if self.local == LocalState::Registering {
@@ -756,10 +778,14 @@ impl Relay<'_> {
                 }
                 continue;
             }
-            let Some(i) = self.local_pending.iter().position(|p| p.0 == msg.msgid) else {
+            let Some(i) = self
+                .local_pending
+                .iter()
+                .position(|p| p.1.msgid == msg.msgid)
+            else {
                 continue;
             };
-            let (_, orig, call, _) = self.local_pending.swap_remove(i);
+            let (orig, call, _) = self.local_pending.swap_remove(i);
             let verdict = if msg.flag == Flag::Error {
                 LocalVerdict::Retry
             } else {
@@ -768,7 +794,7 @@ impl Relay<'_> {
             match verdict {
                 LocalVerdict::Deliver => self.emit_client(&payload),
                 LocalVerdict::Retry => {
-                    self.track_client(&call);
+                    self.track_client(call);
                     frame::write_frame(&mut self.bout, &orig);
                 }
             }
@@ -779,7 +805,7 @@ impl Relay<'_> {
         let local = self
             .local_pending
             .iter()
-            .map(|p| p.3 + LOCAL_REPLY_TIMEOUT)
+            .map(|p| p.2 + LOCAL_REPLY_TIMEOUT)
             .min();
         self.deferred
             .iter()
@@ -803,7 +829,7 @@ impl Relay<'_> {
         if self
             .local_pending
             .iter()
-            .any(|p| p.3 + LOCAL_REPLY_TIMEOUT <= now)
+            .any(|p| p.2 + LOCAL_REPLY_TIMEOUT <= now)
         {
             // A local backend that stopped answering (stalled, overloaded)
             // must not stall the client: give up on it for this session.
@@ -829,36 +855,33 @@ impl Relay<'_> {
                     self.track_client(&d.msg);
                     self.reroute = Some((r, d.payload));
                 }
-                verdict => self.apply_verdict(verdict, &d.msg, &d.payload)?,
+                verdict => self.apply_verdict(verdict, d.msg, d.payload)?,
             }
         }
         Ok(())
     }
 
-    /// Carries out a verdict on a client message (not `Reroute`).
+    /// Carries out a verdict on a client message (not `Reroute`). Takes the
+    /// message: a call sent to the local connection is kept as it is (for
+    /// asking the upstream again), without a copy.
     fn apply_verdict(
         &mut self,
         verdict: ClientVerdict,
-        msg: &Message,
-        payload: &Bytes,
+        msg: Message,
+        payload: Bytes,
     ) -> Result<(), SessionEnd> {
         match verdict {
             ClientVerdict::Forward | ClientVerdict::Defer(_) | ClientVerdict::Reroute(_) => {
                 self.track_client(msg);
-                frame::write_frame(&mut self.bout, payload);
+                frame::write_frame(&mut self.bout, &payload);
             }
             ClientVerdict::Local if self.local != LocalState::None => {
-                self.local_pending.push((
-                    msg.msgid.clone(),
-                    payload.clone(),
-                    msg.clone(),
-                    Instant::now(),
-                ));
-                frame::write_frame(&mut self.lout, payload);
+                frame::write_frame(&mut self.lout, &payload);
+                self.local_pending.push((payload, msg, Instant::now()));
             }
             ClientVerdict::Local => {
                 self.track_client(msg);
-                frame::write_frame(&mut self.bout, payload);
+                frame::write_frame(&mut self.bout, &payload);
             }
             ClientVerdict::Reply(reply) => self.push_client(&reply)?,
             ClientVerdict::Swallow => {}
@@ -893,7 +916,7 @@ impl Relay<'_> {
             match self.hooks.on_client_message(self.info, &msg) {
                 ClientVerdict::Reroute(r) if msg.method == "register" => {
                     // Sent on the new connection; tracked like any call.
-                    self.track_client(&msg);
+                    self.track_client(msg);
                     self.reroute = Some((r, payload));
                 }
                 ClientVerdict::Reroute(_) => {
@@ -906,17 +929,19 @@ impl Relay<'_> {
                     payload,
                     until,
                 }),
-                verdict => self.apply_verdict(verdict, &msg, &payload)?,
+                verdict => self.apply_verdict(verdict, msg, payload)?,
             }
         }
         Ok(())
     }
 
-    fn track_client(&mut self, msg: &Message) {
+    /// Bookkeeping for a call on its way upstream. Takes the message: a
+    /// sync call's msgid and method move into the pending list (no copies).
+    fn track_client(&mut self, msg: Message) {
         match msg.method.as_str() {
             "register" => {
                 self.register_sent = true;
-                if let Ok(ClientCall::Register { storage, read_only }) = ClientCall::parse(msg) {
+                if let Ok(ClientCall::Register { storage, read_only }) = ClientCall::parse(&msg) {
                     self.register_args = Some((storage.to_string(), read_only));
                 }
             }
@@ -928,8 +953,8 @@ impl Relay<'_> {
         }
         if msg.flag == Flag::Sync {
             self.pending.push(PendingCall {
-                msgid: msg.msgid.clone(),
-                method: msg.method.clone(),
+                msgid: msg.msgid,
+                method: msg.method,
                 sent: Instant::now(),
             });
         }
@@ -1083,6 +1108,9 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io::R
 /// Writes to the client, closing the session if the client takes no bytes
 /// for `stall` (it stopped reading: its replies, and the invalidations of
 /// every later commit, would otherwise pile up in the backend for good).
+/// Almost every write completes at once: it is tried first, and the stall
+/// timer (a timer registration per use) is set up only when the socket is
+/// full.
 async fn write_client<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &[u8],
@@ -1090,15 +1118,40 @@ async fn write_client<W: AsyncWrite + Unpin>(
 ) -> Result<(), SessionEnd> {
     let mut off = 0;
     while off < buf.len() {
-        match tokio::time::timeout(stall, w.write(&buf[off..])).await {
-            Err(_) => return Err(SessionEnd::ClientStalled(stall)),
-            Ok(Ok(0)) => return Err(SessionEnd::ClientIo(std::io::ErrorKind::WriteZero.into())),
-            Ok(Ok(n)) => off += n,
-            Ok(Err(e)) => return Err(SessionEnd::ClientIo(e)),
+        let rest = &buf[off..];
+        let r = match now_or_pending(|cx| std::pin::Pin::new(&mut *w).poll_write(cx, rest)).await {
+            Some(r) => r,
+            None => match tokio::time::timeout(stall, w.write(&buf[off..])).await {
+                Err(_) => return Err(SessionEnd::ClientStalled(stall)),
+                Ok(r) => r,
+            },
+        };
+        match r {
+            Ok(0) => return Err(SessionEnd::ClientIo(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => off += n,
+            Err(e) => return Err(SessionEnd::ClientIo(e)),
         }
     }
-    match tokio::time::timeout(stall, w.flush()).await {
-        Err(_) => Err(SessionEnd::ClientStalled(stall)),
-        Ok(r) => r.map_err(SessionEnd::ClientIo),
-    }
+    let r = match now_or_pending(|cx| std::pin::Pin::new(&mut *w).poll_flush(cx)).await {
+        Some(r) => r,
+        None => match tokio::time::timeout(stall, w.flush()).await {
+            Err(_) => return Err(SessionEnd::ClientStalled(stall)),
+            Ok(r) => r,
+        },
+    };
+    r.map_err(SessionEnd::ClientIo)
+}
+
+/// Polls once: the result if ready, `None` if it would wait (the waker it
+/// registered is harmless).
+async fn now_or_pending<T>(
+    mut poll: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<T>,
+) -> Option<T> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }

@@ -16,7 +16,8 @@ pub fn decode(payload: &Bytes) -> Result<Value, WireError> {
         src: payload,
         pos: 0,
     };
-    let mut open: Vec<Open> = Vec::new();
+    // An envelope nests two or three levels: no regrowth on the way.
+    let mut open: Vec<Open> = Vec::with_capacity(4);
     'next: loop {
         let mut value = match rd.token()? {
             Token::Value(v) => v,

@@ -45,8 +45,10 @@ impl<'a> Decoder<'a> {
     fn new(src: &'a Bytes, eager_memo: bool) -> Decoder<'a> {
         Decoder {
             rd: Reader::new(src),
-            stack: Vec::new(),
-            marks: Vec::new(),
+            // A ZEO envelope holds a handful of items at most: no regrowth
+            // (a reallocation per push was a tenth of a relayed round trip).
+            stack: Vec::with_capacity(16),
+            marks: Vec::with_capacity(4),
             memo: Memo::new(src.len(), eager_memo),
             next_id: 0,
         }
@@ -151,17 +153,16 @@ impl<'a> Decoder<'a> {
                     Some(at) if at >= self.floor() => at,
                     _ => return Err(malformed("stack underflow")),
                 };
-                let items = self.take_from(at)?;
-                self.push_container(items, Value::Tuple)?;
+                self.push_values_from(at, Value::Tuple)?;
             }
             TUPLE => {
-                let items = self.pop_mark()?;
-                self.push_container(items, Value::Tuple)?;
+                let at = self.marks.pop().ok_or_else(|| malformed("no MARK"))?;
+                self.push_values_from(at, Value::Tuple)?;
             }
             EMPTY_LIST => self.push_leaf(Value::List(Vec::new()))?,
             LIST => {
-                let items = self.pop_mark()?;
-                self.push_container(items, Value::List)?;
+                let at = self.marks.pop().ok_or_else(|| malformed("no MARK"))?;
+                self.push_values_from(at, Value::List)?;
             }
             APPEND => {
                 let item = self.pop()?;
@@ -283,13 +284,24 @@ impl<'a> Decoder<'a> {
         self.push_leaf(Value::Str(s))
     }
 
-    fn push_container(
+    /// Replaces the items from stack position `at` up by one container of
+    /// their values (one allocation of the exact size: no intermediate
+    /// vector of items).
+    fn push_values_from(
         &mut self,
-        items: Vec<Item>,
+        at: usize,
         make: fn(Vec<Value>) -> Value,
     ) -> Result<(), WireError> {
-        let depth = container_depth(&items);
-        self.push(make(items.into_iter().map(|i| i.value).collect()), depth)
+        if at > self.stack.len() {
+            return Err(malformed("stack underflow"));
+        }
+        let items = &self.stack[at..];
+        let depth = container_depth(items);
+        for item in items {
+            self.memo.leaving(item)?;
+        }
+        let values: Vec<Value> = self.stack.drain(at..).map(|i| i.value).collect();
+        self.push(make(values), depth)
     }
 
     fn pop(&mut self) -> Result<Item, WireError> {

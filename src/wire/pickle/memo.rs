@@ -90,11 +90,17 @@ impl Memo {
         Ok((value, depth))
     }
 
-    /// Must see every item that leaves the stack.
+    /// Must see every item that leaves the stack. Inlined fast path: ZEO's
+    /// pickles have no memo, and this runs for every value decoded.
+    #[inline(always)]
     pub fn leaving(&mut self, item: &Item) -> Result<(), WireError> {
         if self.live.is_empty() {
             return Ok(());
         }
+        self.leaving_memoized(item)
+    }
+
+    fn leaving_memoized(&mut self, item: &Item) -> Result<(), WireError> {
         let Some(indices) = self.live.remove(&item.id) else {
             return Ok(());
         };
