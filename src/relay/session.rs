@@ -852,7 +852,7 @@ impl Relay<'_> {
                 ClientVerdict::Reroute(r)
                     if d.msg.method == "register" && self.reroute.is_none() =>
                 {
-                    self.track_client(&d.msg);
+                    self.track_client(d.msg);
                     self.reroute = Some((r, d.payload));
                 }
                 verdict => self.apply_verdict(verdict, d.msg, d.payload)?,
