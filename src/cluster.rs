@@ -12,8 +12,14 @@
 //!
 //! The view is computed from a [`StatusHub`] snapshot on demand (a door asks
 //! once per rerouted session; `/status` once per request), so it has no state
-//! of its own to keep in sync. When a coordinator (etcd) lands, it becomes
-//! another source behind [`ClusterView::primary`].
+//! of its own to keep in sync.
+//!
+//! With a coordinator (etcd, [`ClusterView::set_coordinator`]) the primary
+//! is the node named by the leader key, once its member record (or the
+//! stream's roster) says it serves as primary in that epoch; its address
+//! comes from the address book, else from its member record. A node named
+//! by the leader key that has not finished its promotion yet is no target:
+//! the door then has no primary and clients retry.
 
 use std::sync::Arc;
 
@@ -80,6 +86,9 @@ pub struct ClusterView {
     client_addr: String,
     replication_addr: Option<String>,
     status: Arc<StatusHub>,
+    /// What the coordinator last read from etcd (set once at start-up).
+    coordinator:
+        std::sync::OnceLock<tokio::sync::watch::Receiver<crate::coordinator::ClusterSnapshot>>,
 }
 
 fn state_name(s: StreamState) -> &'static str {
@@ -112,7 +121,49 @@ impl ClusterView {
             client_addr,
             replication_addr,
             status,
+            coordinator: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes the coordinator's view of etcd the source of "who is primary".
+    pub fn set_coordinator(
+        &self,
+        snapshot: tokio::sync::watch::Receiver<crate::coordinator::ClusterSnapshot>,
+    ) {
+        let _ = self.coordinator.set(snapshot);
+    }
+
+    /// The coordinator's last view of etcd, when one is configured.
+    pub fn coordinator(&self) -> Option<crate::coordinator::ClusterSnapshot> {
+        self.coordinator.get().map(|s| s.borrow().clone())
+    }
+
+    /// The leader per etcd, once it serves as primary in its epoch.
+    fn coordinated_primary(&self, snap: &crate::coordinator::ClusterSnapshot) -> Option<Target> {
+        let leader = snap.leader.as_ref().filter(|l| l.node != self.me)?;
+        let member = snap.members.iter().find(|m| m.name == leader.node);
+        let serving = member.is_some_and(|m| {
+            m.role == crate::coordinator::MemberRole::Primary && m.epoch >= leader.epoch
+        }) || self
+            .status
+            .snapshot()
+            .upstream_roster
+            .iter()
+            .any(|e| e.node == leader.node && e.role == "primary");
+        if !serving {
+            return None;
+        }
+        let addr = self
+            .cfg
+            .nodes
+            .iter()
+            .find(|n| n.name == leader.node)
+            .and_then(|n| n.replication.clone())
+            .or_else(|| member.and_then(|m| m.replication.clone()))?;
+        Some(Target {
+            node: leader.node.clone(),
+            replication_addr: addr,
+        })
     }
 
     /// The client address this node advertises.
@@ -167,6 +218,10 @@ impl ClusterView {
     pub fn primary(&self) -> Option<Target> {
         if self.status.snapshot().role == Role::Primary {
             return None;
+        }
+        if let Some(snap) = self.coordinator.get() {
+            let snap = snap.borrow().clone();
+            return self.coordinated_primary(&snap);
         }
         let entry = self
             .roster()

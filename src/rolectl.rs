@@ -35,6 +35,9 @@ use tracing::{error, info, warn};
 use crate::cluster::ClusterView;
 use crate::config::AckMode;
 use crate::config::{Config, ReplicationConfig};
+use crate::coordinator::{
+    ClusterSnapshot, Event as CoordEvent, Member, MemberRole, Request as CoordRequest,
+};
 use crate::live::Live;
 use crate::relay::hooks::Chain;
 use crate::relay::listener::HooksFactory;
@@ -145,6 +148,31 @@ pub struct RoleCtl {
     local: LocalHooks,
     running: Option<Running>,
     shutdown: CancellationToken,
+    /// With `[coordinator]`: the link to etcd (see [`CoordLink`]).
+    coord: Option<Coord>,
+}
+
+/// The role controller's link to a running coordinator
+/// (`crate::coordinator::spawn`): the node's member record it publishes, the
+/// coordinator's events and view, and the switchover request channel.
+pub struct CoordLink {
+    pub member: watch::Sender<Member>,
+    pub events: mpsc::Receiver<CoordEvent>,
+    pub snapshot: watch::Receiver<ClusterSnapshot>,
+    pub requests: mpsc::Sender<CoordRequest>,
+}
+
+struct Coord {
+    member: watch::Sender<Member>,
+    events: Option<mpsc::Receiver<CoordEvent>>,
+    snapshot: watch::Receiver<ClusterSnapshot>,
+    requests: mpsc::Sender<CoordRequest>,
+    /// The coordinator said this node holds the leader key (Elected or
+    /// Holding) and has not fenced since: a primary may take commits.
+    holding: bool,
+    /// A promotion after an election failed: withdraw eligibility so the
+    /// coordinator gives the key back and someone else is elected.
+    promote_failed: bool,
 }
 
 pub struct Parts {
@@ -226,7 +254,231 @@ impl RoleCtl {
             local: Arc::new(RwLock::new(passthrough)),
             running: None,
             shutdown: p.shutdown,
+            coord: None,
         })
+    }
+
+    /// Puts the node's role under the coordinator (`[coordinator]`): call
+    /// before [`RoleCtl::start`]. From then on a primary takes commits only
+    /// while the coordinator holds the leader key for it, elections promote,
+    /// a new leader is followed, and operator role changes other than
+    /// switchover are refused (they would race the automatic path).
+    pub fn attach_coordinator(&mut self, link: CoordLink) {
+        self.coord = Some(Coord {
+            member: link.member,
+            events: Some(link.events),
+            snapshot: link.snapshot,
+            requests: link.requests,
+            holding: false,
+            promote_failed: false,
+        });
+        self.publish_member();
+    }
+
+    /// This node's record for etcd, from its role state and positions.
+    pub fn member_record(&self) -> Member {
+        let st = self.status.snapshot();
+        let hex = |h: &Option<String>| {
+            h.as_deref()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .unwrap_or(0)
+        };
+        let applied = u64::from_be_bytes(*self.applied_tx.borrow())
+            .max(hex(&st.storage_last_tid))
+            .max(st.upstream.as_ref().map_or(0, |u| hex(&u.applied_tid)));
+        let primary = matches!(
+            self.state.role,
+            RoleKind::Primary | RoleKind::Fenced | RoleKind::Detached
+        );
+        let failed = self.coord.as_ref().is_some_and(|c| c.promote_failed);
+        Member {
+            name: self.cfg.node_name.clone(),
+            role: if primary {
+                MemberRole::Primary
+            } else {
+                MemberRole::Replica
+            },
+            client: Some(self.env.cluster.my_client_addr().to_string()),
+            replication: self
+                .cfg
+                .cluster
+                .advertise_replication
+                .clone()
+                .or_else(|| self.r.listen.map(|a| a.to_string())),
+            eligible: self.r.promotion.eligible() && !failed,
+            priority: self.r.promotion.priority().unwrap_or(0),
+            applied_tid: applied,
+            acknowledged_tid: if primary {
+                applied
+            } else {
+                self.cell.durable().max(applied)
+            },
+            epoch: self.state.epoch,
+        }
+    }
+
+    fn publish_member(&self) {
+        if let Some(c) = &self.coord {
+            let m = self.member_record();
+            c.member.send_if_modified(|old| {
+                if *old != m {
+                    *old = m;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// With a coordinator, commits need both the primary role and the
+    /// leader key: the fence is up whenever one of them is missing.
+    fn gate(&self) {
+        if let Some(c) = &self.coord {
+            let writable = self.state.role == RoleKind::Primary && c.holding;
+            self.cell.set_fenced(!writable);
+            // A primary without the key sends its sessions through their
+            // doors (closed at a safe point; see door::DoorHooks::on_wake).
+            self.cell
+                .set_stepped_down(!c.holding && self.state.role != RoleKind::Replica);
+        }
+    }
+
+    fn set_holding(&mut self, h: bool) {
+        if let Some(c) = self.coord.as_mut() {
+            c.holding = h;
+        }
+    }
+
+    /// What the coordinator said (see `crate::coordinator::Event`).
+    async fn coord_event(&mut self, ev: CoordEvent) {
+        info!(event = ?ev, role = ?self.state.role, epoch = self.state.epoch, "coordinator event");
+        match ev {
+            CoordEvent::Fence { reason } => {
+                // Prompt and local: the fence flag is all a vote checks.
+                self.set_holding(false);
+                self.gate();
+                if self.state.role == RoleKind::Primary {
+                    let why = format!("coordinator: leader key {}", reason.label());
+                    if self.state.fence(unix_now(), &why).is_ok() {
+                        changed("fence");
+                        if let Err(e) = self.save() {
+                            error!(error = %e, "could not persist the role state");
+                        }
+                    }
+                }
+                warn!(reason = reason.label(), "fenced: this node no longer holds the leader key; no commits until it does, or follows the new leader");
+            }
+            CoordEvent::Holding { epoch } | CoordEvent::Elected { epoch }
+                if self.state.role != RoleKind::Replica =>
+            {
+                self.set_holding(true);
+                if self.state.role == RoleKind::Fenced && epoch == self.state.epoch {
+                    self.unfence("coordinator: holds the leader key again");
+                }
+                self.gate();
+                info!(epoch, "holding the leader key: commits accepted");
+            }
+            CoordEvent::Holding { .. } => {}
+            CoordEvent::Elected { epoch } => {
+                self.set_holding(true);
+                match self.promote(epoch, "elected by the coordinator").await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        error!(error = %e, "elected but the promotion failed; withdrawing from elections");
+                        if let Some(c) = self.coord.as_mut() {
+                            c.promote_failed = true;
+                            c.holding = false;
+                        }
+                    }
+                }
+                self.gate();
+            }
+            CoordEvent::Leader { .. } => self.follow_leader().await,
+            CoordEvent::NoLeader => {}
+        }
+        self.publish_member();
+    }
+
+    /// Level-triggered: when etcd names another leader, a primary that does
+    /// not hold the key steps down and follows it, and a replica following
+    /// someone else retargets its upstream to it.
+    async fn follow_leader(&mut self) {
+        let Some(c) = &self.coord else { return };
+        if c.holding {
+            return;
+        }
+        let snap = c.snapshot.borrow().clone();
+        let Some(l) = snap.leader else { return };
+        if l.node == self.cfg.node_name || l.epoch < self.state.epoch {
+            return;
+        }
+        let addr = snap
+            .members
+            .iter()
+            .find(|m| m.name == l.node)
+            .and_then(|m| m.replication.clone())
+            .or_else(|| self.address_of(&l.node).ok());
+        let Some(addr) = addr else { return };
+        match self.state.role {
+            RoleKind::Primary | RoleKind::Fenced => {
+                if l.epoch <= self.state.epoch {
+                    // Not newer than ours: a stale key; the coordinator
+                    // sorts it out (this node fenced meanwhile).
+                    return;
+                }
+                if self.state.role == RoleKind::Primary {
+                    let _ = self
+                        .state
+                        .fence(unix_now(), "coordinator: another node leads");
+                }
+                self.cell.set_fenced(true);
+                let why = format!(
+                    "coordinator: {} leads epoch {}; follows it",
+                    l.node, l.epoch
+                );
+                if self.state.demote(&addr, unix_now(), &why).is_err() {
+                    return;
+                }
+                self.state.adopt(l.epoch);
+                self.cell.set_epoch(self.state.epoch);
+                if let Err(e) = self.save() {
+                    error!(error = %e, "could not persist the role state");
+                }
+                changed("demote");
+                info!(leader = %l.node, epoch = l.epoch, "stepped down: following the new leader");
+                if let Err(e) = self.become_replica(Some(addr)).await {
+                    error!(error = %e, "could not follow the new leader");
+                }
+                self.gate();
+            }
+            RoleKind::Replica => {
+                let current = self
+                    .state
+                    .following
+                    .clone()
+                    .or_else(|| self.r.upstream.clone());
+                if current.as_deref() == Some(addr.as_str()) {
+                    return;
+                }
+                let why = format!("coordinator: follows {} (epoch {})", l.node, l.epoch);
+                if let Err(e) = self.state.follow(&addr, l.epoch, unix_now(), &why) {
+                    warn!(error = %e, "cannot follow the leader etcd names");
+                    return;
+                }
+                self.cell.set_epoch(self.state.epoch);
+                if let Err(e) = self.save() {
+                    error!(error = %e, "could not persist the role state");
+                }
+                changed("follow");
+                info!(leader = %l.node, upstream = %addr, epoch = l.epoch, "following the leader");
+                self.stop().await;
+                if let Err(e) = self.start_replica(Some(addr)).await {
+                    error!(error = %format!("{e:#}"), "could not follow the leader");
+                }
+            }
+            RoleKind::Detached => {}
+        }
     }
 
     pub fn cell(&self) -> Arc<RoleCell> {
@@ -288,6 +540,9 @@ impl RoleCtl {
     /// Starts the role the state says.
     pub async fn start(&mut self) -> anyhow::Result<()> {
         self.publish_state();
+        // With a coordinator a primary starts fenced: it takes commits once
+        // it holds the leader key (never two writers).
+        self.gate();
         match self.initial_role() {
             Role::Primary => self.start_primary().await,
             Role::Replica => {
@@ -604,9 +859,22 @@ impl RoleCtl {
         mut requests: mpsc::Receiver<(Command, Reply)>,
         mut events: mpsc::UnboundedReceiver<RoleEvent>,
     ) {
+        let mut coord_events = self.coord.as_mut().and_then(|c| c.events.take());
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
+                Some(ev) = async {
+                    match coord_events.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.coord_event(ev).await,
+                _ = tick.tick(), if self.coord.is_some() => {
+                    self.publish_member();
+                    self.follow_leader().await;
+                }
                 Some((cmd, reply)) = requests.recv() => {
                     info!(command = ?cmd, "role change requested");
                     let r = self.command(cmd.clone()).await;
@@ -632,6 +900,13 @@ impl RoleCtl {
     }
 
     async fn command(&mut self, cmd: Command) -> Result<serde_json::Value, String> {
+        if self.coord.is_some() && !matches!(cmd, Command::Switchover { .. }) {
+            return Err(
+                "a coordinator is configured: the leader key in etcd decides who is primary; \
+                 use switchover (it goes through etcd), or `zrelay pause` for planned work"
+                    .into(),
+            );
+        }
         match cmd {
             Command::Promote => {
                 let at_least = self.cell.epoch();
@@ -812,6 +1087,8 @@ impl RoleCtl {
         }
         self.cell.set_epoch(epoch);
         self.cell.set_fenced(false);
+        // With a coordinator: writable only while the key is held.
+        self.gate();
         self.save()?;
         changed("promote");
         info!(epoch, why, "promoted: serving writes");
@@ -850,6 +1127,7 @@ impl RoleCtl {
     fn unfence(&mut self, why: &str) {
         if self.state.unfence(unix_now(), why).is_ok() {
             self.cell.set_fenced(false);
+            self.gate();
             changed("unfence");
             if let Err(e) = self.save() {
                 error!(error = %e, "could not persist the role state");
@@ -900,9 +1178,45 @@ impl RoleCtl {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // With a coordinator the leader key moves to the target in one etcd
+        // transaction (epoch + 1): no race with the automatic path.
+        let mut epoch = self.state.epoch + 1;
+        let coordinated = self.coord.is_some();
+        if let Some(c) = &self.coord {
+            let (tx, rx) = oneshot::channel();
+            let asked = c
+                .requests
+                .send(CoordRequest::Handover {
+                    to: to.to_string(),
+                    reply: tx,
+                })
+                .await;
+            let r = match asked {
+                Ok(()) => tokio::time::timeout(HANDOVER_WAIT, rx)
+                    .await
+                    .map_err(|_| "the coordinator did not answer".to_string())
+                    .and_then(|r| r.map_err(|_| "the coordinator stopped".to_string()))
+                    .and_then(|r| r),
+                Err(_) => Err("the coordinator stopped".into()),
+            };
+            match r {
+                Ok(e) => {
+                    epoch = e.max(epoch);
+                    self.set_holding(false);
+                    self.gate();
+                    info!(
+                        target = to,
+                        epoch, "switchover: leader key handed over in etcd"
+                    );
+                }
+                Err(e) => {
+                    self.unfence("the leader key could not be handed over");
+                    return Err(format!("switchover through etcd failed: {e}; fence lifted if the key is still held"));
+                }
+            }
+        }
         // Hand over first, demote after: until the target has the handover
         // this node is still the primary and can give up cleanly.
-        let epoch = self.state.epoch + 1;
         self.status.update(|s| s.handed_over.clear());
         let handover = self.running.as_ref().and_then(|r| r.handover.clone());
         if let Some(h) = &handover {
@@ -928,7 +1242,9 @@ impl RoleCtl {
                 break;
             }
             if Instant::now() > deadline {
-                if target_told {
+                // Through etcd the key is the target's already: demote anyway
+                // (it takes over when it sees the key).
+                if target_told || coordinated {
                     break;
                 }
                 if let Some(h) = &handover {
@@ -949,9 +1265,10 @@ impl RoleCtl {
                 &format!("switchover: {to} is the new primary"),
             )
             .map_err(|e| e.to_string())?;
-        debug_assert_eq!(demoted, epoch);
+        self.state.adopt(epoch);
+        debug_assert_eq!(self.state.epoch, epoch);
         self.state.note_last_tid(tid_hex(&last));
-        self.cell.set_epoch(demoted);
+        self.cell.set_epoch(demoted.max(epoch));
         self.save()?;
         changed("demote");
         metrics::histogram!(SWITCHOVER_FENCED).record(started.elapsed().as_secs_f64());

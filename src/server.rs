@@ -191,6 +191,26 @@ async fn serve(
                 events_tx,
             )?;
             status.update(|s| s.role = ctl.initial_role());
+            if let Some(cc) = &cfg.coordinator {
+                // Automatic failover: etcd's leader key decides who is
+                // primary (see crate::coordinator and rolectl::CoordLink).
+                let (member_tx, member_rx) = watch::channel(ctl.member_record());
+                let co = crate::coordinator::spawn(
+                    cc.clone(),
+                    cfg.node_name.clone(),
+                    member_rx,
+                    shutdown.clone(),
+                );
+                cluster.set_coordinator(co.snapshot.clone());
+                ctl.attach_coordinator(crate::rolectl::CoordLink {
+                    member: member_tx,
+                    events: co.events,
+                    snapshot: co.snapshot,
+                    requests: co.requests,
+                });
+                tasks.push(co.task);
+                info!(endpoints = ?cc.endpoints, name = %cc.name, ttl_secs = cc.ttl_secs, "coordinator: roles follow the leader key in etcd");
+            }
             ctl.start().await?;
             reloadables.repl_connector = Some(ctl.connector());
             reloadables.repl_acceptor = ctl.acceptor();
@@ -284,13 +304,10 @@ async fn serve(
         version = env!("CARGO_PKG_VERSION"),
         "zrelay serving ZEO clients"
     );
-    if let Some(c) = &cfg.coordinator {
-        // Not wired into the role yet (issue 9 builds on issue 8's role
-        // machinery); say so rather than pretend to fail over.
+    if cfg.coordinator.is_some() && cfg.replication.is_none() {
         tracing::warn!(
-            endpoints = ?c.endpoints,
-            "[coordinator] is configured but automatic failover is not active yet: \
-             roles stay static; `zrelay status/pause/resume --config` use etcd"
+            "[coordinator] needs [replication]: a node without it has no role to fail over; \
+             `zrelay status/pause/resume --config` still use etcd"
         );
     }
     let limits = SessionLimits {

@@ -357,6 +357,9 @@ async fn route(
             let mut body = health::status_body(&st, Now::current(), state.status.uptime_secs());
             if let (Some(c), Some(obj)) = (&state.cluster, body.as_object_mut()) {
                 obj.insert("cluster".into(), serde_json::json!(c.nodes()));
+                if let Some(co) = c.coordinator() {
+                    obj.insert("coordinator".into(), serde_json::json!(co));
+                }
             }
             json_response(StatusCode::OK, &body)
         }

@@ -15,7 +15,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::decide::{self, FenceClock, LeaderValue, Member, MemberRole, Plan, Standoff};
-use super::{keys, metrics, ClusterSnapshot, CoordinatorConfig, Event, FenceReason};
+use super::{keys, metrics, ClusterSnapshot, CoordinatorConfig, Event, FenceReason, Request};
 
 /// Why a guarded call did not return a value.
 enum CallError {
@@ -44,9 +44,10 @@ struct Task {
 pub(super) async fn run(
     cfg: CoordinatorConfig,
     me: String,
-    state: watch::Receiver<Member>,
+    mut state: watch::Receiver<Member>,
     events: mpsc::Sender<Event>,
     snap: watch::Sender<ClusterSnapshot>,
+    mut requests: mpsc::Receiver<Request>,
     shutdown: CancellationToken,
 ) {
     let clock = FenceClock::new(cfg.ttl(), cfg.fence_margin());
@@ -85,13 +86,38 @@ pub(super) async fn run(
             tracing::debug!(error = %e, "coordinator round failed");
         }
         metrics::renewal_age(t.clock.since_confirmed(Instant::now()));
+        let (role, epoch) = (own.role, own.epoch);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sleep_until(next) => {}
             _ = t.deadline() => t.fence(FenceReason::Deadline).await,
+            // A role change is published at once (a new primary's record,
+            // a demoted node giving the key back), not a loop_wait later.
+            _ = role_changed(&mut state, role, epoch) => {}
+            Some(r) = requests.recv() => match r {
+                Request::Handover { to, reply } => {
+                    let r = t.hand_over(&to).await;
+                    let _ = reply.send(r);
+                }
+            },
         }
     }
     t.release_all().await;
+}
+
+/// Resolves when the node's published role or epoch differs from these.
+async fn role_changed(state: &mut watch::Receiver<Member>, role: MemberRole, epoch: u64) {
+    loop {
+        {
+            let m = state.borrow_and_update();
+            if m.role != role || m.epoch != epoch {
+                return;
+            }
+        }
+        if state.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 impl Task {
@@ -284,6 +310,12 @@ impl Task {
                 // Someone else's key, or none: our lease is gone.
                 self.fence(FenceReason::Lost).await;
             }
+            Some((l, lease)) if l.node == self.me && l.epoch >= own.epoch => {
+                // Handed to us by a switchover (`hand_over` on the old
+                // primary): take over the renewals of its lease.
+                let (epoch, id) = (l.epoch, *lease);
+                self.adopt(&c, own, epoch, id).await.map_err(err)?;
+            }
             _ => {}
         }
         if leader.is_none() && !self.clock.holding() {
@@ -421,6 +453,106 @@ impl Task {
         };
         self.emit(ev);
         Ok(true)
+    }
+
+    /// Takes over a leader key a switchover put under a lease for this node:
+    /// renewing it is holding it (the fencing clock starts at the first
+    /// confirmed renewal, as for a lease we granted).
+    async fn adopt(
+        &mut self,
+        c: &Client,
+        own: &Member,
+        epoch: u64,
+        lease: i64,
+    ) -> Result<(), CallError> {
+        let start = Instant::now();
+        if !self.call("keepalive", keep_alive(c.clone(), lease)).await? {
+            return Ok(());
+        }
+        self.leader_lease = Some(lease);
+        self.leader_epoch = epoch;
+        self.led_as_primary = own.role == MemberRole::Primary;
+        self.clock.confirmed(start);
+        metrics::election("won");
+        metrics::is_leader(true);
+        tracing::info!(
+            epoch,
+            "coordinator: took over the leader key handed to this node"
+        );
+        self.emit(if own.role == MemberRole::Primary {
+            Event::Holding { epoch }
+        } else {
+            Event::Elected { epoch }
+        });
+        Ok(())
+    }
+
+    /// Switchover: hands the leader key held by this node to `to` in one
+    /// transaction (if the key is still ours: then the key names `to` at
+    /// epoch + 1, under a fresh lease `to` renews from then on, and the
+    /// epoch key is bumped). This node stops holding at once; the caller has
+    /// fenced its commits before. Returns the new epoch.
+    async fn hand_over(&mut self, to: &str) -> Result<u64, String> {
+        let err = |e: CallError| match e {
+            CallError::Fenced => "fenced: this node no longer holds the leader key".to_string(),
+            CallError::Etcd(e) => e,
+        };
+        let Some(old_lease) = self.leader_lease.filter(|_| self.clock.holding()) else {
+            return Err("this node does not hold the leader key".into());
+        };
+        let c = self.connect().await?;
+        let name = self.cfg.name.clone();
+        let ttl = self.cfg.ttl_secs as i64;
+        let epoch = self.leader_epoch + 1;
+        let mut cc = c.clone();
+        let lease = self
+            .call("grant", async move { cc.lease_grant(ttl, None).await })
+            .await
+            .map_err(err)?
+            .id();
+        let mine = serde_json::to_vec(&LeaderValue {
+            node: self.me.clone(),
+            epoch: self.leader_epoch,
+        })
+        .expect("leader serializes");
+        let theirs = serde_json::to_vec(&LeaderValue {
+            node: to.to_string(),
+            epoch,
+        })
+        .expect("leader serializes");
+        let txn = Txn::new()
+            .when([
+                Compare::value(keys::leader(&name), CompareOp::Equal, mine),
+                Compare::lease(keys::leader(&name), CompareOp::Equal, old_lease),
+            ])
+            .and_then([
+                TxnOp::put(
+                    keys::leader(&name),
+                    theirs,
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(keys::epoch(&name), epoch.to_string(), None),
+            ]);
+        let mut cc = c.clone();
+        let ok = match self.call("txn", async move { cc.txn(txn).await }).await {
+            Ok(r) => r.succeeded(),
+            Err(e) => {
+                self.revoke(&c, lease).await;
+                return Err(err(e));
+            }
+        };
+        if !ok {
+            self.revoke(&c, lease).await;
+            return Err("the leader key changed meanwhile; not handed over".into());
+        }
+        // Ours no more: stop renewing; the old lease holds no key now.
+        self.clock.clear();
+        self.leader_lease = None;
+        metrics::is_leader(false);
+        self.snap.send_modify(|s| s.holding = false);
+        self.revoke(&c, old_lease).await;
+        tracing::info!(to, epoch, "coordinator: leader key handed over");
+        Ok(epoch)
     }
 
     async fn revoke(&mut self, c: &Client, lease: i64) {

@@ -277,10 +277,23 @@ pub struct ClusterSnapshot {
     pub last_error: Option<String>,
 }
 
+/// What the role machinery asks of the coordinator.
+#[derive(Debug)]
+pub enum Request {
+    /// Switchover: give the leader key this node holds to `to` at epoch + 1
+    /// (one etcd transaction; see `etcd::Task::hand_over`). Answers the new
+    /// epoch, or why not.
+    Handover {
+        to: String,
+        reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+    },
+}
+
 /// Handles of a running coordinator.
 pub struct Coordinator {
     pub events: mpsc::Receiver<Event>,
     pub snapshot: watch::Receiver<ClusterSnapshot>,
+    pub requests: mpsc::Sender<Request>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -298,10 +311,12 @@ pub fn spawn(
     metrics::describe();
     let (ev_tx, events) = mpsc::channel(64);
     let (snap_tx, snapshot) = watch::channel(ClusterSnapshot::default());
-    let task = tokio::spawn(etcd::run(cfg, me, state, ev_tx, snap_tx, shutdown));
+    let (requests, req_rx) = mpsc::channel(4);
+    let task = tokio::spawn(etcd::run(cfg, me, state, ev_tx, snap_tx, req_rx, shutdown));
     Coordinator {
         events,
         snapshot,
+        requests,
         task,
     }
 }

@@ -203,6 +203,12 @@ impl Door {
             .filter(|t| t.node != self.node)
     }
 
+    /// A primary whose coordinator does not hold the leader key (see
+    /// `RoleCell::stepped_down`): it serves no read-write session.
+    fn stepped_down(&self) -> bool {
+        self.role.as_ref().is_some_and(|r| r.stepped_down())
+    }
+
     fn primary(&self) -> Option<Target> {
         match self.primary.read() {
             Ok(g) => g.clone(),
@@ -250,8 +256,16 @@ pub async fn run_monitor(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let max_lag = Duration::from_millis(door.cfg.max_replica_lag_ms).as_secs_f64();
     let mut role = status.role();
+    let mut stepped_down = false;
     loop {
         let mut bump = false;
+        let sd = door.stepped_down();
+        if sd != stepped_down {
+            // A primary lost (or regained) the leader key: its sessions
+            // leave at a safe point (see DoorHooks::on_wake).
+            stepped_down = sd;
+            bump = true;
+        }
         if status.role() != role {
             // Promoted or demoted: sessions served here under the old role
             // end at a safe point (see DoorHooks::on_wake).
@@ -341,6 +355,11 @@ impl DoorHooks {
             _ => return ClientVerdict::Close("malformed register".into()),
         };
         let door = self.door.clone();
+        if door.status.role() == Role::Primary && !read_only && door.stepped_down() {
+            // No leader key here: go to whoever leads, or retry soon.
+            m::door_route_failed();
+            return ClientVerdict::Close("this primary does not hold the leader key".into());
+        }
         if door.status.role() == Role::Primary {
             if read_only && door.cfg.read_only_route == ReadOnlyRoute::Replicas {
                 if let Some(target) = door.replica_for_reads() {
@@ -509,6 +528,11 @@ impl SessionHooks for DoorHooks {
         match &self.mode {
             Mode::Local(_, opened_as) if *opened_as != self.door.status.role() => {
                 WakeVerdict::CloseAtSafePoint("this node changed role; reconnect to be routed")
+            }
+            Mode::Local(_, Role::Primary) if self.door.stepped_down() => {
+                WakeVerdict::CloseAtSafePoint(
+                    "this primary lost the leader key; reconnect to be routed",
+                )
             }
             Mode::Local(..)
                 if !self.door.usable.load(Ordering::Acquire)

@@ -43,6 +43,12 @@ pub struct RoleCell {
     epoch: AtomicU64,
     fenced: AtomicBool,
     in_flight: AtomicUsize,
+    /// Newest tid this replica acknowledged as received (fsynced in its
+    /// spool), u64; 0 when none. Writer: the replica task.
+    durable: AtomicU64,
+    /// A primary whose coordinator does not hold the leader key: its door
+    /// sends sessions elsewhere (see `crate::door`). Writer: the controller.
+    stepped_down: AtomicBool,
     /// This node's eligibility, announced in its Hello.
     pub promotion: Promotion,
     /// Where the replica task reports (None: no controller, e.g. tests).
@@ -59,6 +65,8 @@ impl RoleCell {
             epoch: AtomicU64::new(epoch),
             fenced: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            durable: AtomicU64::new(0),
+            stepped_down: AtomicBool::new(false),
             promotion,
             events,
         })
@@ -85,6 +93,26 @@ impl RoleCell {
     /// Commits between their `vote` and the answer to their finish/abort.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Writer: the role controller.
+    pub fn set_stepped_down(&self, v: bool) {
+        self.stepped_down.store(v, Ordering::SeqCst)
+    }
+
+    pub fn stepped_down(&self) -> bool {
+        self.stepped_down.load(Ordering::SeqCst)
+    }
+
+    /// Writer: the replica task, after the spool is fsynced up to `tid`.
+    pub fn note_durable(&self, tid: u64) {
+        self.durable.fetch_max(tid, Ordering::SeqCst);
+    }
+
+    /// What this replica acknowledged as received (the coordinator's
+    /// `acknowledged_tid`).
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
     }
 
     pub fn report(&self, ev: RoleEvent) {

@@ -116,6 +116,49 @@ impl Etcd {
         e
     }
 
+    /// One member on 127.0.0.1 in this (the root) namespace, on free ports:
+    /// for tests of whole nodes (runzeo + zrelay on loopback).
+    #[allow(dead_code)]
+    pub fn start_loopback() -> Etcd {
+        let dir = super::temp_dir("zrelay-etcd");
+        let (client, peer) = (super::free_port(), super::free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.path().join("m0.log");
+        let mut cmd = std::process::Command::new("etcd");
+        cmd.args(["--name", "m0", "--data-dir"])
+            .arg(dir.path().join("m0.etcd"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("m0={peer_url}")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(["--log-level", "warn"]);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ETCD_") {
+                cmd.env_remove(k);
+            }
+        }
+        let proc = Proc::spawn("etcd m0", cmd, &log, 1);
+        let e = Etcd {
+            ns: String::new(),
+            members: vec![EtcdMember {
+                name: "m0".into(),
+                client_url,
+                proc: Some(proc),
+                log,
+            }],
+            tls: None,
+            _dir: dir,
+        };
+        wait_for(Duration::from_secs(30), "etcd on loopback up", || {
+            e.status(0).map(|_| ())
+        });
+        e
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
@@ -129,14 +172,25 @@ impl Etcd {
     pub fn status(&self, k: usize) -> Option<(u64, u64)> {
         let url = self.members[k].client_url.clone();
         let opts = self.connect_options();
-        in_ns(&self.ns, move || async move {
+        let ask = move || async move {
             let mut c = etcd_client::Client::connect([url], Some(opts)).await.ok()?;
             let s = c.status().await.ok()?;
             let id = s.header()?.member_id();
             (s.leader() != 0).then_some((id, s.leader()))
-        })
-        .join()
-        .expect("status thread")
+        };
+        if self.ns.is_empty() {
+            // Loopback: no namespace to enter.
+            return std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(ask())
+            })
+            .join()
+            .expect("status thread");
+        }
+        in_ns(&self.ns, ask).join().expect("status thread")
     }
 
     /// Options for a test client (with the "p" client certificate under TLS).

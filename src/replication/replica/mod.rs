@@ -392,11 +392,15 @@ async fn flush_received<W: tokio::io::AsyncWrite + Unpin>(
     unsynced: &mut Option<Tid>,
     send: bool,
     wh: &mut W,
+    role: Option<&crate::role::fence::RoleCell>,
 ) -> Result<(), RunError> {
     let (Some(sp), Some(tid)) = (spool.as_mut(), unsynced.take()) else {
         return Ok(());
     };
     sp.sync_off_thread().await?;
+    if let Some(r) = role {
+        r.note_durable(u64::from_be_bytes(tid));
+    }
     if send {
         let mut b = BytesMut::new();
         protocol::encode(&StreamMsg::Received { tid }, &mut b)?;
@@ -589,7 +593,14 @@ async fn stream_once(
                     spool_prev = txn.tid;
                     unsynced = Some(txn.tid);
                     if !more {
-                        flush_received(spool, &mut unsynced, received_ok, &mut wh).await?;
+                        flush_received(
+                            spool,
+                            &mut unsynced,
+                            received_ok,
+                            &mut wh,
+                            cfg.role.as_deref(),
+                        )
+                        .await?;
                     }
                 }
                 let oldest = inflight.front().map(|i| i.0).unwrap_or(txn.tid);
@@ -614,7 +625,14 @@ async fn stream_once(
             }
         }
         if !stream_io::has_frame(&rbuf) {
-            flush_received(spool, &mut unsynced, received_ok, &mut wh).await?;
+            flush_received(
+                spool,
+                &mut unsynced,
+                received_ok,
+                &mut wh,
+                cfg.role.as_deref(),
+            )
+            .await?;
             if applier.has_pending() {
                 let oldest = inflight.front().map(|i| i.0);
                 let r = {
