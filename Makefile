@@ -1,5 +1,6 @@
 # zrelay: the front door.
 #   make demo   primary + replica on loopback with a sample workload (Ctrl-C to stop)
+#   make demo-ha  etcd + three nodes with [coordinator]: the primary is killed, a replica takes over
 #   make test   everything CI runs: fmt, clippy, unit and integration tests
 #   make bench  side-by-side benchmarks (direct ZEO vs zrelay vs HAProxy), replication lag/catch-up, memory, clone vs catch-up, doors
 #   make docker-check  build the docker/ runtime image with podman and check it (needs root; not in make test)
@@ -10,7 +11,7 @@ CARGO ?= cargo
 # machine a few at a time keeps them fast and far from their deadlines.
 TEST_THREADS ?= 4
 
-.PHONY: all build release venv tools bench-tools test lint demo bench fuzz clean docker-check
+.PHONY: all build release venv tools bench-tools test lint demo demo-ha bench fuzz clean docker-check
 
 all: build
 
@@ -40,6 +41,10 @@ test: venv tools lint
 
 demo: venv release
 	@scripts/demo.sh
+
+# etcd comes from scripts/ensure-tools.sh (the release target runs it).
+demo-ha: venv release
+	@scripts/demo-ha.sh
 
 bench: venv bench-tools release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay

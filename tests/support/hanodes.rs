@@ -142,6 +142,37 @@ impl HaNode {
         metric_value(&body, sample)
     }
 
+    /// `role_state.role` in /status ("primary", "replica", "fenced", ...).
+    pub fn role_kind(&self) -> String {
+        self.try_status()
+            .and_then(|s| s["role_state"]["role"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// Restart zrelay and runzeo after a kill (same data, same ports).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start();
+    }
+
+    /// Stop both (SIGKILL; the data stays) for offline work such as rewind.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Unix time (seconds) of the first line of zrelay's log that contains
+    /// every one of `needles`, after `after` (Unix seconds).
+    pub fn log_time(&self, needles: &[&str], after: f64) -> Option<f64> {
+        self.log().lines().find_map(|l| {
+            if !needles.iter().all(|n| l.contains(n)) {
+                return None;
+            }
+            let ts = l.split_whitespace().next()?;
+            let t = chrono_like_unix(ts)?;
+            (t > after).then_some(t)
+        })
+    }
+
     /// `role` in /status ("primary", "replica", ...).
     pub fn role(&self) -> String {
         self.try_status()
@@ -230,6 +261,11 @@ impl HaNode {
 impl Drop for HaNode {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // The whole log outlives the temp dir, for a post-mortem.
+            let keep = std::env::temp_dir().join(format!("zrelay-ha-failed-{}.log", self.name));
+            if fs::copy(self.relay_log(), &keep).is_ok() {
+                eprintln!("zrelay {}: full log kept in {}", self.name, keep.display());
+            }
             print_tail(&format!("zrelay {}", self.name), &self.relay_log());
             print_tail(
                 &format!("runzeo {}", self.name),
@@ -388,7 +424,10 @@ fn write_configs(
         )
     };
     let ack = if opts.semi_sync {
-        "ack_mode = \"semi-sync\"\nack_level = \"received\"\nack_timeout_ms = 3000\n"
+        // The ack timeout exceeds the lease ttl: a partitioned primary
+        // fences (at ttl - margin) before it could degrade to async and
+        // acknowledge commits no replica has.
+        "ack_mode = \"semi-sync\"\nack_level = \"received\"\nack_timeout_ms = 15000\n"
     } else {
         ""
     };
@@ -428,6 +467,39 @@ fn write_configs(
         ttl = opts.ttl_secs,
     );
     fs::write(node.config_path(), config).expect("write zrelay.toml");
+}
+
+/// Unix seconds of an RFC 3339 UTC timestamp as zrelay logs it
+/// (`2026-11-30T11:07:20.931046Z`). Hand-written: the test crate has no
+/// date library, and this is the one format it needs.
+fn chrono_like_unix(ts: &str) -> Option<f64> {
+    let ts = ts.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, dd) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let ss: f64 = t.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss)
+}
+
+/// Now, as Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
 }
 
 // ---------------------------------------------------------------- checkers
