@@ -2,7 +2,8 @@
 #   make demo   primary + replica on loopback with a sample workload (Ctrl-C to stop)
 #   make demo-ha  etcd + three nodes with [coordinator]: the primary is killed, a replica takes over
 #   make test   everything CI runs: fmt, clippy, unit and integration tests
-#   make bench  side-by-side benchmarks (direct ZEO vs zrelay vs HAProxy), replication lag/catch-up, memory, clone vs catch-up, doors
+#   make bench  side-by-side benchmarks (direct ZEO vs zrelay vs HAProxy), replication lag/catch-up, memory, clone vs catch-up, doors, failover
+#   make bench-failover  only the failover benchmark (etcd + three nodes on loopback, ~2 min)
 #   make docker-check  build the docker/ runtime image with podman and check it (needs root; not in make test)
 #   make fuzz   coverage-guided fuzzing of every decoder, FUZZ_SECONDS each (not part of `make test`)
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ CARGO ?= cargo
 # machine a few at a time keeps them fast and far from their deadlines.
 TEST_THREADS ?= 4
 
-.PHONY: all build release venv tools bench-tools test lint demo demo-ha bench fuzz clean docker-check
+.PHONY: all build release venv tools bench-tools test lint demo demo-ha bench fuzz clean docker-check bench-failover
 
 all: build
 
@@ -53,6 +54,11 @@ bench: venv bench-tools release
 	.venv/bin/python bench/door_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/clone_bench.py --zrelay target/release/zrelay
 	.venv/bin/python bench/mem_bench.py --zrelay target/release/zrelay
+	.venv/bin/python bench/failover_bench.py --zrelay target/release/zrelay
+
+# Failover time (primary killed -> new primary writable through a door), etcd on loopback.
+bench-failover: venv tools release
+	.venv/bin/python bench/failover_bench.py --zrelay target/release/zrelay
 
 # The runtime image from a debootstrap base and the host-built binary,
 # checked by chroot (podman run does not work in every sandbox). Minutes, so

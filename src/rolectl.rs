@@ -595,6 +595,26 @@ impl RoleCtl {
         // (replication::pack), replies held for semi-sync acknowledgements
         // (replication::semisync), all behind the fence of role changes.
         let mut parts: Vec<HooksFactory> = Vec::new();
+        // A backend that applied replicated transactions (this node was a
+        // replica) has them in ZEO's invalidation queue without oids: older
+        // positions get "too old" (crate::role::replayed).
+        let was_replica = self.r.role == crate::config::RoleConfig::Replica
+            || self
+                .state
+                .history
+                .iter()
+                .any(|c| c.role == RoleKind::Replica);
+        if was_replica {
+            let floor = match self.link.open(true).await {
+                Ok((_, last)) => last,
+                // Unknown: every older position is too old.
+                Err(_) => [0xff; 8],
+            };
+            info!(floor = %tid_hex(&floor), "promoted primary: getInvalidations before this point answered \"too old\"");
+            parts.push(Arc::new(move || {
+                Box::new(crate::role::replayed::ReplayedGuard::new(floor)) as Box<dyn SessionHooks>
+            }));
+        }
         if let Some(c) = capture {
             capture::init_series();
             let max = self.r.capture_max_bytes;

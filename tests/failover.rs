@@ -289,6 +289,15 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
         "{text}"
     );
 
+    // ... and so does `zrelay status --admin`, from the node's /status.
+    let admin = t.nodes[other].admin().to_string();
+    let text = t.cli(&["status", "--admin", &admin]);
+    assert!(text.contains("Coordinator (etcd)"), "{text}");
+    assert!(
+        text.contains(&format!("Leader: {} (epoch 1)", NAMES[new])),
+        "{text}"
+    );
+
     // --- (c) switchover through etcd, and back
     let v = t.switchover(new, other);
     assert_eq!(v["new_primary"], NAMES[other], "{v}");

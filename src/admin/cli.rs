@@ -72,6 +72,9 @@ struct StatusView {
     /// The node's cluster view (`crate::cluster::NodeView` rows).
     #[serde(default)]
     cluster: Vec<ClusterRow>,
+    /// With `[coordinator]`: what the node last read from etcd.
+    #[serde(default)]
+    coordinator: Option<crate::coordinator::ClusterSnapshot>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -329,12 +332,18 @@ pub(crate) async fn status_report(admins: &[String], timeout: Duration) -> (Stri
     .to_vec()];
     let mut errors = Vec::new();
     let mut view: Option<(String, Vec<ClusterRow>)> = None;
+    let mut etcd: Option<(String, crate::coordinator::ClusterSnapshot)> = None;
     let mut warnings = Vec::new();
     for (admin, task) in admins.iter().zip(tasks) {
         let result = task.await.unwrap_or_else(|e| Err(e.to_string()));
         if let Ok(s) = &result {
             if view.is_none() && !s.cluster.is_empty() {
                 view = Some((s.node.clone(), s.cluster.clone()));
+            }
+            if let Some(c) = s.coordinator.as_ref().filter(|c| c.reachable) {
+                if etcd.is_none() {
+                    etcd = Some((s.node.clone(), c.clone()));
+                }
             }
         }
         rows.push(match result {
@@ -390,6 +399,10 @@ pub(crate) async fn status_report(admins: &[String], timeout: Duration) -> (Stri
             ]);
         }
         text.push_str(&table(&rows));
+    }
+    if let Some((from, snap)) = etcd {
+        text.push_str(&format!("Coordinator (etcd) as {from} last read it:\n"));
+        text.push_str(&crate::coordinator::view::render_snapshot(&snap, None));
     }
     (text, if errors.is_empty() { 0 } else { 1 })
 }

@@ -18,7 +18,20 @@
 //! [`Event::NoLeader`] and [`Event::Fence`] ("stop accepting commits now").
 //! When the role machinery demotes the node (its watch says replica), the
 //! coordinator releases the leader key. A [`ClusterSnapshot`] `watch` carries
-//! what `zrelay status` and `/status` show.
+//! what `zrelay status` and `/status` show. The running node wires this in
+//! `crate::rolectl` (`RoleCtl::attach_coordinator`): a primary takes
+//! commits only while this task holds the key.
+//!
+//! **Switchover** ([`Request::Handover`]). The primary (fenced, the target
+//! caught up) asks its coordinator to hand the key over: one transaction
+//! that, if the leader key still holds this node's value under this node's
+//! lease, puts it naming the target at epoch + 1 under a *fresh* lease and
+//! bumps the epoch key. The old primary stops holding at once. The target's
+//! coordinator sees a key naming it under a lease it does not renew yet and
+//! adopts it: its first confirmed keep-alive starts its fencing clock, as a
+//! grant would. If the target died meanwhile, the fresh lease expires after
+//! `ttl` and a normal election follows; an automatic election can never race
+//! it (elections need the key absent).
 //!
 //! **Elections** ([`decide::plan`]). When the leader key is absent, a live
 //! eligible replica (`promotion != "never"`) runs only if it is the best
@@ -262,7 +275,7 @@ pub enum Event {
 /// `holding` is the level-triggered truth the role machinery may also poll:
 /// it turns false the moment the node fences (events are edge notifications,
 /// sent without waiting, so a stuck consumer never delays a fence).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClusterSnapshot {
     /// Whether the last round reached etcd.
     pub reachable: bool,

@@ -56,14 +56,28 @@ pub async fn read_cluster(cfg: &CoordinatorConfig) -> Result<ClusterSnapshot, St
 /// The text `zrelay status --config` prints.
 pub fn render(cfg: &CoordinatorConfig, s: &ClusterSnapshot) -> String {
     let mut out = format!("Cluster {:?} in etcd {:?}\n", cfg.name, cfg.endpoints);
+    out.push_str(&render_snapshot(s, Some(cfg.ttl_secs)));
+    out
+}
+
+/// Leader, epoch, lease time left, maintenance and the members table (also
+/// under `zrelay status --admin`, from a running node's `/status`).
+pub fn render_snapshot(s: &ClusterSnapshot, ttl_secs: Option<u64>) -> String {
+    let mut out = String::new();
+    if !s.reachable {
+        out.push_str(&format!(
+            "etcd not reachable from this node: {}\n",
+            s.last_error.as_deref().unwrap_or("no round completed yet")
+        ));
+    }
     match &s.leader {
         Some(l) => out.push_str(&format!(
-            "Leader: {} (epoch {}), lease {} left of {} s\n",
+            "Leader: {} (epoch {}), lease {} left{}\n",
             l.node,
             l.epoch,
             s.leader_ttl_left_secs
                 .map_or("?".into(), |t| format!("{t} s")),
-            cfg.ttl_secs
+            ttl_secs.map_or(String::new(), |t| format!(" of {t} s"))
         )),
         None => out.push_str("Leader: none\n"),
     }
@@ -82,6 +96,7 @@ pub fn render(cfg: &CoordinatorConfig, s: &ClusterSnapshot) -> String {
         "Applied tid",
         "Acked tid",
         "Behind",
+        "Lag (s)",
         "Client",
         "Replication",
     ]
@@ -115,6 +130,11 @@ pub fn render(cfg: &CoordinatorConfig, s: &ClusterSnapshot) -> String {
                 "no"
             }
             .into(),
+            if m.durable_tid() == 0 {
+                "-".into()
+            } else {
+                format!("{:.3}", tid_seconds(newest) - tid_seconds(m.durable_tid()))
+            },
             m.client.clone().unwrap_or_else(|| "-".into()),
             m.replication.clone().unwrap_or_else(|| "-".into()),
         ]);
@@ -132,6 +152,11 @@ pub fn render(cfg: &CoordinatorConfig, s: &ClusterSnapshot) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A tid as seconds (its commit time; 0 for no tid), for lags.
+fn tid_seconds(t: u64) -> f64 {
+    crate::wire::tid::tid_to_unix(&t.to_be_bytes()).unwrap_or(0.0)
 }
 
 /// `zrelay status --config FILE`: 0 shown, 2 etcd unreachable.

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod fence;
 pub mod persist;
+pub mod replayed;
 
 /// A node's role as the state machine knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

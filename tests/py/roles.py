@@ -138,7 +138,10 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
                     time.sleep(0.05)
                     continue
                 if s != total:
-                    fail(f'reader {i} at {door}: sum {s} != {total}')
+                    seen = [(k, bank[k]['b'], bank[k]._p_serial.hex())
+                            for k in range(n)]
+                    fail(f'reader {i} at {door}: sum {s} != {total} '
+                         f'(view {conn._storage._start.hex()}: {seen})')
                     return
                 conn.cacheMinimize()
                 with lock:
