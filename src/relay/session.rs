@@ -115,6 +115,12 @@ pub struct Session<C> {
 }
 
 const READ_CHUNK: usize = 64 * 1024;
+/// How long a session a hook asked to close (role change, new primary,
+/// replica fallen behind) may take to reach a safe point (at most
+/// `shutdown_grace_ms`). Such a session can commit nothing more where it is:
+/// a fenced primary refuses the vote; only a commit that voted before the
+/// fence finishes, in milliseconds.
+const SAFE_POINT_GRACE: Duration = Duration::from_secs(3);
 
 impl<C> Session<C>
 where
@@ -324,12 +330,13 @@ where
         }
         let grace = self.limits.shutdown_grace;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
-        // A hook asked to close at a safe point: by then at the latest, as
-        // for a drain. A session forwarded to a primary that was cut off by
-        // a partition never reaches one (its call is never answered, and
-        // the connection neither delivers nor fails); its client gets a
-        // disconnect (outcome unknown) and reconnects through its door.
+        // A hook asked to close at a safe point: by then at the latest. A
+        // session forwarded to a primary that was cut off by a partition
+        // never reaches one (its call is never answered, and the connection
+        // neither delivers nor fails); its client gets a disconnect (outcome
+        // unknown) and reconnects through its door.
         let mut close_by: Option<tokio::time::Instant> = None;
+        let close_grace = grace.min(SAFE_POINT_GRACE);
         let mut inject = self.inject.take();
         // The local connection of a rerouted session (the node's own
         // backend, kept for offloaded calls).
@@ -397,7 +404,7 @@ where
                 if relay.at_safe_point() {
                     return Ok(SessionEnd::Rerouted(reason));
                 }
-                close_by.get_or_insert_with(|| tokio::time::Instant::now() + grace);
+                close_by.get_or_insert_with(|| tokio::time::Instant::now() + close_grace);
             }
             if cbuf.is_empty() && cbuf.capacity() > FREE_BYTES {
                 // A large message went through: give its memory back.
