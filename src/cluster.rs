@@ -160,6 +160,26 @@ impl ClusterView {
             .find(|n| n.name == leader.node)
             .and_then(|n| n.replication.clone())
             .or_else(|| member.and_then(|m| m.replication.clone()))?;
+        // Our own stream from that very node is down: it is most likely dead
+        // and its key not expired yet. No target (the door holds the
+        // register) rather than a connection that fails.
+        let st = self.status.snapshot();
+        if st
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.address == addr && u.state != StreamState::Live)
+        {
+            return None;
+        }
+        // Not yet at the leader's epoch (this node has not followed it yet):
+        // the leader would refuse our door as stale; wait for the follow.
+        if st
+            .role_state
+            .as_ref()
+            .is_some_and(|r| r.epoch < leader.epoch)
+        {
+            return None;
+        }
         Some(Target {
             node: leader.node.clone(),
             replication_addr: addr,

@@ -192,6 +192,7 @@ impl Door {
         Box::new(DoorHooks {
             door: self.clone(),
             mode: Mode::Undecided,
+            register_deadline: None,
         })
     }
 
@@ -346,19 +347,39 @@ enum Mode {
 pub struct DoorHooks {
     door: Arc<Door>,
     mode: Mode,
+    /// When a held read-write register gives up (see `no_route_yet`).
+    register_deadline: Option<Instant>,
 }
 
+/// How long a read-write `register` waits for the door to know a primary
+/// (an election: up to ttl + loop_wait with a coordinator) before the
+/// session is closed.
+const REGISTER_WAIT: Duration = Duration::from_secs(20);
+
 impl DoorHooks {
-    fn on_register(&mut self, info: &SessionInfo, msg: &Message) -> ClientVerdict {
+    /// A read-write register with nowhere to go yet: held until the door's
+    /// view changes (woken) or `REGISTER_WAIT` passed (`expired`: closed).
+    fn no_route_yet(&mut self, expired: bool, why: &'static str) -> ClientVerdict {
+        if expired {
+            m::door_route_failed();
+            return ClientVerdict::Close(why.into());
+        }
+        let until = *self
+            .register_deadline
+            .get_or_insert_with(|| Instant::now() + REGISTER_WAIT);
+        ClientVerdict::Defer(until)
+    }
+
+    fn on_register(&mut self, info: &SessionInfo, msg: &Message, expired: bool) -> ClientVerdict {
         let read_only = match ClientCall::parse(msg) {
             Ok(ClientCall::Register { read_only, .. }) => read_only,
             _ => return ClientVerdict::Close("malformed register".into()),
         };
         let door = self.door.clone();
         if door.status.role() == Role::Primary && !read_only && door.stepped_down() {
-            // No leader key here: go to whoever leads, or retry soon.
-            m::door_route_failed();
-            return ClientVerdict::Close("this primary does not hold the leader key".into());
+            // No leader key here: wait (bounded) until this node holds it or
+            // follows whoever does (DoorHooks::on_deferred asks again).
+            return self.no_route_yet(expired, "this primary does not hold the leader key");
         }
         if door.status.role() == Role::Primary {
             if read_only && door.cfg.read_only_route == ReadOnlyRoute::Replicas {
@@ -382,10 +403,11 @@ impl DoorHooks {
                 return ClientVerdict::Reply(read_only_error(msg.msgid.clone()));
             }
             let Some(target) = primary else {
-                // No primary known (yet): the client retries soon; a
-                // ReadOnlyError would make it wait ~10 s.
-                m::door_route_failed();
-                return ClientVerdict::Close("no primary known to forward to".into());
+                // No primary known (yet, e.g. an election under way): hold
+                // the register (bounded) until the door knows one. Closing
+                // would make a ZEO client wait ~9 s (its register_failed
+                // poll); a ReadOnlyError ~10 s.
+                return self.no_route_yet(expired, "no primary known to forward to");
             };
             m::door_session(true, false);
             let offload = door
@@ -440,7 +462,7 @@ impl SessionHooks for DoorHooks {
 
     fn on_client_message(&mut self, info: &SessionInfo, msg: &Message) -> ClientVerdict {
         match &mut self.mode {
-            Mode::Undecided if msg.method == "register" => self.on_register(info, msg),
+            Mode::Undecided if msg.method == "register" => self.on_register(info, msg, false),
             Mode::ForwardedEarly { .. } if msg.method == "register" => {
                 let read_only = match ClientCall::parse(msg) {
                     Ok(ClientCall::Register { read_only, .. }) => read_only,
@@ -506,8 +528,9 @@ impl SessionHooks for DoorHooks {
         }
     }
 
-    fn on_deferred(&mut self, _info: &SessionInfo, msg: &Message, expired: bool) -> ClientVerdict {
+    fn on_deferred(&mut self, info: &SessionInfo, msg: &Message, expired: bool) -> ClientVerdict {
         match &mut self.mode {
+            Mode::Undecided if msg.method == "register" => self.on_register(info, msg, expired),
             Mode::Forwarded {
                 offload: Some(o),
                 local_connected,

@@ -842,6 +842,14 @@ impl Relay<'_> {
                 ClientVerdict::Defer(until) if !expired => {
                     self.deferred.push(Deferred { until, ..d })
                 }
+                // A register held until its route was known (a door waiting
+                // for a primary): continues as at register.
+                ClientVerdict::Reroute(r)
+                    if d.msg.method == "register" && self.reroute.is_none() =>
+                {
+                    self.track_client(&d.msg);
+                    self.reroute = Some((r, d.payload));
+                }
                 verdict => self.apply_verdict(verdict, &d.msg, &d.payload)?,
             }
         }
