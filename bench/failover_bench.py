@@ -154,7 +154,7 @@ class Writer(threading.Thread):
         self.name, self.port, self.interval = name, port, interval
         self.deadline = clock() + max_seconds
         self.stop = threading.Event()
-        self.acks = []        # (counter, time)
+        self.acks = []        # (counter, commit started, acknowledged)
         self.lost = 0
         self.error = None
         self.pad = os.urandom(64)
@@ -180,6 +180,7 @@ class Writer(threading.Thread):
                         self.lost += max(0, self.acks[-1][0] - stored)
                         n = stored
                 txn += 1
+                started = clock()
                 vid = c.next_msgid()
                 data = RC.record(self.pad + (n + 1).to_bytes(8, 'big'))
                 c.sock.sendall(
@@ -192,7 +193,7 @@ class Writer(threading.Thread):
                 c.sock.sendall(c.frame(fid, False, 'tpc_finish', txn))
                 serial, _ = c.read_reply(fid)
                 n += 1
-                self.acks.append((n, clock()))
+                self.acks.append((n, started, clock()))
                 time.sleep(self.interval)
             except (OSError, EOFError, zeoraw.ServerError,
                     zeoraw.ProtocolError, ValueError):
@@ -233,7 +234,7 @@ def one_run(procs, args, tmp, certs, etcd, setting, k):
         if promoted is None and any(holding(n) for n in (b, c)):
             promoted = clock() - t_kill
         if promoted is not None and all(
-                any(t > t_kill for _, t in w.acks) for w in ws):
+                any(t0 > t_kill for _, t0, _ in w.acks) for w in ws):
             break
         time.sleep(0.02)
     time.sleep(1.0)      # a few commits on the new primary
@@ -244,8 +245,10 @@ def one_run(procs, args, tmp, certs, etcd, setting, k):
     winner = next((n.name for n in (b, c) if holding(n)), '?')
     res = {'promoted': promoted, 'winner': winner, 'writers': []}
     for w in ws:
-        before = [t for _, t in w.acks if t <= t_kill]
-        after = [t for _, t in w.acks if t > t_kill]
+        # A commit counts for the new primary if it started after the kill
+        # (one acknowledged just after it was answered by the old one).
+        before = [t for _, t0, t in w.acks if t0 <= t_kill]
+        after = [t for _, t0, t in w.acks if t0 > t_kill]
         res['writers'].append({
             'writer': w.name,
             'writable': (after[0] - t_kill) if after else None,

@@ -218,6 +218,15 @@ impl SessionHooks for FenceHooks {
                 self.release();
             }
         }
+        if answers.is_none() && replayed_invalidation(msg) {
+            // This node was demoted and its backend now applies replicated
+            // transactions, which ZEO announces without their oids: a
+            // client that took this one would keep stale objects. It
+            // reconnects through its door and revalidates instead.
+            return ServerVerdict::Close(
+                "this node follows another primary now: reconnect to revalidate".into(),
+            );
+        }
         self.inner.on_server_message(info, msg, answers)
     }
 
@@ -227,10 +236,45 @@ impl SessionHooks for FenceHooks {
     }
 }
 
+/// `invalidateTransaction(tid, [])`: how ZEO announces a transaction the
+/// applier replayed (`restore`); a client's own commits always name oids.
+fn replayed_invalidation(msg: &Message) -> bool {
+    msg.method == "invalidateTransaction"
+        && matches!(
+            crate::wire::calls::ServerMsg::parse(msg),
+            Ok(crate::wire::calls::ServerMsg::InvalidateTransaction { oids, .. }) if oids.is_empty()
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::relay::PassThrough;
+
+    #[test]
+    fn a_replayed_invalidation_closes_a_primary_session() {
+        let mut h = FenceHooks::new(
+            RoleCell::new(1, Promotion::default(), None),
+            Box::new(PassThrough),
+        );
+        let tid = Value::bytes(vec![0u8, 0, 0, 0, 0, 0, 0, 9]);
+        let empty = Message::async_call(
+            "invalidateTransaction",
+            vec![tid.clone(), Value::List(vec![])],
+        );
+        assert!(matches!(
+            h.on_server_message(&info(), &empty, None),
+            ServerVerdict::Close(_)
+        ));
+        let named = Message::async_call(
+            "invalidateTransaction",
+            vec![tid, Value::List(vec![Value::bytes(vec![0u8; 8])])],
+        );
+        assert!(matches!(
+            h.on_server_message(&info(), &named, None),
+            ServerVerdict::Forward
+        ));
+    }
     use crate::wire::Encoding;
 
     fn info() -> SessionInfo {
