@@ -1,5 +1,6 @@
 # zrelay: the front door.
 #   make demo   primary + replica on loopback with a sample workload (Ctrl-C to stop)
+#   make demo-ha  etcd + three nodes with [coordinator]: the primary is killed, a replica takes over
 #   make test   everything CI runs: fmt, clippy, unit and integration tests
 #   make bench  side-by-side benchmarks (direct ZEO vs zrelay vs HAProxy), replication lag/catch-up, memory, clone vs catch-up, doors, failover
 #   make bench-failover  only the failover benchmark (etcd + three nodes on loopback, ~2 min)
@@ -11,7 +12,7 @@ CARGO ?= cargo
 # machine a few at a time keeps them fast and far from their deadlines.
 TEST_THREADS ?= 4
 
-.PHONY: all build release venv tools bench-tools test lint demo bench fuzz clean docker-check bench-failover
+.PHONY: all build release venv tools bench-tools test lint demo demo-ha bench fuzz clean docker-check bench-failover
 
 all: build
 
@@ -41,6 +42,10 @@ test: venv tools lint
 
 demo: venv release
 	@scripts/demo.sh
+
+# etcd comes from scripts/ensure-tools.sh (the release target runs it).
+demo-ha: venv release
+	@scripts/demo-ha.sh
 
 bench: venv bench-tools release
 	.venv/bin/python bench/bench.py --zrelay target/release/zrelay

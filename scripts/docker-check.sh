@@ -13,7 +13,7 @@
 #      certificates made by the image's own `zrelay cert`, then docker/smoke.sh
 #      (runzeo + zrelay primary and replica from the image, a real client)
 #   5. systemd-analyze verify of docker/systemd/*.service against the image
-#   6. compose.yml: docker-compose config, scripts/check_compose.py (schema,
+#   6. compose.yml and compose-ha.yml: docker-compose config, scripts/check_compose.py (schema,
 #      files, ports, metrics), promtool check config docker/prometheus.yml
 # Needs root (debootstrap, mounts, chroot). Prints the time of each step.
 set -euo pipefail
@@ -114,13 +114,17 @@ as_zrelay=(chroot --userspec=10001:10001 "$mnt" env -i HOME=/var/lib/zrelay
 "${as_zrelay[@]}" sh -c 'python3 -c "import ZEO, ZODB, importlib.metadata as m; print(\"ZEO\", m.version(\"ZEO\"), \"ZODB\", m.version(\"ZODB\"))"; runzeo --help >/dev/null && echo runzeo OK'
 
 mkdir -p "$mnt/etc/zrelay/tls" && chown 10001:10001 "$mnt/etc/zrelay/tls"
-"${as_zrelay[@]}" zrelay cert --dir /etc/zrelay/tls primary replica node1 node2 >/dev/null
+"${as_zrelay[@]}" zrelay cert --dir /etc/zrelay/tls primary replica node1 node2 node3 >/dev/null
 "${as_zrelay[@]}" sh -c 'python3 -c "import secrets; print(secrets.token_hex(32))" > /etc/zrelay/tls/admin.token && cp /etc/zrelay/tls/admin.token /etc/zrelay/admin.token'
 install -m 0644 config/etc-zrelay/node1.toml config/etc-zrelay/node1-zeo.conf "$mnt/etc/zrelay/"
 for n in primary replica; do
     install -D -m 0644 "docker/config/$n/zrelay.toml" "$mnt/tmp/compose/$n.toml"
 done
-for f in /tmp/compose/primary.toml /tmp/compose/replica.toml /etc/zrelay/node1.toml; do
+for n in node1 node2 node3; do
+    install -D -m 0644 "docker/config/ha/$n.toml" "$mnt/tmp/compose/$n.toml"
+done
+for f in /tmp/compose/primary.toml /tmp/compose/replica.toml /tmp/compose/node1.toml \
+        /tmp/compose/node2.toml /tmp/compose/node3.toml /etc/zrelay/node1.toml; do
     "${as_zrelay[@]}" zrelay check-config "$f"
 done
 step "zrelay --version, check-config of the compose and /etc/zrelay sample configs inside the image"
@@ -164,10 +168,12 @@ trap - EXIT
 
 (cd docker && ZRELAY_IMAGE="$image" docker-compose -f compose.yml config -q)
 scripts/check_compose.py
+(cd docker && ZRELAY_IMAGE="$image" docker-compose -f compose-ha.yml config -q)
+scripts/check_compose.py compose-ha.yml
 tmp=$(mktemp -d)
 cp docker/prometheus.yml dashboards/zrelay-alerts.yml "$tmp/"
 command -v promtool >/dev/null || scripts/ensure-tools.sh
 promtool check config "$tmp/prometheus.yml" >/dev/null
 rm -rf "$tmp"
-step "compose.yml: docker-compose config, schema, files, ports, metrics; promtool check config"
+step "compose.yml, compose-ha.yml: docker-compose config, schema, files, ports, metrics; promtool check config"
 echo "docker-check: OK in $(( $(date +%s) - started ))s; image $image $((size / 1000000)) MB" >&2

@@ -687,7 +687,10 @@ impl RoleCtl {
             p
         });
         let (upstream, upstream_name) = match upstream {
-            Some(u) => (u.clone(), host_of(&u)),
+            // The certificate to expect is the node's name (certificates
+            // are issued for node names); the host only when no node is
+            // known at that address.
+            Some(u) => (u.clone(), self.name_at(&u).unwrap_or_else(|| host_of(&u))),
             None => (
                 r.upstream.clone().context("replication.upstream")?,
                 r.upstream_server_name(),
@@ -858,6 +861,7 @@ impl RoleCtl {
             self.link.clone(),
             last.clone(),
             self.status.clone(),
+            Some(self.cell.clone()),
             token.clone(),
         )));
         Some(ss)
@@ -1032,6 +1036,37 @@ impl RoleCtl {
 
     /// The replication address of `node`: the static cluster list, else what
     /// it advertised (as a replica of this node, or in a roster).
+    /// The node whose replication address is `addr` (address book, etcd
+    /// member records, the roster), if any.
+    fn name_at(&self, addr: &str) -> Option<String> {
+        if let Some(n) = self
+            .cfg
+            .cluster
+            .nodes
+            .iter()
+            .find(|n| n.replication.as_deref() == Some(addr))
+        {
+            return Some(n.name.clone());
+        }
+        if let Some(c) = &self.coord {
+            if let Some(m) = c
+                .snapshot
+                .borrow()
+                .members
+                .iter()
+                .find(|m| m.replication.as_deref() == Some(addr))
+            {
+                return Some(m.name.clone());
+            }
+        }
+        self.env
+            .cluster
+            .roster()
+            .into_iter()
+            .find(|e| e.replication_addr.as_deref() == Some(addr))
+            .map(|e| e.node)
+    }
+
     fn address_of(&self, node: &str) -> Result<String, String> {
         if let Some(a) = self
             .cfg

@@ -166,6 +166,9 @@ fn kill_primary_while_writing(level: &str, replica_extra: &str, restart_replica:
     wait_until(SYNC, "the writer to commit through the replica", || {
         c.replica.applied_tid() != base
     });
+    // Applied on the replica is not yet acknowledged to the writer: wait
+    // for one acknowledgement (on a loaded machine the kill came first).
+    w.expect_prefix("ACK ", SYNC);
     c.primary.kill();
     c.pzeo.kill();
     w.send_line("stop");

@@ -14,7 +14,11 @@
 //!   within `max_replica_lag_ms`; else relayed to the primary. A local
 //!   read-only session whose replica falls behind is closed at a safe point,
 //!   and its client reconnects through this door (and is then routed to the
-//!   primary, which is never behind anything it saw).
+//!   primary, which is never behind anything it saw). A replica that has
+//!   lost its stream (partitioned from the primary, or the primary is down)
+//!   serves read-only sessions itself, stale, with its lag growing in
+//!   `/status`, the metrics and `/replica?lag=`: a read-only server until it
+//!   can reconnect.
 //! - **at the primary**: served locally.
 //!
 //! The primary's identity comes from the [`ClusterView`]. When it changes,
@@ -136,6 +140,10 @@ pub struct Door {
     applied: AtomicU64,
     /// Live and within the lag limit. Writer: monitor.
     usable: AtomicBool,
+    /// This replica has lost its stream from the primary (partition, primary
+    /// down): read-only sessions are served here, stale, rather than sent
+    /// to a primary that is probably out of reach. Writer: monitor.
+    cut_off: AtomicBool,
     /// The primary sessions are forwarded to now. Writer: monitor.
     primary: RwLock<Option<Target>>,
     /// Bumped by the monitor on any change above; sessions wake on it.
@@ -173,6 +181,7 @@ impl Door {
             role: p.role,
             applied: AtomicU64::new(0),
             usable: AtomicBool::new(false),
+            cut_off: AtomicBool::new(false),
             primary: RwLock::new(None),
             changed,
         })
@@ -275,6 +284,11 @@ pub async fn run_monitor(
         let usable = st.role == crate::status::Role::Primary
             || live && st.backend_up && lag.is_some_and(|l| l <= max_lag);
         if door.usable.swap(usable, Ordering::AcqRel) != usable {
+            bump = true;
+        }
+        let cut_off = st.role == crate::status::Role::Replica
+            && st.upstream.as_ref().map(|u| u.state) == Some(StreamState::Disconnected);
+        if door.cut_off.swap(cut_off, Ordering::AcqRel) != cut_off {
             bump = true;
         }
         let primary = door.cluster.primary();
@@ -408,7 +422,11 @@ impl DoorHooks {
             };
             return ClientVerdict::Reroute(door.reroute(target, false, keep_local));
         }
-        if !door.usable.load(Ordering::Acquire) {
+        // Cut off from the primary (partition, primary down): keep serving
+        // read-only clients from this backend, as a read-only server with a
+        // growing (reported) lag, rather than send them to where it cannot
+        // reach.
+        if !door.usable.load(Ordering::Acquire) && !door.cut_off.load(Ordering::Acquire) {
             // The least-lagged other replica within the limit, else the
             // primary (never behind anything a client saw).
             if let Some(target) = door.replica_for_reads().or(primary) {
@@ -429,7 +447,10 @@ impl DoorHooks {
 
 impl SessionHooks for DoorHooks {
     fn early_route(&mut self) -> Option<Arc<dyn crate::relay::UpstreamOpener>> {
-        if self.door.usable.load(Ordering::Acquire) || self.door.status.role() == Role::Primary {
+        if self.door.usable.load(Ordering::Acquire)
+            || self.door.cut_off.load(Ordering::Acquire)
+            || self.door.status.role() == Role::Primary
+        {
             return None;
         }
         let target = self.door.primary()?;
@@ -538,6 +559,7 @@ impl SessionHooks for DoorHooks {
             }
             Mode::Local(..)
                 if !self.door.usable.load(Ordering::Acquire)
+                    && !self.door.cut_off.load(Ordering::Acquire)
                     && self.door.status.role() == Role::Replica =>
             {
                 WakeVerdict::CloseAtSafePoint("this replica fell behind; reconnect to be routed")

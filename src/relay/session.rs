@@ -72,6 +72,8 @@ pub enum SessionEnd {
     RouteUnavailable(String),
     #[error("closed at a safe point: {0}")]
     Rerouted(&'static str),
+    #[error("closed with a call in flight (no safe point within the grace period): {0}")]
+    ReroutedInFlight(&'static str),
     #[error("{0}")]
     BufferBudget(String),
     #[error("client read nothing of its replies for {0:?}")]
@@ -92,7 +94,7 @@ impl SessionEnd {
             SessionEnd::Drained | SessionEnd::DrainDeadline => "shutdown",
             SessionEnd::Ruok => "ruok",
             SessionEnd::RouteUnavailable(_) => "route_unavailable",
-            SessionEnd::Rerouted(_) => "rerouted",
+            SessionEnd::Rerouted(_) | SessionEnd::ReroutedInFlight(_) => "rerouted",
             SessionEnd::BufferBudget(_) => "buffer_budget",
             SessionEnd::ClientStalled(_) => "client_stalled",
         }
@@ -113,6 +115,12 @@ pub struct Session<C> {
 }
 
 const READ_CHUNK: usize = 64 * 1024;
+/// How long a session a hook asked to close (role change, new primary,
+/// replica fallen behind) may take to reach a safe point (at most
+/// `shutdown_grace_ms`). Such a session can commit nothing more where it is:
+/// a fenced primary refuses the vote; only a commit that voted before the
+/// fence finishes, in milliseconds.
+const SAFE_POINT_GRACE: Duration = Duration::from_secs(3);
 
 impl<C> Session<C>
 where
@@ -322,6 +330,13 @@ where
         }
         let grace = self.limits.shutdown_grace;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        // A hook asked to close at a safe point: by then at the latest. A
+        // session forwarded to a primary that was cut off by a partition
+        // never reaches one (its call is never answered, and the connection
+        // neither delivers nor fails); its client gets a disconnect (outcome
+        // unknown) and reconnects through its door.
+        let mut close_by: Option<tokio::time::Instant> = None;
+        let close_grace = grace.min(SAFE_POINT_GRACE);
         let mut inject = self.inject.take();
         // The local connection of a rerouted session (the node's own
         // backend, kept for offloaded calls).
@@ -396,6 +411,7 @@ where
                 if relay.at_safe_point() {
                     return Ok(SessionEnd::Rerouted(reason));
                 }
+                close_by.get_or_insert_with(|| tokio::time::Instant::now() + close_grace);
             }
             if cbuf.is_empty() && cbuf.capacity() > FREE_BYTES {
                 // A large message went through: give its memory back.
@@ -445,6 +461,11 @@ where
                 biased;
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     return Err(SessionEnd::DrainDeadline);
+                }
+                _ = sleep_until_opt(close_by), if close_by.is_some() => {
+                    return Err(SessionEnd::ReroutedInFlight(
+                        relay.close_reason.unwrap_or("asked to close"),
+                    ));
                 }
                 r = br.read_buf(&mut bbuf) => {
                     match r {

@@ -15,6 +15,9 @@
 //! - [`netns::Net`] (netns.rs): private namespaces + bridge, partitions with
 //!   nftables, code run inside a namespace ([`netns::in_ns`]); root only;
 //! - [`etcd::Etcd`] (etcd.rs): real etcd members (one or three) in a namespace.
+//! - [`hanodes::HaCluster`] (hanodes.rs): full nodes (runzeo + zrelay with
+//!   `[coordinator]`) each in its own namespace, etcd beside them, clients
+//!   inside the namespaces, split-brain checkers; root only.
 #![allow(dead_code)]
 
 pub mod etcd;
@@ -209,3 +212,4 @@ impl Enc {
     }
 }
 pub mod cluster;
+pub mod hanodes;

@@ -154,6 +154,35 @@ impl Net {
         let _ = std::fs::remove_file(dir);
     }
 
+    /// Cut namespace `ns` off the bridge entirely (every packet in or out
+    /// of `eth0` dropped, nftables inside `ns`); its own loopback and its own
+    /// address keep working, so processes inside still reach each other.
+    /// [`Net::rejoin`] removes it.
+    pub fn isolate(ns: &str) {
+        run(&[
+            "ip", "netns", "exec", ns, "nft", "add", "table", "inet", "zriso",
+        ]);
+        for (chain, hook, dir) in [
+            ("input", "input", "iifname"),
+            ("output", "output", "oifname"),
+        ] {
+            let spec = format!("{{ type filter hook {hook} priority 0; }}");
+            run(&[
+                "ip", "netns", "exec", ns, "nft", "add", "chain", "inet", "zriso", chain, &spec,
+            ]);
+            run(&[
+                "ip", "netns", "exec", ns, "nft", "add", "rule", "inet", "zriso", chain, dir,
+                "eth0", "drop",
+            ]);
+        }
+    }
+
+    pub fn rejoin(ns: &str) {
+        run(&[
+            "ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "zriso",
+        ]);
+    }
+
     pub fn heal(ns: &str) {
         run(&[
             "ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "zrpart",
@@ -173,6 +202,17 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// Run blocking `f` on a new thread inside namespace `ns` and wait for it.
+pub fn in_ns_blocking<T, F>(ns: &str, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    in_ns(ns, move || async move { f() })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// Run `f` on a new thread inside namespace `ns`, on a current-thread tokio

@@ -18,6 +18,8 @@ pub struct Py {
     args: Vec<String>,
     env: Vec<(String, String)>,
     timeout: Duration,
+    /// Run inside this network namespace (`ip netns exec`).
+    netns: Option<String>,
 }
 
 /// Run a script to completion; panics (with its output) unless it exits 0.
@@ -49,6 +51,7 @@ impl Py {
             args: Vec::new(),
             env: Vec::new(),
             timeout: PY_TIMEOUT,
+            netns: None,
         }
     }
 
@@ -72,12 +75,21 @@ impl Py {
         self
     }
 
+    /// Run inside network namespace `ns` (see `netns::Net`).
+    pub fn netns(mut self, ns: &str) -> Py {
+        self.netns = Some(ns.to_string());
+        self
+    }
+
     fn describe(&self) -> String {
         format!("{} {}", self.script, self.args.join(" "))
     }
 
     fn command(&self, dir: &Path) -> Command {
-        let mut cmd = Command::new(venv_bin("python"));
+        let mut cmd = match &self.netns {
+            Some(ns) => super::netns::Net::cmd(ns, &venv_bin("python").display().to_string()),
+            None => Command::new(venv_bin("python")),
+        };
         cmd.arg(repo().join("tests").join("py").join(&self.script))
             .args(&self.args)
             .current_dir(dir)

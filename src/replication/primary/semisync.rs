@@ -344,11 +344,18 @@ fn log_event(ev: Event) {
 
 /// Follows the feed's newest tid, fires the ack timeout and keeps status
 /// and metrics current.
+///
+/// `fence`: while it is up (a primary that lost its leader key, or a
+/// switchover under way), the degrade timer is not run: degrading would
+/// release replies held for commits no replica has, and such a commit is
+/// lost when another node takes over. They stay held until their sessions
+/// close (the client sees an unknown outcome, not an acknowledgement).
 pub async fn run_coordinator(
     ss: Arc<SemiSync>,
     link: crate::replication::feed::BackendLink,
     mut last_tid: watch::Receiver<Tid>,
     status: Arc<StatusHub>,
+    fence: Option<Arc<crate::role::fence::RoleCell>>,
     shutdown: CancellationToken,
 ) {
     metrics::gauge!(DEGRADED).set(0.0);
@@ -376,7 +383,11 @@ pub async fn run_coordinator(
         if t != Z64 {
             ss.update(|s| s.on_commit(t, Instant::now()));
         }
+        let fenced = fence.as_ref().is_some_and(|f| f.fenced());
         ss.update(|s| {
+            if fenced {
+                return None;
+            }
             let ev = s.tick(Instant::now());
             if ev == Some(Event::Degraded) {
                 last_degraded = std::time::SystemTime::now()

@@ -464,31 +464,34 @@ async fn stream_once(
     let mut spool_prev = st.applied();
     let mut unsynced: Option<Tid> = None;
     let mut received_ok = false;
+    // When the stream counts as silent: `stale_after` after the last message.
+    // A deadline, not a timeout around each read: the ticker below cancels
+    // the read every 250 ms, and a timeout restarted with it never fired
+    // (a partitioned primary, whose TCP connection neither delivers nor
+    // fails, kept the stream "live" forever).
+    let mut silent_at = tokio::time::Instant::now() + cfg.stale_after;
     loop {
         let msg = tokio::select! {
-            r = tokio::time::timeout(cfg.stale_after, read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes)) => match r {
-                // Silence is judged by what arrived, not by wall time: after
-                // this process was stopped (SIGSTOP, a long stall) the timer
-                // is due at once while the primary's messages are waiting in
-                // the socket. Look once more before giving up.
-                Err(_) => match tokio::time::timeout(
-                    SILENCE_RECHECK,
-                    read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes),
-                )
-                .await
-                {
-                    Err(_) => return Err(RunError::Silent(cfg.stale_after)),
-                    Ok(Err(e)) => return Err(e),
-                    Ok(Ok(m)) => m,
-                },
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(m)) => m,
+            r = read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes) => r?,
+            // Silence is judged by what arrived, not by wall time: after
+            // this process was stopped (SIGSTOP, a long stall) the timer
+            // is due at once while the primary's messages are waiting in
+            // the socket. Look once more before giving up.
+            _ = tokio::time::sleep_until(silent_at) => match tokio::time::timeout(
+                SILENCE_RECHECK,
+                read_msg(&mut rh, &mut rbuf, cfg.max_message_bytes),
+            )
+            .await
+            {
+                Err(_) => return Err(RunError::Silent(cfg.stale_after)),
+                Ok(r) => r?,
             },
             _ = ticker.tick() => {
                 publish(status, cfg, st, None);
                 continue;
             }
         };
+        silent_at = tokio::time::Instant::now() + cfg.stale_after;
         let now = Instant::now();
         if let StreamMsg::Welcome { features, .. } = &msg {
             received_ok = features.iter().any(|f| f == protocol::FEATURE_RECEIVED_ACK);

@@ -1,0 +1,414 @@
+//! Real partitions: full nodes (runzeo + zrelay with `[coordinator]`) each in
+//! its own network namespace on a private bridge, etcd beside them, real
+//! ZODB clients inside the namespaces committing through their doors
+//! (tests/support/hanodes.rs, tests/py/hanet.py). Faults are nftables drop
+//! rules (a node cut off the bridge) and SIGKILLs. Needs root, as CI has.
+//!
+//! Settings are tight (ttl 4 s, loop_wait 1 s, fence margin 1 s) and the
+//! scenarios share their setups, so the file stays around a minute or two;
+//! deadlines are generous for a loaded 2-core machine.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::cluster::value_of;
+use support::hanodes::{
+    check_no_split_brain, history, start_writer, stop_writer, unix_now, AckLog, HaCluster, HaOpts,
+    BACKEND,
+};
+use support::wait_for;
+
+const ACCOUNTS: usize = 10;
+const TOTAL: u64 = 10_000;
+/// Writers (one counter each) in the bank.
+const WRITERS: usize = 3;
+
+fn bank_init(c: &HaCluster) {
+    let door = c.nodes[0].door();
+    let (n, t, w) = (ACCOUNTS.to_string(), TOTAL.to_string(), WRITERS.to_string());
+    c.py(0, "hanet.py")
+        .args(&["bank-init", &door, &n, &t, &w])
+        .run();
+}
+
+/// Each writer's counter at `k`'s backend (the bank total checked too).
+fn counters(c: &HaCluster, k: usize) -> Vec<u64> {
+    let (n, t, w) = (ACCOUNTS.to_string(), TOTAL.to_string(), WRITERS.to_string());
+    let out = c
+        .py(k, "hanet.py")
+        .args(&["check", BACKEND, &n, &t, &w])
+        .run();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    (0..WRITERS)
+        .map(|i| value_of(&out, &format!("counter{i}")).parse().unwrap())
+        .collect()
+}
+
+/// The bank total holds at `k`'s backend and each writer's counter grew
+/// from `before` by its acknowledged commits (plus at most its commits of
+/// unknown outcome).
+fn check_bank(c: &HaCluster, k: usize, before: &[u64], writers: &[(usize, String)]) {
+    let now = counters(c, k);
+    for (id, stdout) in writers {
+        let got = now[*id] - before[*id];
+        let acked: u64 = value_of(stdout, "acked").parse().unwrap();
+        let unknown: u64 = value_of(stdout, "unknown").parse().unwrap();
+        assert!(
+            acked <= got && got <= acked + unknown,
+            "writer {id}: counter {got}, acknowledged {acked}, unknown {unknown}: \
+             an acknowledged commit was lost"
+        );
+    }
+}
+
+/// The lag /status reports (it grows with the clock while disconnected).
+fn lag_of(st: &serde_json::Value) -> f64 {
+    st["lag_seconds"].as_f64().unwrap_or(0.0)
+}
+
+/// A replica cut off from the primary, the other replica and etcd keeps
+/// serving read-only clients at its door (bank invariant holds), its lag
+/// grows and shows in /status, the metric and `/replica?lag=` (503); it is
+/// never promoted while isolated, the primary keeps committing; after
+/// healing it catches up and answers 200 again.
+fn replica_isolated(c: &mut HaCluster) {
+    let r = 1;
+    let before = counters(c, 0);
+    let mut w0 = start_writer(c, 0, 0, ACCOUNTS);
+    let mut w2 = start_writer(c, 2, 2, ACCOUNTS);
+    c.wait_live(r, Duration::from_secs(30));
+    let (code, _) = c.nodes[r].get("/replica?lag=5s");
+    assert_eq!(code, 200, "live replica not healthy before the cut");
+    let epoch_before = c.nodes[0].status()["role_state"]["epoch"].clone();
+
+    c.isolate(r);
+    let cut = Instant::now();
+    // Commits go on at the primary (through its door and another replica's).
+    for w in [&mut w0, &mut w2] {
+        for _ in 0..3 {
+            w.expect_prefix("ACK ", Duration::from_secs(30));
+        }
+    }
+    // The lag grows with the clock and the health check turns 503.
+    let lag = wait_for(
+        Duration::from_secs(30),
+        "the isolated replica's lag > 3 s",
+        || {
+            let st = c.nodes[r].try_status()?;
+            (lag_of(&st) > 3.0).then(|| lag_of(&st))
+        },
+    );
+    let (code, body) = c.nodes[r].get("/replica?lag=2s");
+    assert_eq!(
+        code, 503,
+        "isolated replica still healthy at lag 2s: {body}"
+    );
+    let metric = c.nodes[r].metric("zrelay_replication_lag_seconds");
+    assert!(
+        metric > 2.0,
+        "lag metric {metric} while isolated {lag:.1} s"
+    );
+    // Read-only clients at its door are still served (from its own backend).
+    let (n, t) = (ACCOUNTS.to_string(), TOTAL.to_string());
+    let out = c
+        .py(r, "hanet.py")
+        .args(&["reads", &c.nodes[r].door(), &n, &t, "3"])
+        .run();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("isolated replica served: {}", out.trim());
+    // Several ttls later: still a replica, the primary still leads its epoch.
+    wait_for(Duration::from_secs(30), "3 ttls of isolation", || {
+        (cut.elapsed() > Duration::from_secs(12)).then_some(())
+    });
+    let st = c.nodes[r].status();
+    assert_eq!(st["role"], "replica", "isolated replica changed role: {st}");
+    let pst = c.nodes[0].status();
+    assert_eq!(pst["role"], "primary", "primary lost its role: {pst}");
+    assert_eq!(pst["role_state"]["epoch"], epoch_before, "epoch changed");
+
+    c.rejoin(r);
+    let healed = Instant::now();
+    c.wait_live(r, Duration::from_secs(60));
+    wait_for(
+        Duration::from_secs(60),
+        "the healed replica within 1 s",
+        || {
+            let (code, _) = c.nodes[r].try_get("/replica?lag=1s")?;
+            (code == 200).then_some(())
+        },
+    );
+    eprintln!(
+        "replica isolated: lag reached {lag:.1} s; healthy again {:?} after healing",
+        healed.elapsed()
+    );
+    let s0 = stop_writer(w0);
+    let s2 = stop_writer(w2);
+    // Everything the primary has, the healed replica applies.
+    let last = c.backend_last_tid(0);
+    wait_for(
+        Duration::from_secs(60),
+        "the replica applied the last tid",
+        || {
+            let st = c.nodes[r].try_status()?;
+            (st["upstream"]["applied_tid"] == last.as_str()).then_some(())
+        },
+    );
+    check_bank(c, 0, &before, &[(0, s0.clone()), (2, s2.clone())]);
+    let mut acks = AckLog::default();
+    acks.add(0, &s0);
+    acks.add(2, &s2);
+    acks.assert_unique_tids();
+    let prim = history(&c.nodes[0].zeo_dir().join("Data.fs"));
+    let rep = history(&c.nodes[r].zeo_dir().join("Data.fs"));
+    assert_eq!(prim, rep, "the healed replica's history differs");
+    for n in &mut c.nodes {
+        n.assert_healthy();
+    }
+}
+
+/// The primary cut off from etcd and both replicas (semi-sync), with a
+/// writer at every door (one of them inside the isolated node, still
+/// reaching its door): it fences at its renewal deadline, before its lease
+/// expires and the best replica is elected; the new primary takes commits
+/// through the other doors; no tid names two transactions, no commit the
+/// old primary acknowledged came after one of the new primary's, every
+/// acknowledged commit is on the new primary. After healing the old
+/// primary follows the new one: at once, or after `zrelay rewind` of the
+/// unacknowledged tail it committed in its last moments (reported as a
+/// divergence naming the tids).
+fn primary_isolated(c: &mut HaCluster) {
+    let old = c
+        .primary()
+        .expect("a primary before the cut (the replica scenario ran first)");
+    assert_eq!(old, 0);
+    let before = counters(c, old);
+    let writers: Vec<_> = (0..3).map(|k| start_writer(c, k, k, ACCOUNTS)).collect();
+    let mut writers = writers;
+    for w in &mut writers {
+        w.expect_prefix("ACK ", Duration::from_secs(30));
+    }
+    let epoch0 = c.nodes[old].status()["role_state"]["epoch"]
+        .as_u64()
+        .unwrap();
+
+    let cut_unix = unix_now();
+    let cut = Instant::now();
+    c.isolate(old);
+    // Fenced on its own, isolated side.
+    wait_for(
+        Duration::from_secs(30),
+        "the isolated primary fenced",
+        || (c.nodes[old].role_kind() == "fenced").then_some(()),
+    );
+    let fenced_after = cut.elapsed();
+    // A replica takes over in a newer epoch.
+    let new = wait_for(Duration::from_secs(60), "a new primary elected", || {
+        (1..c.nodes.len()).find(|k| {
+            c.nodes[*k]
+                .try_status()
+                .is_some_and(|s| s["role_state"]["role"] == "primary")
+        })
+    });
+    let promoted_after = cut.elapsed();
+    let st = c.nodes[new].status();
+    let epoch1 = st["role_state"]["epoch"].as_u64().unwrap();
+    assert!(epoch1 > epoch0, "new primary in epoch {epoch1} <= {epoch0}");
+    // Ordering from the nodes' own logs (one host clock): the old primary's
+    // fence strictly before the new primary's election.
+    let t_fence = c.nodes[old]
+        .log_time(&["coordinator event", "Fence"], cut_unix)
+        .expect("fence logged");
+    let t_elected = c.nodes[new]
+        .log_time(&["coordinator event", "Elected"], cut_unix)
+        .expect("election logged");
+    assert!(
+        t_fence < t_elected,
+        "old primary fenced at {t_fence:.3}, new one elected at {t_elected:.3}"
+    );
+    // The writers outside the isolated node commit again.
+    for w in &mut writers[1..] {
+        for _ in 0..3 {
+            w.expect_prefix("ACK ", Duration::from_secs(60));
+        }
+    }
+    // The old primary's history as it stands (fenced: nothing more lands).
+    let old_hist = history(&c.nodes[old].zeo_dir().join("Data.fs"));
+
+    c.rejoin(old);
+    let healed = Instant::now();
+    let outcome = wait_for(
+        Duration::from_secs(60),
+        "the old primary follows (live or diverged)",
+        || {
+            let st = c.nodes[old].try_status()?;
+            if st["role_state"]["role"] != "replica" {
+                return None;
+            }
+            match st["upstream"]["state"].as_str()? {
+                "live" => Some(None),
+                "diverged" => Some(Some(
+                    st["upstream"]["last_error"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )),
+                _ => None,
+            }
+        },
+    );
+    let rewound = if let Some(err) = outcome {
+        // Its unacknowledged tail: cut it off (kept aside) and follow.
+        let to = err
+            .split("--to ")
+            .nth(1)
+            .and_then(|r| r.split(|ch: char| !ch.is_ascii_hexdigit()).next())
+            .unwrap_or_else(|| panic!("no rewind point in {err:?}"))
+            .to_string();
+        c.nodes[old].stop();
+        let data_fs = c.nodes[old].zeo_dir().join("Data.fs");
+        let (code, text) = c.zrelay_cli(
+            old,
+            &[
+                "rewind",
+                "--data-fs",
+                &data_fs.display().to_string(),
+                "--to",
+                &to,
+            ],
+        );
+        assert_eq!(code, 0, "{text}");
+        c.nodes[old].start();
+        Some(to)
+    } else {
+        None
+    };
+    c.wait_live(old, Duration::from_secs(60));
+    let rejoined_after = healed.elapsed();
+
+    let outs: Vec<String> = writers.into_iter().map(stop_writer).collect();
+    let last = c.backend_last_tid(new);
+    wait_for(
+        Duration::from_secs(60),
+        "every node applied the last tid",
+        || {
+            (0..c.nodes.len())
+                .filter(|k| *k != new)
+                .all(|k| {
+                    c.nodes[k]
+                        .try_status()
+                        .is_some_and(|s| s["upstream"]["applied_tid"] == last.as_str())
+                })
+                .then_some(())
+        },
+    );
+    let ids: Vec<(usize, String)> = outs.iter().cloned().enumerate().collect();
+    check_bank(c, new, &before, &ids);
+    let mut acks = AckLog::default();
+    for (k, o) in outs.iter().enumerate() {
+        acks.add(k, o);
+    }
+    let new_hist = history(&c.nodes[new].zeo_dir().join("Data.fs"));
+    let split = check_no_split_brain(&old_hist, &new_hist, &acks);
+    assert!(
+        !split.new_only.is_empty(),
+        "the new primary committed nothing"
+    );
+    for k in 0..c.nodes.len() {
+        assert_eq!(
+            history(&c.nodes[k].zeo_dir().join("Data.fs")),
+            new_hist,
+            "{} differs from the new primary at the end",
+            c.nodes[k].name
+        );
+    }
+    eprintln!(
+        "primary isolated: fenced after {fenced_after:?} (log: {:.2} s before the election), \
+         {} promoted after {promoted_after:?}; old primary's unacknowledged tail: {} txn(s) \
+         (rewound to {rewound:?}); rejoined {rejoined_after:?} after healing; acknowledged \
+         commits: {} (last of the old primary {:.2} s before the first of the new)",
+        t_elected - t_fence,
+        c.nodes[new].name,
+        split.old_only.len(),
+        acks.acks.len(),
+        split.first_new_ack.unwrap_or(0.0) - split.last_old_ack.unwrap_or(0.0),
+    );
+    for n in &mut c.nodes {
+        n.assert_healthy();
+    }
+}
+
+/// One semi-sync cluster for both scenarios: a replica isolated and healed,
+/// then the primary isolated and healed.
+#[test]
+fn isolated_replica_then_isolated_primary() {
+    let mut c = HaCluster::start(HaOpts {
+        semi_sync: true,
+        ..HaOpts::default()
+    });
+    bank_init(&c);
+    replica_isolated(&mut c);
+    primary_isolated(&mut c);
+}
+
+/// The etcd raft leader of a three-member cluster is killed while writers
+/// commit through both doors: the primary keeps its lease (no fence, same
+/// epoch), nobody is elected, and commits go on. ttl 10 s: a raft election
+/// on a loaded 2-core machine can take seconds, during which no lease is
+/// renewed.
+#[test]
+fn etcd_leader_killed_no_spurious_failover() {
+    let mut c = HaCluster::start(HaOpts {
+        nodes: 2,
+        etcd_members: 3,
+        ttl_secs: 10,
+        ..HaOpts::default()
+    });
+    bank_init(&c);
+    let before = counters(&c, 0);
+    let mut w0 = start_writer(&c, 0, 0, ACCOUNTS);
+    let mut w1 = start_writer(&c, 1, 1, ACCOUNTS);
+    let epoch = c.nodes[0].status()["role_state"]["epoch"].clone();
+    let start_unix = unix_now();
+    let old = c.etcd.leader();
+    let t_kill = Instant::now();
+    c.etcd.kill(old);
+    let new = c.etcd.leader();
+    assert_ne!(old, new);
+    let reelected = t_kill.elapsed();
+    // 1.5 ttls after the kill, writers still committing all along.
+    while t_kill.elapsed() < Duration::from_secs(15) {
+        w0.expect_prefix("ACK ", Duration::from_secs(10));
+        w1.expect_prefix("ACK ", Duration::from_secs(10));
+    }
+    let s0 = stop_writer(w0);
+    let s1 = stop_writer(w1);
+    for (k, role) in [(0, "primary"), (1, "replica")] {
+        let st = c.nodes[k].status();
+        assert_eq!(st["role_state"]["role"], role, "{}: {st}", c.nodes[k].name);
+        assert_eq!(st["role_state"]["epoch"], epoch, "epoch changed: {st}");
+        assert!(
+            c.nodes[k]
+                .log_time(&["coordinator event", "Fence"], start_unix)
+                .is_none()
+                && c.nodes[k]
+                    .log_time(&["coordinator event", "Elected"], start_unix)
+                    .is_none(),
+            "{}: spurious fence or election",
+            c.nodes[k].name
+        );
+    }
+    check_bank(&c, 0, &before, &[(0, s0.clone()), (1, s1.clone())]);
+    let mut acks = AckLog::default();
+    acks.add(0, &s0);
+    acks.add(1, &s1);
+    acks.assert_unique_tids();
+    eprintln!(
+        "etcd leader killed: raft leader again after {reelected:?}; {} commits acknowledged, \
+         no fence, no election",
+        acks.acks.len()
+    );
+    for n in &mut c.nodes {
+        n.assert_healthy();
+    }
+}
