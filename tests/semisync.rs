@@ -282,19 +282,32 @@ fn promotion_applies_the_spool_first() {
     wait_until(SYNC, "replica stream live", || {
         c.replica.upstream_state() == "live"
     });
-    let mut w = semisync_py(c.enc(), &["acked-writer", &c.primary.addr().to_string()]).spawn();
+    let mut w = semisync_py(
+        c.enc(),
+        &["acked-writer", &c.primary.addr().to_string(), "gated"],
+    )
+    .spawn();
     w.expect_line("READY", Duration::from_secs(60));
-    let base = c.replica.applied_tid();
-    wait_until(SYNC, "the writer to commit through the replica", || {
-        c.replica.applied_tid() != base
+    // The replica's applier idle (nothing of the writer's start-up left to
+    // apply), then the replica's backend stalls before the writer commits: whatever the
+    // replica acknowledges can then only be in its spool (stalled later, the
+    // backend might have committed one whose tpc_finish reply the applier
+    // had not read yet, and the spool would have nothing left to apply).
+    let primary_last = c.last_tid(c.pzeo.addr());
+    wait_until(SYNC, "the replica applied everything", || {
+        c.replica.applied_tid().unwrap_or_default() >= primary_last
     });
     c.rzeo.pause();
-    wait_until(SYNC, "a commit acknowledged as received only", || {
-        let w = semisync_status(&c)["watermark_tid"]
+    let watermark = || {
+        semisync_status(&c)["watermark_tid"]
             .as_str()
             .unwrap_or("")
-            .to_string();
-        w > c.replica.applied_tid().unwrap_or_default()
+            .to_string()
+    };
+    let before = watermark();
+    w.send_line("go");
+    wait_until(SYNC, "a commit acknowledged as received only", || {
+        watermark() > before
     });
     c.primary.kill();
     c.pzeo.kill();

@@ -7,9 +7,12 @@ Commands:
   observer ADDR         a connected client: "probe" prints AT <hex> (its
                         cache's last tid, learnt from invalidations); "wait
                         HEX" prints AT HEX once it has it (30 s); "stop"
-  acked-writer ADDR     commit until "stop" on stdin (or 100 s), printing
+  acked-writer ADDR [gated]
+                        commit until "stop" on stdin (or 100 s), printing
                         "ACK <hex>" after every commit the server confirmed;
-                        failures (the primary killed) are retried
+                        failures (the primary killed) are retried;
+                        gated: print READY once connected, and start
+                        committing on a first line ("go") on stdin
 """
 import logging
 import os
@@ -67,9 +70,15 @@ def observer(addr):
 
 
 @command
-def acked_writer(addr):
+def acked_writer(addr, gated=''):
     db = open_db(addr, wait_timeout=60)
     stop = threading.Event()
+    tm, conn = new_conn(db)
+    root = conn.root()
+    if gated:
+        # Connected and loaded; the first commit waits for "go" on stdin.
+        print('READY', flush=True)
+        sys.stdin.readline()
 
     def reader():
         sys.stdin.readline()
@@ -81,11 +90,10 @@ def acked_writer(addr):
         os._exit(0)
 
     threading.Thread(target=reader, daemon=True).start()
-    tm, conn = new_conn(db)
-    root = conn.root()
     deadline = time.monotonic() + 100
     n = 0
-    print('READY', flush=True)
+    if not gated:
+        print('READY', flush=True)
     while not stop.is_set():
         check(time.monotonic() < deadline, 'no "stop" within 100s')
         try:
