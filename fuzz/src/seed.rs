@@ -93,6 +93,26 @@ fn main() {
         put(dir, "admin_duration", d.trim(), d.as_bytes());
     }
 
+    // Admin HTTP: a certificate selector byte (0: none, 1: allowed, 2:
+    // another name), then what the client sends on its connection.
+    let token = zrelay::admin::http::fuzzing::TOKEN;
+    let requests = [
+        (0u8, "GET /replica?lag=500ms HTTP/1.1\r\nHost: x\r\n\r\n".to_string()),
+        (0, "HEAD /read-only?x=1&lag=0.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()),
+        (0, "GET /metrics HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\n\r\n".into()),
+        (0, "GET /health HTTP/1.0\r\n\r\n".into()),
+        (0, format!("POST /switchover?to=node2 HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n")),
+        (1, "POST /demote?follow=node1 HTTP/1.1\r\nHost: x\r\n\r\n".into()),
+        (2, "POST /drain HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n".into()),
+        (0, "POST /reload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+        (0, "DELETE /promote HTTP/1.1\r\n\r\n".into()),
+    ];
+    for (i, (cert, req)) in requests.iter().enumerate() {
+        let mut data = vec![*cert];
+        data.extend_from_slice(req.as_bytes());
+        put(dir, "admin_http", &i.to_string(), &data);
+    }
+
     let tmp = std::env::temp_dir().join(format!("zrelay-fuzz-seed-{}", std::process::id()));
     zrelay::certgen::ensure_ca(&tmp).expect("CA");
     let (cert, _) = zrelay::certgen::issue_node(&tmp, "node-a", 1).expect("cert");

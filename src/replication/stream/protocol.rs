@@ -409,7 +409,9 @@ pub fn encode(msg: &StreamMsg, out: &mut BytesMut) -> Result<(), ProtocolError> 
 }
 
 /// Takes one frame off the front of `buf`. `Ok(None)`: incomplete, read more.
-/// The declared length is checked against `max_len` before any allocation.
+/// The declared length is checked against `max_len` before any allocation,
+/// and the buffer grows with the bytes that arrived, never to the declared
+/// length at once ([`crate::wire::frame::reserve_toward`]).
 /// After an error the stream is unusable (close it).
 pub fn decode(buf: &mut BytesMut, max_len: usize) -> Result<Option<StreamMsg>, ProtocolError> {
     if buf.len() < 4 {
@@ -423,7 +425,7 @@ pub fn decode(buf: &mut BytesMut, max_len: usize) -> Result<Option<StreamMsg>, P
         return Err(ProtocolError::EmptyFrame);
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
+        crate::wire::frame::reserve_toward(buf, 4 + len);
         return Ok(None);
     }
     buf.advance(4);
