@@ -209,3 +209,4 @@ impl Enc {
     }
 }
 pub mod cluster;
+pub mod ops;
