@@ -61,11 +61,15 @@ fn main() {
         StreamMsg::Refuse {
             reason: RefuseReason::WrongCluster,
             message: "cluster a is not b".into(),
+            primary_last_tid: Some(tid),
+            rewind_to: None,
         },
         StreamMsg::Welcome {
             version: 1,
             node: "primary".into(),
             primary_last_tid: tid,
+            features: vec!["received_ack".into()],
+            epoch: Some(2),
         },
     ];
     let mut stream = BytesMut::new();
