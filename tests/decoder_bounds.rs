@@ -349,76 +349,43 @@ const THREAD_STACK: usize = 2 * 1024 * 1024;
 #[test]
 fn deep_nesting_is_refused_within_a_small_stack() {
     let n = 64 * 1024;
-    type Case = (&'static str, fn(&[u8]), Vec<u8>, usize);
-    let cases: Vec<Case> = vec![
+    // (decoder, prefix, opener repeated n times, suffix)
+    type Case = (&'static str, &'static [u8], &'static [u8], &'static [u8]);
+    let cases: &[Case] = &[
+        ("zeo pickle", b"\x80\x03N", b"\x85", b"."),
+        ("zeo pickle", b"\x80\x03", b"]", &[b'a'; 1024]),
+        ("zeo pickle", b"\x80\x03", b"(", b"N"),
+        ("zeo msgpack", b"", b"\x91", b"\xc0"),
+        ("zeo msgpack", b"", b"\x81\xc0", b"\xc0"),
+        ("stream payload", b"\x81\xa4Door\x81\xa1x", b"\x91", b"\xc0"),
         (
-            "pickle tuples",
-            |r| zeo_value(Encoding::Pickle, r),
-            repeat(b"\x80\x03N", b"\x85", n, b"."),
-            SMALL_STACK,
+            "stream payload",
+            b"\x81\xa5Hello\x81\xa1x",
+            b"\x81\xc0",
+            b"\xc0",
         ),
-        (
-            "pickle lists",
-            |r| zeo_value(Encoding::Pickle, r),
-            repeat(b"\x80\x03", b"]", n, &[b'a'; 1024]),
-            SMALL_STACK,
-        ),
-        (
-            "pickle marks",
-            |r| zeo_value(Encoding::Pickle, r),
-            repeat(b"\x80\x03", b"(", n, b"N"),
-            SMALL_STACK,
-        ),
-        (
-            "msgpack arrays",
-            |r| zeo_value(Encoding::Msgpack, r),
-            repeat(b"", b"\x91", n, b"\xc0"),
-            SMALL_STACK,
-        ),
-        (
-            "msgpack maps",
-            |r| zeo_value(Encoding::Msgpack, r),
-            repeat(b"", b"\x81\xc0", n, b"\xc0"),
-            SMALL_STACK,
-        ),
-        (
-            "stream unknown field",
-            stream_payload,
-            repeat(b"\x81\xa4Door\x81\xa1x", b"\x91", n, b"\xc0"),
-            SMALL_STACK,
-        ),
-        (
-            "stream unknown map field",
-            stream_payload,
-            repeat(b"\x81\xa5Hello\x81\xa1x", b"\x81\xc0", n, b"\xc0"),
-            SMALL_STACK,
-        ),
-        (
-            "toml arrays",
-            config,
-            repeat(b"a = ", b"[", n, b""),
-            THREAD_STACK,
-        ),
-        (
-            "toml tables",
-            config,
-            repeat(b"a = ", b"{b=", n, b""),
-            THREAD_STACK,
-        ),
-        (
-            "der sequences",
-            cert,
-            repeat(b"", b"\x30\x80", n, b""),
-            SMALL_STACK,
-        ),
+        ("config toml", b"a = ", b"[", b""),
+        ("config toml", b"a = ", b"{b=", b""),
+        ("certificate names", b"", b"\x30\x80", b""),
     ];
-    for (name, run, raw, stack) in cases {
+    for &(name, prefix, unit, suffix) in cases {
+        let run = DECODERS
+            .iter()
+            .find(|d| d.name == name)
+            .expect("decoder")
+            .run;
+        let raw = repeat(prefix, unit, n, suffix);
+        let stack = if name == "config toml" {
+            THREAD_STACK
+        } else {
+            SMALL_STACK
+        };
         let done = std::thread::Builder::new()
             .name(name.into())
             .stack_size(stack)
             .spawn(move || run(&raw))
             .expect("spawn")
             .join();
-        assert!(done.is_ok(), "{name}: panicked");
+        assert!(done.is_ok(), "{name} {unit:?}: panicked");
     }
 }
