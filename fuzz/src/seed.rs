@@ -81,16 +81,21 @@ fn main() {
     }
     put(dir, "stream_message", "all", &stream);
 
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-    for entry in fs::read_dir(&config).expect("config dir") {
-        let path = entry.expect("entry").path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        put(
-            dir,
-            "config_toml",
-            &name,
-            &fs::read(&path).expect("read config"),
-        );
+    // The example configs, including those in subdirectories.
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")];
+    while let Some(config) = dirs.pop() {
+        for entry in fs::read_dir(&config).expect("config dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_some_and(|e| e == "toml") {
+                let name = path.file_name().unwrap().to_string_lossy().to_string();
+                let data = fs::read(&path).expect("read config");
+                put(dir, "config_toml", &name, &data);
+            }
+        }
     }
 
     for d in ["5", "0.5", "500ms", "5s", "1m", "2h", " 10 ", "1.5s"] {
