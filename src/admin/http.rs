@@ -582,7 +582,7 @@ pub mod fuzzing {
         ///
         /// # Panics
         /// When the server does not finish within 10 s (a hang), or when
-        /// what it wrote does not start as an HTTP/1.1 response.
+        /// what it wrote does not start as an HTTP/1.x response.
         pub fn serve(&self, raw: &[u8], cert_name: Option<&str>) -> Vec<u8> {
             let (client, server) = tokio::io::duplex(64 * 1024);
             let peer = SocketAddr::from(([127, 0, 0, 1], 1));
@@ -609,9 +609,10 @@ pub mod fuzzing {
                 .await
             });
             let out = out.expect("the admin server hung on an in-memory connection");
+            // hyper answers an HTTP/1.0 request in HTTP/1.0.
             assert!(
-                out.is_empty() || out.starts_with(b"HTTP/1.1 "),
-                "not an HTTP/1.1 response: {:?}",
+                out.is_empty() || out.starts_with(b"HTTP/1.1 ") || out.starts_with(b"HTTP/1.0 "),
+                "not an HTTP/1.x response: {:?}",
                 String::from_utf8_lossy(&out[..out.len().min(200)])
             );
             out
@@ -1073,6 +1074,10 @@ pub(crate) mod tests {
         );
         assert_eq!(two.matches("HTTP/1.1 ").count(), 2, "{two}");
         assert!(two.contains("HTTP/1.1 404 "), "{two}");
+        // The admin_http target's first "finding" (a harness bug): an
+        // HTTP/1.0 request is answered in HTTP/1.0.
+        let old = text(b"GET /health HTTP/1.0\r\n\r\n", None);
+        assert!(old.starts_with("HTTP/1.0 200 OK\r\n"), "{old}");
         let junk = text(b"\x00\xff\r\n\r\n", None);
         assert!(
             junk.is_empty() || junk.starts_with("HTTP/1.1 400 "),
