@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use support::cluster::{metric_value, value_of, wait_until, Cluster, ClusterOpts};
+use support::ops::py_for;
 use support::{Enc, Py};
 
 const SYNC: Duration = Duration::from_secs(30);
@@ -16,10 +17,7 @@ const SYNC: Duration = Duration::from_secs(30);
 const DOOR: &str = "[door]\noffload_wait_ms = 50\nmax_replica_lag_ms = 1500\n";
 
 fn doors_py(enc: Enc, args: &[&str]) -> Py {
-    Py::new("doors.py").args(args).env(
-        "ZRELAY_EXPECT_PROTOCOL",
-        std::str::from_utf8(enc.protocol()).expect("ascii"),
-    )
+    py_for("doors.py", enc, args)
 }
 
 fn run(enc: Enc, args: &[&str]) -> String {
@@ -244,49 +242,8 @@ fn a_lagging_replica_is_bypassed_then_used_again() {
 /// Opens a door session to the primary with the given node certificate, as
 /// a replica's door would; the ZEO server's offer comes back on success.
 fn open_door(c: &Cluster, cert: &str) -> Result<Vec<u8>, String> {
-    use tokio::io::AsyncReadExt;
-    use zrelay::cluster::Target;
-    use zrelay::door::forward::ForwardOpener;
-    use zrelay::relay::UpstreamOpener;
-    use zrelay::replication::protocol::{DoorHello, PROTOCOL_VERSION};
-    use zrelay::replication::tls;
-
-    let files = c.certs.tls(cert);
-    let cfg = tls::client_config(&tls::TlsFiles {
-        ca_file: files.ca,
-        cert_file: files.cert,
-        key_file: files.key,
-    })
-    .expect("client TLS config");
-    let opener = ForwardOpener {
-        target: Target {
-            node: "primary".into(),
-            replication_addr: c.primary.repl().to_string(),
-        },
-        hello: DoorHello {
-            version: PROTOCOL_VERSION,
-            cluster: "zrelay".into(),
-            storage: "1".into(),
-            node: cert.into(),
-            read_only: false,
-            epoch: None,
-        },
-        connector: tokio_rustls::TlsConnector::from(cfg),
-        timeout: Duration::from_secs(10),
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let (mut r, _w) = opener.open().await?;
-        let mut offer = [0u8; 6];
-        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut offer))
-            .await
-            .map_err(|_| "no offer".to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(offer.to_vec())
-    })
+    let addr = c.primary.repl().to_string();
+    support::ops::open_door(c.certs.tls(cert), "primary", &addr, cert, None)
 }
 
 #[test]

@@ -7,28 +7,15 @@ mod support;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use support::cluster::{metric_value, wait_until, Cluster, ClusterOpts, Node, NodeRole, NodeSpec};
+use support::ops::{zrelay_cli as zrelay, AdminToken};
 use support::{Enc, Py, Zeo, ZeoOpts};
 use zrelay::replication::tls;
 
 const SYNC: Duration = Duration::from_secs(30);
 const TOKEN: &str = "ops-test-token-0123456789abcdef";
-
-fn zrelay(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zrelay"))
-        .args(args)
-        .output()
-        .expect("run zrelay");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// The DER of the certificate the replication listener at `addr` presents
 /// to a replica holding `client` files.
@@ -70,15 +57,13 @@ fn auth_failures(metrics: &str, reason: &str) -> f64 {
 
 #[test]
 fn reload_rotation_and_drain_with_real_clients() {
-    let token_dir = tempfile::tempdir().unwrap();
-    let token_file = token_dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let admin = format!("token_file = {:?}\n", token_file.display().to_string());
+    let token = AdminToken::new(TOKEN);
+    let admin = token.config_line();
     let mut opts = ClusterOpts::new(Enc::Pickle);
     opts.primary_admin = admin.clone();
     opts.replica_admin = admin;
     let mut c = Cluster::with(opts);
-    let tf = token_file.display().to_string();
+    let tf = token.path();
     let p_admin = c.primary.admin().to_string();
     let r_admin = c.replica.admin().to_string();
     c.run_py(&["set", &c.primary.addr().to_string(), "k1", "1"]);
@@ -88,8 +73,7 @@ fn reload_rotation_and_drain_with_real_clients() {
     let (code, text) = zrelay(&["drain", "--admin", &p_admin]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("401"), "{text}");
-    let wrong = token_dir.path().join("wrong");
-    std::fs::write(&wrong, "not-the-token-0123456789").unwrap();
+    let wrong = token.wrong_file();
     let (code, text) = zrelay(&[
         "reload",
         "--admin",
@@ -189,7 +173,7 @@ fn reload_rotation_and_drain_with_real_clients() {
         c.replica.log()[mark..].contains("session ended")
     };
     assert!(session_logs(&c), "DEBUG lines before the reload");
-    let new_token = token_dir.path().join("admin2.token");
+    let new_token = token.dir().join("admin2.token");
     std::fs::write(&new_token, "rotated-token-0123456789abcdef\n").unwrap();
     let cfg = std::fs::read_to_string(c.replica.config_path()).unwrap();
     let changed = cfg

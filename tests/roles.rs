@@ -6,34 +6,18 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::cluster::{metric_value, value_of, wait_until, Certs, Node, NodeRole, NodeSpec};
+use support::ops::{py_for, zrelay_cli as zrelay, AdminToken};
 use support::{free_port, Enc, Py, Zeo, ZeoOpts};
 
 const SYNC: Duration = Duration::from_secs(30);
 const TOKEN: &str = "roles-test-token-0123456789abcdef";
 
-fn zrelay(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zrelay"))
-        .args(args)
-        .output()
-        .expect("run zrelay");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 fn roles_py(enc: Enc, args: &[&str]) -> Py {
-    Py::new("roles.py").args(args).env(
-        "ZRELAY_EXPECT_PROTOCOL",
-        std::str::from_utf8(enc.protocol()).expect("ascii"),
-    )
+    py_for("roles.py", enc, args)
 }
 
 fn run(enc: Enc, args: &[&str]) -> String {
@@ -50,8 +34,7 @@ struct Pair {
     azeo: Zeo,
     bzeo: Zeo,
     certs: Certs,
-    token_file: std::path::PathBuf,
-    _token_dir: tempfile::TempDir,
+    token: AdminToken,
     enc: Enc,
 }
 
@@ -65,10 +48,8 @@ fn pair(enc: Enc) -> Pair {
 /// [`pair`] with more `[replication]` lines for a (the primary).
 fn pair_with(enc: Enc, extra_a: &str) -> Pair {
     let certs = Certs::new(&["a", "b", "c", "d"]);
-    let token_dir = tempfile::tempdir().unwrap();
-    let token_file = token_dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let admin = format!("token_file = {:?}\n", token_file.display().to_string());
+    let token = AdminToken::new(TOKEN);
+    let admin = token.config_line();
     let azeo = Zeo::start(enc, ZeoOpts::default());
     let bzeo = Zeo::start(enc, ZeoOpts::default());
     let b_repl = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -110,8 +91,7 @@ fn pair_with(enc: Enc, extra_a: &str) -> Pair {
         azeo,
         bzeo,
         certs,
-        token_file,
-        _token_dir: token_dir,
+        token,
         enc,
     }
 }
@@ -139,7 +119,7 @@ fn door_points_to(n: &Node, primary: &str) -> bool {
 
 impl Pair {
     fn tf(&self) -> String {
-        self.token_file.display().to_string()
+        self.token.path()
     }
 
     fn switchover(&self, from: &Node, to: &str) -> Value {
@@ -253,49 +233,7 @@ fn switchover_and_back(p: &Pair) {
 /// Opens a door session to `target` (a replication listener) as node b's
 /// door would, announcing `epoch`; the ZEO server's offer on success.
 fn open_door(p: &Pair, target: SocketAddr, epoch: Option<u64>) -> Result<Vec<u8>, String> {
-    use tokio::io::AsyncReadExt;
-    use zrelay::cluster::Target;
-    use zrelay::door::forward::ForwardOpener;
-    use zrelay::relay::UpstreamOpener;
-    use zrelay::replication::protocol::{DoorHello, PROTOCOL_VERSION};
-    use zrelay::replication::tls;
-
-    let files = p.certs.tls("b");
-    let cfg = tls::client_config(&tls::TlsFiles {
-        ca_file: files.ca,
-        cert_file: files.cert,
-        key_file: files.key,
-    })
-    .expect("client TLS config");
-    let opener = ForwardOpener {
-        target: Target {
-            node: "a".into(),
-            replication_addr: target.to_string(),
-        },
-        hello: DoorHello {
-            version: PROTOCOL_VERSION,
-            cluster: "zrelay".into(),
-            storage: "1".into(),
-            node: "b".into(),
-            read_only: false,
-            epoch,
-        },
-        connector: tokio_rustls::TlsConnector::from(cfg),
-        timeout: Duration::from_secs(10),
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let (mut r, _w) = opener.open().await?;
-        let mut offer = [0u8; 6];
-        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut offer))
-            .await
-            .map_err(|_| "no offer".to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(offer.to_vec())
-    })
+    support::ops::open_door(p.certs.tls("b"), "a", &target.to_string(), "b", epoch)
 }
 
 /// After the switch back a is at epoch 2: a door at epoch 1 (it missed a
@@ -339,8 +277,7 @@ fn control_is_authenticated(p: &Pair) {
     let (code, text) = zrelay(&["switchover", "--admin", &admin, "--to", "b"]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("401"), "{text}");
-    let wrong = p._token_dir.path().join("wrong");
-    std::fs::write(&wrong, "not-the-token-0123456789").unwrap();
+    let wrong = p.token.wrong_file();
     for cmd in [
         vec!["promote"],
         vec!["detach"],
@@ -402,7 +339,7 @@ fn stale_epoch_refused_and_detach(p: &Pair) {
         },
         tls: p.certs.tls("c"),
         backend_extra: BACKEND_EXTRA.into(),
-        admin_extra: format!("token_file = {:?}\n", p.tf()),
+        admin_extra: p.token.config_line(),
         replication_extra: "promotion = \"never\"\n".into(),
         extra: String::new(),
     });

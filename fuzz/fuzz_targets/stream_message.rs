@@ -1,6 +1,7 @@
 #![no_main]
 //! Replication stream frames (length + msgpack), as a replica or a primary
-//! reads them; accepted messages re-encode to a frame that decodes equal.
+//! reads them; accepted messages re-encode to a frame that decodes and
+//! re-encodes to the same bytes.
 
 use bytes::BytesMut;
 use zrelay::replication::protocol::{decode, encode};
@@ -10,9 +11,14 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     while let Ok(Some(msg)) = decode(&mut buf, 1 << 20) {
         let mut out = BytesMut::new();
         encode(&msg, &mut out).expect("a decoded message encodes");
+        let first = out.clone();
         let again = decode(&mut out, 1 << 21)
             .expect("re-encoded frame decodes")
             .expect("complete frame");
-        assert_eq!(again, msg);
+        // Byte-identical re-encoding (a NaN pack time is not equal to
+        // itself, its bytes are).
+        let mut second = BytesMut::new();
+        encode(&again, &mut second).expect("encodes again");
+        assert_eq!(first, second);
     }
 });

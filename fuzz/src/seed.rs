@@ -61,11 +61,15 @@ fn main() {
         StreamMsg::Refuse {
             reason: RefuseReason::WrongCluster,
             message: "cluster a is not b".into(),
+            primary_last_tid: Some(tid),
+            rewind_to: None,
         },
         StreamMsg::Welcome {
             version: 1,
             node: "primary".into(),
             primary_last_tid: tid,
+            features: vec!["received_ack".into()],
+            epoch: Some(2),
         },
     ];
     let mut stream = BytesMut::new();
@@ -77,20 +81,45 @@ fn main() {
     }
     put(dir, "stream_message", "all", &stream);
 
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
-    for entry in fs::read_dir(&config).expect("config dir") {
-        let path = entry.expect("entry").path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        put(
-            dir,
-            "config_toml",
-            &name,
-            &fs::read(&path).expect("read config"),
-        );
+    // The example configs, including those in subdirectories.
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")];
+    while let Some(config) = dirs.pop() {
+        for entry in fs::read_dir(&config).expect("config dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_some_and(|e| e == "toml") {
+                let name = path.file_name().unwrap().to_string_lossy().to_string();
+                let data = fs::read(&path).expect("read config");
+                put(dir, "config_toml", &name, &data);
+            }
+        }
     }
 
     for d in ["5", "0.5", "500ms", "5s", "1m", "2h", " 10 ", "1.5s"] {
         put(dir, "admin_duration", d.trim(), d.as_bytes());
+    }
+
+    // Admin HTTP: a certificate selector byte (0: none, 1: allowed, 2:
+    // another name), then what the client sends on its connection.
+    let token = zrelay::admin::http::fuzzing::TOKEN;
+    let requests = [
+        (0u8, "GET /replica?lag=500ms HTTP/1.1\r\nHost: x\r\n\r\n".to_string()),
+        (0, "HEAD /read-only?x=1&lag=0.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()),
+        (0, "GET /metrics HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\n\r\n".into()),
+        (0, "GET /health HTTP/1.0\r\n\r\n".into()),
+        (0, format!("POST /switchover?to=node2 HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n")),
+        (1, "POST /demote?follow=node1 HTTP/1.1\r\nHost: x\r\n\r\n".into()),
+        (2, "POST /drain HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n".into()),
+        (0, "POST /reload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+        (0, "DELETE /promote HTTP/1.1\r\n\r\n".into()),
+    ];
+    for (i, (cert, req)) in requests.iter().enumerate() {
+        let mut data = vec![*cert];
+        data.extend_from_slice(req.as_bytes());
+        put(dir, "admin_http", &i.to_string(), &data);
     }
 
     let tmp = std::env::temp_dir().join(format!("zrelay-fuzz-seed-{}", std::process::id()));

@@ -102,7 +102,9 @@ impl AdminAuth {
         })
     }
 
-    #[cfg(test)]
+    /// Credentials without files, for unit tests and the admin fuzz
+    /// harness ([`super::http::fuzzing`]).
+    #[doc(hidden)]
     pub fn for_tests(token: Option<&str>, allowed: &[&str]) -> AdminAuth {
         AdminAuth {
             token: token.map(|t| t.as_bytes().to_vec()),

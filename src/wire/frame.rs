@@ -9,9 +9,10 @@ const PREFIX: usize = 4;
 /// Takes one complete frame out of `buf`.
 ///
 /// `Ok(None)` means more bytes are needed. The declared length is checked
-/// against `max_len` before anything is reserved, so a hostile prefix cannot
-/// make us allocate; once the header is in, the rest of the body is
-/// reserved so that the next read can fill it.
+/// against `max_len` before anything is reserved, and room for the rest of
+/// the body grows with what arrived ([`reserve_toward`]), so a peer that
+/// announces a large frame and trickles it makes us allocate in proportion
+/// to what it sent, not to what it announced.
 pub fn parse_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Bytes>, WireError> {
     let Some(header) = buf.first_chunk::<PREFIX>() else {
         return Ok(None);
@@ -26,11 +27,28 @@ pub fn parse_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Bytes>, 
     }
     let total = PREFIX + len;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        reserve_toward(buf, total);
         return Ok(None);
     }
     buf.advance(PREFIX);
     Ok(Some(buf.split_to(len).freeze()))
+}
+
+/// Smallest step [`reserve_toward`] grows a buffer by.
+pub const MIN_GROWTH: usize = 64 * 1024;
+
+/// Makes room toward a frame of `total` bytes in `buf`, never more than the
+/// bytes already there (or [`MIN_GROWTH`]) at a time: a frame that arrives
+/// is still read with amortised doubling (few copies), while the memory an
+/// announced length can claim stays a fixed multiple of what the peer has
+/// actually sent. Shared by every length-prefixed reader (ZEO frames,
+/// replication stream messages).
+pub fn reserve_toward(buf: &mut BytesMut, total: usize) {
+    let missing = total.saturating_sub(buf.len());
+    if buf.capacity() - buf.len() >= missing {
+        return;
+    }
+    buf.reserve(missing.min(buf.len().max(MIN_GROWTH)));
 }
 
 /// Appends the length prefix and the payload.
@@ -83,6 +101,34 @@ mod tests {
         assert!(parse_frame(&mut buf, 1 << 20).expect("ok").is_none());
         assert!(buf.capacity() >= 4 + 0x1000);
         assert_eq!(buf.len(), 6, "nothing consumed");
+    }
+
+    /// A frame announcing 200 MB (under the limit) with 1 MiB arrived:
+    /// the buffer grows with the bytes, not to the announced length.
+    #[test]
+    fn announced_length_is_not_reserved() {
+        let announced = 200 << 20;
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&(announced as u32).to_be_bytes());
+        assert!(parse_frame(&mut buf, 1 << 30).expect("ok").is_none());
+        assert!(buf.capacity() <= 4 * MIN_GROWTH, "{}", buf.capacity());
+        let chunk = vec![0x55u8; 16 * 1024];
+        while buf.len() < (1 << 20) {
+            buf.extend_from_slice(&chunk);
+            assert!(parse_frame(&mut buf, 1 << 30).expect("ok").is_none());
+            assert!(
+                buf.capacity() <= 4 * buf.len() + 4 * MIN_GROWTH,
+                "{} bytes held in {} reserved",
+                buf.len(),
+                buf.capacity()
+            );
+        }
+        // The frame still completes, and whole.
+        let len = buf.len();
+        buf.resize(4 + announced, 7);
+        let frame = parse_frame(&mut buf, 1 << 30).expect("ok").expect("frame");
+        assert_eq!(frame.len(), announced);
+        assert!(len > 1 << 20);
     }
 
     #[test]

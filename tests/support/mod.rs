@@ -213,3 +213,4 @@ impl Enc {
 }
 pub mod cluster;
 pub mod hanodes;
+pub mod ops;

@@ -18,6 +18,13 @@ use crate::wire::{Value, WireError};
 /// Most memo entries a pickle may create.
 pub const MAX_MEMO: usize = 100_000;
 
+/// Value nodes memo copies may create whatever the payload's size, on top
+/// of two per payload byte. Small on purpose: copies are the one way a
+/// pickle makes more values than it has bytes, and the decoder's memory
+/// must stay a fixed multiple of its input (tests/decoder_bounds.rs).
+/// At ~50 bytes per node this is ~200 KiB; ZEO itself never uses the memo.
+const COPY_ALLOWANCE: usize = 4096;
+
 pub(super) struct Memo {
     entries: HashMap<u32, Entry>,
     /// Memoized items still on the stack: item id -> memo indices.
@@ -49,7 +56,7 @@ impl Memo {
             entries: HashMap::new(),
             live: HashMap::new(),
             eager,
-            budget: payload_len.saturating_mul(2).saturating_add(1 << 16),
+            budget: payload_len.saturating_mul(2).saturating_add(COPY_ALLOWANCE),
             needs_eager: false,
         }
     }

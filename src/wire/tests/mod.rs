@@ -4,4 +4,5 @@ mod captured;
 mod fuzz;
 mod hex;
 mod malformed;
+mod props;
 mod vectors;
