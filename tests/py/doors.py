@@ -22,10 +22,13 @@ Commands:
                                  the storage's commit lock until "release",
                                  then aborts (LOCKED once it holds it)
   transfer ADDR A B AMOUNT       one transfer; prints tid=...
-  probe-reader DOOR N TOTAL      interactive: a new client reads the bank
-                                 once (READ1); each "check TID" waits until
-                                 its snapshot reaches TID and checks the
-                                 total (OK), "stop" ends
+  probe-reader DOOR N TOTAL [CACHEDIR]
+                                 interactive: a new client (with a
+                                 persistent cache in CACHEDIR if given)
+                                 reads the bank once (READ1); each
+                                 "check TID" waits until its snapshot
+                                 reaches TID and checks the total (OK),
+                                 "stop" ends
 """
 import random
 import sys
@@ -358,9 +361,12 @@ def transfer(addr, a, b, amount):
         db.close()
 
 
-def probe_reader(door, n, total):
+def probe_reader(door, n, total, cachedir=''):
     n, total = int(n), int(total)
-    db = open_db(door, wait_timeout=60)
+    kw = {}
+    if cachedir:
+        kw = dict(client='probe', var=cachedir, cache_size=1 << 20)
+    db = open_db(door, wait_timeout=60, **kw)
     try:
         tm, conn = new_conn(db)
 
