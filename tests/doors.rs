@@ -337,3 +337,75 @@ fn read_only_sessions_go_to_the_least_lagged_replica() {
     c.assert_healthy();
     r2.assert_healthy();
 }
+
+fn semisync_door_cluster(enc: Enc, door: &str) -> Cluster {
+    let mut opts = ClusterOpts::new(enc);
+    opts.replica_extra = door.into();
+    opts.primary_replication =
+        "ack_mode = \"semi-sync\"\nack_level = \"applied\"\nack_timeout_ms = 60000\n".into();
+    let c = Cluster::with(opts);
+    wait_until(SYNC, "replica's cluster view names the primary", || {
+        c.replica.status()["cluster"].as_array().is_some_and(|n| {
+            n.iter()
+                .any(|n| n["role"] == "primary" && n["node"] == "primary")
+        })
+    });
+    c
+}
+
+fn read_write_sessions(n: &support::cluster::Node) -> f64 {
+    metric_value(&n.metrics(), "zrelay_client_sessions{kind=\"read-write\"}")
+}
+
+/// A client registering at a replica's door while a semi-sync commit T
+/// waits for its acknowledgement: the primary's backend registers the
+/// session after T (it never sends it T's invalidation), so the client
+/// must not be told an older position and have its loads at that older
+/// snapshot answered "current" by a replica that has not applied T yet:
+/// that entry would stay in its cache, and a later snapshot would mix it
+/// with newer revisions. Deterministic: the replica's backend cannot apply
+/// T while another connection holds its commit lock, yet answers loads.
+#[test]
+fn a_client_registering_during_a_held_commit_never_caches_a_stale_revision() {
+    let mut c = semisync_door_cluster(
+        Enc::Pickle,
+        "[door]\noffload_wait_ms = 50\nmax_replica_lag_ms = 60000\n",
+    );
+    let p = c.primary.addr().to_string();
+    let r = c.replica.addr().to_string();
+    let out = run(Enc::Pickle, &["bank-init", &p, "3", "3000"]);
+    let t0 = value_of(&out, "tid").to_string();
+    c.wait_applied(&t0, SYNC);
+    wait_until(SYNC, "replica usable", || usable(&c));
+    // The replica's backend answers loads but applies nothing.
+    let mut lock = doors_py(Enc::Pickle, &["hold-lock", &c.rzeo.addr().to_string()]).spawn();
+    lock.expect_line("LOCKED", SYNC);
+    // T: account 0 -> 1, committed on the primary's backend, held there.
+    let xfer = doors_py(Enc::Pickle, &["transfer", &p, "0", "1", "100"]).spawn();
+    wait_until(SYNC, "T on the primary's backend", || {
+        c.last_tid(c.pzeo.addr()) > t0
+    });
+    let before = read_write_sessions(&c.primary);
+    let mut reader = doors_py(Enc::Pickle, &["probe-reader", &r, "3", "3000"]).spawn();
+    wait_until(
+        SYNC,
+        "the reader registered with the primary's backend",
+        || read_write_sessions(&c.primary) > before,
+    );
+    // (A client told the old position reads now; a held register waits.)
+    lock.send_line("release");
+    lock.expect_line("RELEASED", SYNC);
+    let out = xfer.finish();
+    let t = value_of(&String::from_utf8_lossy(&out.stdout), "tid").to_string();
+    reader.expect_prefix("READ1", SYNC);
+    // T2: account 1 -> 2. The reader's next snapshot reloads 1 and 2.
+    let out = run(Enc::Pickle, &["transfer", &p, "1", "2", "100"]);
+    let t2 = value_of(&out, "tid").to_string();
+    assert!(t2 > t);
+    reader.send_line(&format!("check {t2}"));
+    reader.expect_prefix("OK", SYNC);
+    reader.send_line("stop");
+    reader.finish();
+    assert!(local_loads(&c) > 0.0, "nothing was offloaded");
+    c.assert_healthy();
+}

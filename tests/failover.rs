@@ -75,13 +75,8 @@ impl Trio {
             .iter()
             .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
             .collect();
-        // offload_loads = false: with offloading on, a reader at the
-        // surviving replica's door (which had just followed the new
-        // primary) saw a broken bank total in about 1 run of 5, within
-        // ~50 ms after that replica's stream from the new primary came up
-        // (open, see the issue notes); here every load goes to the primary.
         let coordinator = format!(
-            "[door]\nmax_replica_lag_ms = 3000\noffload_loads = false\n\n\
+            "[door]\nmax_replica_lag_ms = 3000\n\n\
              [coordinator]\nkind = \"etcd\"\nendpoints = {:?}\nname = \"failover\"\n\
              ttl_secs = {TTL}\nloop_wait_secs = 1\nfence_margin_ms = 1000\n",
             etcd.endpoints()

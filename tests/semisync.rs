@@ -99,8 +99,10 @@ fn commit_waits_for_the_replica_then_degrades_and_rearms() {
 }
 
 /// `strict`: a commit waits as long as the replica is stalled, other
-/// clients never see its tid meanwhile (lastTransaction at connect answers
-/// the acknowledged one), and reads go on.
+/// clients never see its tid meanwhile, and reads go on. A client that
+/// connects meanwhile waits with the commit: the backend registered it
+/// after that commit (its invalidations start there), so it cannot be told
+/// the older acknowledged position.
 #[test]
 fn strict_holds_the_commit_and_hides_its_tid() {
     let mut c = semisync_cluster(
@@ -121,15 +123,19 @@ fn strict_holds_the_commit_and_hides_its_tid() {
         c.last_tid(c.pzeo.addr()) > acked
     });
     let committed = Instant::now();
+    let mut late = semisync_py(c.enc(), &["observer", &c.primary.addr().to_string()])
+        .env("ZRELAY_WAIT_TIMEOUT", "60")
+        .spawn();
     // Well past ack_timeout_ms: still not shown to anyone.
     wait_until(SYNC, "ack timeout passed", || {
         started.elapsed() > Duration::from_millis(2500)
     });
-    let seen = c.last_tid(c.primary.addr());
-    assert_eq!(seen, acked, "a new client saw an unacknowledged tid");
     // The connected client's invalidation is held too.
     obs.send_line("probe");
     obs.expect_line(&format!("AT {acked}"), SYNC);
+    if let Some(line) = late.try_line() {
+        panic!("a client connected while a commit waited for its ack: {line}");
+    }
     let st = semisync_status(&c);
     assert_eq!(st["degraded"], false, "{st}");
     assert!(st["waiting_commits"].as_u64().unwrap_or(0) >= 1, "{st}");
@@ -146,6 +152,12 @@ fn strict_holds_the_commit_and_hides_its_tid() {
     let tid = value_of(&out, "tid").to_string();
     assert!(tid > acked);
     assert_eq!(c.last_tid(c.primary.addr()), tid);
+    // The waiting client is registered at the commit.
+    late.expect_line("READY", SYNC);
+    late.send_line("probe");
+    late.expect_line(&format!("AT {tid}"), SYNC);
+    late.send_line("stop");
+    late.finish();
     obs.send_line(&format!("wait {tid}"));
     obs.expect_line(&format!("AT {tid}"), SYNC);
     obs.send_line("stop");
@@ -348,4 +360,71 @@ fn promotion_applies_the_spool_first() {
         "{}",
         c.replica.log()
     );
+}
+
+fn doors_py(enc: Enc, args: &[&str]) -> Py {
+    Py::new("doors.py").args(args).env(
+        "ZRELAY_EXPECT_PROTOCOL",
+        std::str::from_utf8(enc.protocol()).expect("ascii"),
+    )
+}
+
+/// A client with a persistent cache reconnects while a commit T waits for
+/// its acknowledgement. The backend registers the new session after T (it
+/// never sends it T's invalidation): told the older acknowledged position,
+/// the client would find its cache "up to date" and keep T's objects stale
+/// for good. Its register answer waits for the ack instead, and the cache
+/// is verified against T. Deterministic: the replica's backend cannot
+/// apply T while another connection holds its commit lock.
+#[test]
+fn a_cache_reconnecting_during_a_held_commit_is_verified_against_it() {
+    let c = semisync_cluster(
+        Enc::Pickle,
+        "ack_level = \"applied\"\nack_timeout_ms = 60000",
+        "",
+    );
+    let p = c.primary.addr().to_string();
+    let out = doors_py(c.enc(), &["bank-init", &p, "3", "3000"]).run();
+    let t0 = value_of(&String::from_utf8_lossy(&out.stdout), "tid").to_string();
+    c.wait_applied(&t0, SYNC);
+    let cache = tempfile::tempdir().unwrap();
+    let cdir = cache.path().display().to_string();
+    let probe = || doors_py(c.enc(), &["probe-reader", &p, "3", "3000", &cdir]).spawn();
+    // The cache holds every account, current at t0.
+    let mut first = probe();
+    first.expect_prefix("READ1", SYNC);
+    first.send_line("stop");
+    first.finish();
+    let mut lock = doors_py(c.enc(), &["hold-lock", &c.rzeo.addr().to_string()]).spawn();
+    lock.expect_line("LOCKED", SYNC);
+    // T: account 0 -> 1, on the primary's backend, not acknowledged.
+    let xfer = doors_py(c.enc(), &["transfer", &p, "0", "1", "100"]).spawn();
+    wait_until(SYNC, "T on the primary's backend", || {
+        c.last_tid(c.pzeo.addr()) > t0
+    });
+    let sessions = || {
+        metric_value(
+            &c.primary.metrics(),
+            "zrelay_client_sessions{kind=\"read-write\"}",
+        )
+    };
+    let before = sessions();
+    let mut again = probe();
+    wait_until(
+        SYNC,
+        "the cache registered with the primary's backend",
+        || sessions() > before,
+    );
+    lock.send_line("release");
+    lock.expect_line("RELEASED", SYNC);
+    xfer.finish();
+    again.expect_prefix("READ1", SYNC);
+    // T2: account 1 -> 2; the client reloads 1 and 2, and 0 must not be
+    // the revision from before T.
+    let out = doors_py(c.enc(), &["transfer", &p, "1", "2", "100"]).run();
+    let t2 = value_of(&String::from_utf8_lossy(&out.stdout), "tid").to_string();
+    again.send_line(&format!("check {t2}"));
+    again.expect_prefix("OK", SYNC);
+    again.send_line("stop");
+    again.finish();
 }

@@ -509,14 +509,41 @@ impl SessionHooks for DoorHooks {
         }
     }
 
-    fn on_local_reply(&mut self, _info: &SessionInfo, msg: &Message) -> LocalVerdict {
+    fn on_local_reply(&mut self, info: &SessionInfo, msg: &Message) -> LocalVerdict {
         let Mode::Forwarded {
             offload: Some(o), ..
         } = &mut self.mode
         else {
             return LocalVerdict::Retry;
         };
-        match o.on_local_reply(msg) {
+        let seen = o.seen();
+        let verdict = o.on_local_reply(msg);
+        // Which load the replica answered, with what (start..end), at what
+        // client position: the trail of a stale-cache investigation.
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let tids = match &msg.args {
+                crate::wire::Value::Tuple(a) | crate::wire::Value::List(a) => a
+                    .iter()
+                    .skip(1)
+                    .map(|v| {
+                        v.as_bytes()
+                            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+                            .unwrap_or_else(|| "None".into())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(".."),
+                _ => "None".into(),
+            };
+            tracing::trace!(
+                conn = info.conn_id,
+                msgid = ?msg.msgid,
+                seen = %format!("{seen:016x}"),
+                reply = %tids,
+                delivered = verdict.is_some(),
+                "door: local loadBefore reply"
+            );
+        }
+        match verdict {
             Some(reason) => {
                 m::door_load(true, reason);
                 LocalVerdict::Deliver

@@ -17,6 +17,12 @@
 //!    name a newer revision the client already heard of and miss it. A load
 //!    beyond what the client has seen (`before` − 1 > S, e.g.
 //!    `ClientStorage.load`'s "current" marker) always goes to the primary.
+//!    This relies on the `register` answer being the tid the primary's
+//!    backend registered the session at: invalidations come only for
+//!    commits after it, so a "current" revision (end None) the replica
+//!    gives at a position below it could miss a commit no invalidation
+//!    will ever name. A semi-sync primary therefore holds that answer
+//!    until acknowledged instead of lowering it (`semisync::above_watermark`).
 //! 2. **The reply cannot overtake an invalidation.** The session writes
 //!    everything to the client in one ordered buffer. If an
 //!    `invalidateTransaction` naming the oid (or any `tpc_finish` result:

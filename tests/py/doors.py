@@ -18,6 +18,17 @@ Commands:
   writer DOOR                    interactive: commit until "stop"
   read-for DOOR SECONDS RO       read the bank in new transactions (RO=1:
                                  a read-only session)
+  hold-lock ADDR                 interactive: a commit that voted and holds
+                                 the storage's commit lock until "release",
+                                 then aborts (LOCKED once it holds it)
+  transfer ADDR A B AMOUNT       one transfer; prints tid=...
+  probe-reader DOOR N TOTAL [CACHEDIR]
+                                 interactive: a new client (with a
+                                 persistent cache in CACHEDIR if given)
+                                 reads the bank once (READ1); each
+                                 "check TID" waits until its snapshot
+                                 reaches TID and checks the total (OK),
+                                 "stop" ends
 """
 import random
 import sys
@@ -29,7 +40,8 @@ import transaction
 from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 from ZODB.POSException import ConflictError, ReadOnlyError
-from ZODB.utils import u64
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import u64, z64
 
 from zclient import (Failure, check, check_eq, new_conn, open_db,
                      open_storage, run)
@@ -318,7 +330,85 @@ def read_for(door, seconds, read_only):
         db.close()
 
 
+def hold_lock(addr):
+    st = open_storage(addr)
+    try:
+        t = TransactionMetaData()
+        st.tpc_begin(t)
+        st.store(st.new_oid(), z64, b'lock probe', '', t)
+        st.tpc_vote(t)
+        print('LOCKED', flush=True)
+        for line in sys.stdin:
+            if line.strip() == 'release':
+                break
+        st.tpc_abort(t)
+        print('RELEASED', flush=True)
+    finally:
+        st.close()
+
+
+def transfer(addr, a, b, amount):
+    a, b, amount = int(a), int(b), int(amount)
+    db = open_db(addr, wait_timeout=60)
+    try:
+        tm, conn = new_conn(db)
+        bank = conn.root()['bank']
+        bank[a]['b'] -= amount
+        bank[b]['b'] += amount
+        tm.commit()
+        print(f'tid={hx(bank[a]._p_serial)}', flush=True)
+    finally:
+        db.close()
+
+
+def probe_reader(door, n, total, cachedir=''):
+    n, total = int(n), int(total)
+    kw = {}
+    if cachedir:
+        kw = dict(client='probe', var=cachedir, cache_size=1 << 20)
+    db = open_db(door, wait_timeout=60, **kw)
+    try:
+        tm, conn = new_conn(db)
+
+        def read():
+            tm.begin()
+            snap = db.storage.lastTransaction()
+            bank = conn.root()['bank']
+            vals = [(k, bank[k]['b'], hx(bank[k]._p_serial))
+                    for k in range(n)]
+            tm.abort()
+            conn.cacheMinimize()
+            return snap, vals
+
+        snap, vals = read()
+        print(f'READ1 at={hx(snap)}', flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if cmd[:1] == ['stop']:
+                break
+            if cmd[:1] != ['check']:
+                continue
+            want = bytes.fromhex(cmd[1])
+            deadline = time.monotonic() + 30
+            while True:
+                snap, vals = read()
+                if snap >= want:
+                    break
+                check(time.monotonic() < deadline,
+                      f'snapshot stuck at {hx(snap)} < {cmd[1]}')
+                time.sleep(0.02)
+            s = sum(v for _, v, _ in vals)
+            check(s == total, f'sum {s} != {total} at snapshot {hx(snap)}: '
+                              f'(account, balance, serial) {vals}')
+            print(f'OK at={hx(snap)}', flush=True)
+    finally:
+        db.close()
+
+
 COMMANDS = {
+    'hold-lock': hold_lock,
+    'transfer': transfer,
+    'probe-reader': probe_reader,
     'read-for': read_for,
     'roundtrip': roundtrip,
     'bank-init': bank_init,

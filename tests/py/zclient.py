@@ -11,7 +11,7 @@ import transaction
 from ZEO.ClientStorage import ClientStorage
 from ZODB import DB
 
-WAIT_TIMEOUT = 15
+WAIT_TIMEOUT = float(os.environ.get('ZRELAY_WAIT_TIMEOUT', 15))
 
 
 class Failure(Exception):

@@ -278,6 +278,13 @@ impl PyChild {
         }
     }
 
+    /// A stdout line printed already, if any (does not wait).
+    pub fn try_line(&mut self) -> Option<String> {
+        let line = self.lines.try_recv().ok()?;
+        self.stdout.push(line.clone());
+        Some(line)
+    }
+
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         if let Err(e) = writeln!(stdin, "{line}").and_then(|_| stdin.flush()) {

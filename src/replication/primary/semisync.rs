@@ -6,8 +6,9 @@
 //! by `min_acks` replicas. Client sessions on the primary never show a tid
 //! above W (invariant 6): [`SemiSyncHooks`] holds the committing client's
 //! `tpc_finish` reply, every `invalidateTransaction` and every reply that
-//! carries a newer tid until W reaches it, and clamps `lastTransaction` and
-//! `register` answers to W. The holding itself is the relay's generic
+//! carries a newer tid (`register` included: it is the point the backend
+//! sends invalidations from) until W reaches it, and clamps
+//! `lastTransaction` answers to W. The holding itself is the relay's generic
 //! [`crate::relay::HoldUntil`].
 //!
 //! Degrade: when a commit has waited `ack_timeout_ms`, the primary releases
@@ -464,6 +465,37 @@ fn reply_tid(method: &str, msg: &Message) -> Option<Tid> {
     }
 }
 
+/// What a session does with a message showing a tid above W.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Above {
+    /// Answer W instead: a position that promises nothing else.
+    Clamp,
+    /// Deliver it (and everything behind it) once W reaches its tid.
+    Hold,
+}
+
+fn above_watermark(answers: Option<&str>) -> Above {
+    match answers {
+        // A position only: a lower one is still true of what the client
+        // was shown.
+        Some("lastTransaction") => Above::Clamp,
+        // `register` is not only a position: the backend registered the
+        // session at its newest tid L and sends it invalidations only for
+        // commits after L. Answered W < L, the client would take its cache
+        // as valid up to W and never hear of (W, L]: a reconnecting cache
+        // at W keeps its stale entries ("Cache up to date"), and a door
+        // that offloads loads at the client's snapshot W to a replica that
+        // has not applied (W, L] yet stores "current" revisions no
+        // invalidation will ever correct (a mixed snapshot). Held, the
+        // client is told L once W reaches it, exactly what it is
+        // registered at.
+        //
+        // Every other tid-carrying answer (tpc_finish, getInvalidations,
+        // loadBefore) and every invalidation is held as well.
+        _ => Above::Hold,
+    }
+}
+
 impl SessionHooks for SemiSyncHooks {
     fn on_client_message(&mut self, info: &SessionInfo, msg: &Message) -> ClientVerdict {
         self.inner.on_client_message(info, msg)
@@ -501,16 +533,30 @@ impl SessionHooks for SemiSyncHooks {
                 _ => return v,
             },
         };
-        match answers.map(|c| c.method.as_str()) {
-            // A position, not data: answer the acknowledged one (the client
-            // then learns newer tids by invalidations, held until acked).
-            Some("lastTransaction") | Some("register") if release != Z64 => {
+        match above_watermark(answers.map(|c| c.method.as_str())) {
+            Above::Clamp if release != Z64 => {
+                tracing::debug!(
+                    conn = info.conn_id,
+                    tid = %tid_hex(&tid),
+                    watermark = %tid_hex(&release),
+                    "semi-sync: lastTransaction answer clamped to the watermark"
+                );
                 ServerVerdict::Replace(vec![Message::reply(
                     msg.msgid.clone(),
                     Value::bytes(release.to_vec()),
                 )])
             }
-            _ => self.hold(tid),
+            Above::Clamp | Above::Hold => {
+                if answers.is_some_and(|c| c.method == "register") {
+                    tracing::debug!(
+                        conn = info.conn_id,
+                        tid = %tid_hex(&tid),
+                        watermark = %tid_hex(&release),
+                        "semi-sync: register answer held until acknowledged"
+                    );
+                }
+                self.hold(tid)
+            }
         }
     }
 
@@ -628,6 +674,18 @@ mod tests {
         s.on_received("r", t(2), t0 + Duration::from_millis(5));
         assert_eq!(s.release(), t(2));
         assert_eq!(s.take_waits(), vec![Duration::from_millis(5)]);
+    }
+
+    #[test]
+    fn register_is_held_last_transaction_clamped() {
+        // A register answered below the backend's registration point would
+        // lose the invalidations in between (see above_watermark).
+        assert_eq!(above_watermark(Some("register")), Above::Hold);
+        assert_eq!(above_watermark(Some("lastTransaction")), Above::Clamp);
+        for m in ["tpc_finish", "getInvalidations", "loadBefore"] {
+            assert_eq!(above_watermark(Some(m)), Above::Hold, "{m}");
+        }
+        assert_eq!(above_watermark(None), Above::Hold, "invalidations");
     }
 
     #[test]
