@@ -8,36 +8,20 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::cluster::{metric_value, wait_until, Certs, Node, NodeRole, NodeSpec};
 use support::etcd::Etcd;
+use support::ops::{bank_load, py_for, zrelay_cli};
 use support::{free_port, Enc, Py, Zeo, ZeoOpts};
 
 const SYNC: Duration = Duration::from_secs(30);
 const TTL: u64 = 4;
 const TOKEN: &str = "failover-test-token-0123456789abcdef";
 
-fn zrelay(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zrelay"))
-        .args(args)
-        .output()
-        .expect("run zrelay");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 fn roles_py(enc: Enc, args: &[&str]) -> Py {
-    Py::new("roles.py").args(args).env(
-        "ZRELAY_EXPECT_PROTOCOL",
-        std::str::from_utf8(enc.protocol()).expect("ascii"),
-    )
+    py_for("roles.py", enc, args)
 }
 
 /// Three nodes a (primary at start), b, c (replicas of a), each with a
@@ -183,7 +167,7 @@ impl Trio {
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let (code, text) = zrelay(args);
+        let (code, text) = zrelay_cli(args);
         assert_eq!(code, 0, "zrelay {args:?}: {text}");
         text
     }
@@ -232,20 +216,13 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
     let (bd, cd) = (t.door(1), t.door(2));
     let wdoors = format!("{bd},{bd},{cd},{cd}");
     let rdoors = format!("{bd},{cd}");
-    let mut load = roles_py(
+    let mut load = bank_load(
         enc,
-        &[
-            "switch-load",
-            "10",
-            "10000",
-            &wdoors,
-            &rdoors,
-            &cache.path().display().to_string(),
-        ],
-    )
-    .timeout(Duration::from_secs(170))
-    .spawn();
-    load.expect_line("READY", SYNC);
+        &wdoors,
+        &rdoors,
+        cache.path(),
+        Duration::from_secs(170),
+    );
 
     // --- (a) the primary's host dies
     let killed = Instant::now();
@@ -324,7 +301,7 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
 
     // A manual promotion would race the coordinator: refused.
     let admin = t.nodes[other].admin().to_string();
-    let (code, text) = zrelay(&["promote", "--admin", &admin, "--token-file", &t.token_file]);
+    let (code, text) = zrelay_cli(&["promote", "--admin", &admin, "--token-file", &t.token_file]);
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("coordinator"), "{text}");
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::cluster::{metric_value, value_of, wait_until, Certs, Node, NodeRole, NodeSpec};
-use support::ops::{py_for, zrelay_cli as zrelay, AdminToken};
+use support::ops::{bank_load, py_for, zrelay_cli as zrelay, AdminToken};
 use support::{free_port, Enc, Py, Zeo, ZeoOpts};
 
 const SYNC: Duration = Duration::from_secs(30);
@@ -158,20 +158,7 @@ fn switchover_and_back(p: &Pair) {
     });
     let cache = tempfile::tempdir().unwrap();
     let wdoors = format!("{ad},{ad},{bd},{bd}");
-    let mut load = roles_py(
-        p.enc,
-        &[
-            "switch-load",
-            "10",
-            "10000",
-            &wdoors,
-            &bd,
-            &cache.path().display().to_string(),
-        ],
-    )
-    .timeout(Duration::from_secs(110))
-    .spawn();
-    load.expect_line("READY", SYNC);
+    let mut load = bank_load(p.enc, &wdoors, &bd, cache.path(), Duration::from_secs(110));
 
     // --- a -> b
     let v = p.switchover(a, "b");
@@ -532,20 +519,7 @@ fn semisync_failover(enc: Enc, restart_b: bool) {
     // Writers at b's door (the node that survives), two with a persistent
     // cache; a's clients go down with a.
     let wdoors = format!("{bd},{bd},{bd},{bd}");
-    let mut load = roles_py(
-        p.enc,
-        &[
-            "switch-load",
-            "10",
-            "10000",
-            &wdoors,
-            &bd,
-            &cache.path().display().to_string(),
-        ],
-    )
-    .timeout(Duration::from_secs(150))
-    .spawn();
-    load.expect_line("READY", SYNC);
+    let mut load = bank_load(p.enc, &wdoors, &bd, cache.path(), Duration::from_secs(150));
     // A client with a persistent cache read k (then left); k changes.
     let cached = tempfile::tempdir().unwrap();
     let cdir = cached.path().display().to_string();

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::cluster::TlsFiles;
-use super::{Enc, Py};
+use super::{Enc, Py, PyChild};
 
 /// Runs the `zrelay` binary under test: its exit code and its stdout
 /// followed by its stderr.
@@ -68,6 +68,23 @@ pub fn py_for(script: &str, enc: Enc, args: &[&str]) -> Py {
         "ZRELAY_EXPECT_PROTOCOL",
         std::str::from_utf8(enc.protocol()).expect("ascii"),
     )
+}
+
+/// `roles.py switch-load`: bank writers at `wdoors` (comma-separated doors,
+/// one writer each; the script gives some a persistent cache under
+/// `cache`) and a reader checking every snapshot at `rdoors`, running until
+/// "stop"; returned once it printed READY.
+pub fn bank_load(enc: Enc, wdoors: &str, rdoors: &str, cache: &Path, limit: Duration) -> PyChild {
+    let cache = cache.display().to_string();
+    let mut load = py_for(
+        "roles.py",
+        enc,
+        &["switch-load", "10", "10000", wdoors, rdoors, &cache],
+    )
+    .timeout(limit)
+    .spawn();
+    load.expect_line("READY", Duration::from_secs(30));
+    load
 }
 
 /// Opens a door session to the replication listener at `replication_addr`
