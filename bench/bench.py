@@ -676,12 +676,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print('bench: interrupted', file=sys.stderr)
-        sys.exit(130)
-    except (RuntimeError, W.WorkerError, OSError, zeoraw.ProtocolError,
-            zeoraw.ServerError, EOFError) as e:
-        print(f'bench: error: {e}', file=sys.stderr)
-        sys.exit(1)
+    P.run_main(main, 'bench', (W.WorkerError, zeoraw.ProtocolError, zeoraw.ServerError, EOFError))

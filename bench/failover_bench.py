@@ -358,10 +358,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        print(f'failover_bench: error: {e}', file=sys.stderr)
-        sys.exit(1)
+    P.run_main(main, 'failover_bench')

@@ -302,10 +302,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (RuntimeError, OSError, zeoraw.ProtocolError) as e:
-        print(f'mem_bench: error: {e}', file=sys.stderr)
-        sys.exit(1)
+    P.run_main(main, 'mem_bench', (zeoraw.ProtocolError,))

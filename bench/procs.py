@@ -346,3 +346,17 @@ def machine_info(packages):
 def zrelay_line(path):
     return ('zrelay', f'{zrelay_version(path)}, git {git_rev()}, '
                       f'{os.path.relpath(path, REPO)}')
+
+
+def run_main(main, name, errors=()):
+    """A bench's entry point: exit with main()'s code, 130 on Ctrl-C, 1 with
+    a one-line message for the failures a bench expects (a process that did
+    not start, a refused connection, a protocol error): no traceback."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(f'{name}: interrupted', file=sys.stderr)
+        sys.exit(130)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) + tuple(errors) as e:
+        print(f'{name}: error: {e}', file=sys.stderr)
+        sys.exit(1)

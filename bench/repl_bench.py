@@ -1105,12 +1105,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print('repl_bench: interrupted', file=sys.stderr)
-        sys.exit(130)
-    except (RuntimeError, OSError, zeoraw.ProtocolError, zeoraw.ServerError,
-            subprocess.CalledProcessError) as e:
-        print(f'repl_bench: error: {e}', file=sys.stderr)
-        sys.exit(1)
+    P.run_main(main, 'repl_bench', (zeoraw.ProtocolError, zeoraw.ServerError))
