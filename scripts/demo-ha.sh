@@ -80,7 +80,6 @@ listen = "127.0.0.1:$(repl $k)"
 ack_mode = "semi-sync"
 ack_level = "received"
 ack_timeout_ms = 15000
-data_dir = "$d/spool"
 [replication.tls]
 ca_file = "$DEMO/certs/ca.pem"
 cert_file = "$DEMO/certs/node$k.pem"

@@ -69,7 +69,6 @@ impl Trio {
         // theirs too (either may lead later).
         let prepare = |i: usize, a_repl: Option<SocketAddr>| {
             let name = NAMES[i];
-            let spool = dirs.path().join(format!("spool-{name}"));
             let (role, listen) = match a_repl {
                 None => (
                     NodeRole::Primary {
@@ -92,11 +91,7 @@ impl Trio {
                 tls: certs.tls(name),
                 backend_extra: "probe_interval_ms = 200".into(),
                 admin_extra: format!("token_file = {token_file:?}\n"),
-                replication_extra: format!(
-                    "{listen}promotion = {}\ndata_dir = {:?}\n{replication}\n",
-                    promotion[i],
-                    spool.display().to_string()
-                ),
+                replication_extra: format!("{listen}promotion = {}\n{replication}\n", promotion[i],),
                 extra: coordinator.clone(),
             })
         };

@@ -452,14 +452,13 @@ fn write_configs(
          [admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\n\n\
          [replication]\n{role}listen = \"{ip}:{REPL_PORT}\"\n\
          heartbeat_interval_ms = 200\nstale_after_ms = 2000\n\
-         data_dir = {spool:?}\n{ack}{extra}\n\n\
+         {ack}{extra}\n\n\
          [replication.tls]\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n\n\
          {book}\n\
          [coordinator]\nkind = \"etcd\"\nendpoints = {endpoints:?}\nname = \"{CLUSTER}\"\n\
          ttl_secs = {ttl}\nloop_wait_secs = 1\nfence_margin_ms = 1000\n",
         name = node.name,
         state = state.display().to_string(),
-        spool = node.dir().join("spool").display().to_string(),
         extra = opts.replication_extra.get(k).cloned().unwrap_or_default(),
         ca = tls.ca.display().to_string(),
         cert = tls.cert.display().to_string(),
