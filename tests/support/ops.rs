@@ -87,6 +87,21 @@ pub fn bank_load(enc: Enc, wdoors: &str, rdoors: &str, cache: &Path, limit: Dura
     load
 }
 
+/// Stops a [`bank_load`] and checks what it reports: no client refused a
+/// server as older than its cache ("Cache newer than server"), and the
+/// script's own checks (bank total in every snapshot, each writer's
+/// acknowledged commits present) passed. Its stdout, printed too.
+pub fn finish_bank_load(mut load: PyChild) -> String {
+    load.send_line("stop");
+    let out = load.finish();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!("{text}");
+    assert!(!err.contains("newer than"), "{err}");
+    assert!(text.contains("ok switch-load"), "{text}\n{err}");
+    text
+}
+
 /// Opens a door session to the replication listener at `replication_addr`
 /// (node `target`) as node `node`'s door would, with `files` and announcing
 /// `epoch`; the ZEO server's offer comes back on success.
