@@ -107,21 +107,7 @@ for k in 1 2 3; do
 done
 for k in 1 2 3; do "$PY" scripts/wait_port.py 127.0.0.1 "$(client $k)" 20; done
 
-wait_status() { # ADMIN_PORT EXPR [SECONDS]: poll /status until the Python EXPR on it (d) holds
-  "$PY" - "$1" "$2" "${3:-30}" <<'PYEOF'
-import json, sys, time, urllib.request
-deadline = time.monotonic() + float(sys.argv[3])
-while time.monotonic() < deadline:
-    try:
-        d = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/status", timeout=2))
-        if eval(sys.argv[2]):
-            sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.1)
-sys.exit(f"timed out waiting for {sys.argv[2]} at 127.0.0.1:{sys.argv[1]}")
-PYEOF
-}
+wait_status() { "$PY" scripts/wait_status.py "$@"; } # ADMIN_PORT EXPR [SECONDS]
 etcd_status() { "$ZRELAY" status --config "$DEMO/node$1/zrelay.toml" || true; }
 admins() { for k in "$@"; do printf -- '--admin 127.0.0.1:%s ' "$(admin $k)"; done; }
 

@@ -120,21 +120,7 @@ echo "== transaction-by-transaction comparison =="
 "$ZRELAY" verify --primary "127.0.0.1:$P_BACKEND" --replica "127.0.0.1:$R_BACKEND" 2>/dev/null || true
 echo
 # Until each side's door knows the other, a role change could not name it.
-wait_status() { # ADMIN EXPR: poll /status until the Python EXPR on it (d) holds (20 s at most)
-  "$PY" - "$1" "$2" <<'PYEOF'
-import json, sys, time, urllib.request
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    try:
-        d = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/status", timeout=2))
-        if eval(sys.argv[2]):
-            sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.1)
-sys.exit(f"timed out waiting for {sys.argv[2]} at 127.0.0.1:{sys.argv[1]}")
-PYEOF
-}
+wait_status() { "$PY" scripts/wait_status.py "$@"; } # ADMIN_PORT EXPR [SECONDS]: poll /status until EXPR on it (d) holds
 switchover() { # FROM_ADMIN TO_NODE OTHER_ADMIN
   echo "== switchover to $2: no new commits, $2 applies everything, roles swap =="
   "$ZRELAY" switchover --admin "127.0.0.1:$1" --to "$2" --token-file "$TOKEN"
