@@ -70,6 +70,10 @@ CLIENTS = os.path.join(HERE, 'repl_clients.py')
 TARGET_LAG_P99_MS = 1.4          # replica client lag p99 at 100 txn/s
 TARGET_CATCHUP_TXN_S = 4000.0    # what the ZRS storage wrapper reaches
 TARGET_CATCHUP_RATIO = 0.80      # of the replica backend's own capacity
+# Issue 11, against what the same run measured without replication:
+TARGET_LAG_VS_BARE = 2.0         # lag p99 at the steady rate / bare commit p50
+TARGET_FLAT_OUT = 0.9            # max-rate txn/s, replica streaming / none
+TARGET_PRIMARY_CPU = 1.15        # primary runzeo CPU per commit, same ratio
 
 T0 = time.monotonic()
 
@@ -92,6 +96,31 @@ class Settings:
 
 # ------------------------------------------------------------ processes ----
 
+# --pin: the CPUs each side may use ({'primary': {0}, 'replica': {1}}); empty:
+# no pinning. The primary side is every runzeo and zrelay not named
+# "replica" plus the writers; the replica side is the replica's runzeo and
+# zrelay plus the watcher. It stands for a replica on its own host: the
+# primary's processes get the same CPU with or without a replica streaming.
+PIN = {}
+
+
+def pin(pid, side):
+    """Pins every thread of *pid* to *side*'s CPUs (threads it starts later
+    inherit the mask from the thread that starts them)."""
+    cpus = PIN.get(side)
+    if not cpus:
+        return
+    for tid in os.listdir(f'/proc/{pid}/task'):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:      # a thread that just ended
+            pass
+
+
+def side_of(name):
+    return 'replica' if name == 'replica' else 'primary'
+
+
 class Child:
     """A repl_clients.py process driven over stdin/stdout JSON lines."""
 
@@ -107,6 +136,8 @@ class Child:
         finally:
             err.close()
         registry.append(self)
+        pin(self.popen.pid,
+            'replica' if name.startswith('watcher') else 'primary')
         self._sel = selectors.DefaultSelector()
         self._sel.register(self.popen.stdout, selectors.EVENT_READ)
 
@@ -209,6 +240,7 @@ def start_runzeo(procs, node):
     node.zeo = procs.spawn(f'runzeo-{node.name}',
                            [sys.executable, '-m', 'ZEO.runzeo', '-C', conf],
                            os.path.join(node.dir, 'runzeo.out'), cwd=node.dir)
+    pin(node.zeo.pid, side_of(node.name))
     node.zeo.wait_port(node.zeo_port)
 
 
@@ -246,6 +278,7 @@ def start_zrelay(procs, args, node, certs, role, upstream=None, wait=True,
                               [args.zrelay, 'run', '--config', conf],
                               os.path.join(node.dir, 'zrelay.log'),
                               cwd=node.dir)
+    pin(node.zrelay.pid, side_of(node.name))
     if wait:
         node.zrelay.wait_port(node.client_port)
         node.zrelay.wait_port(node.admin_port)
@@ -667,12 +700,37 @@ def verdicts_of(v):
         if r['rate']:
             out.append((f'lag p99 ≤ {TARGET_LAG_P99_MS} ms',
                         r['replica']['p99'] <= TARGET_LAG_P99_MS))
+    for name, ratio, target, ok in relative_to_floors(v):
+        out.append((f'{name} {target}', ok))
     if v['rounds']:
         s = catchup_summary(v['rounds'])
         out.append((f'catch-up ≥ {TARGET_CATCHUP_TXN_S:.0f} txn/s',
                     s['txn_s'] >= TARGET_CATCHUP_TXN_S))
         out.append((f'catch-up ≥ {TARGET_CATCHUP_RATIO * 100:.0f} % of '
                     f'ceiling', s['ratio'] >= TARGET_CATCHUP_RATIO))
+    return out
+
+
+def relative_to_floors(v):
+    """[(name, ratio, target, ok)]: issue 11's goals, each a ratio to what
+    the same run measured without replication (bare runzeo, or the primary
+    zrelay with no replica connected)."""
+    out = []
+    steady = next((r for r in v['lag'] if r['rate']), None)
+    max1 = next((r for r in v['lag'] if not r['rate'] and r['writers'] == 1),
+                None)
+    alone = v.get('alone')
+    if steady and v['bare']:
+        x = steady['replica']['p99'] / v['bare'][0]['p50']
+        out.append(('lag p99 ÷ bare commit p50', x,
+                    f'≤ {TARGET_LAG_VS_BARE:g}×', x <= TARGET_LAG_VS_BARE))
+    if max1 and alone:
+        x = max1['txn_s'] / alone['txn_s']
+        out.append(('max-rate txn/s, replica streaming ÷ none', x,
+                    f'≥ {TARGET_FLAT_OUT:g}×', x >= TARGET_FLAT_OUT))
+        x = per_txn(max1, 'primary runzeo') / alone['cpu_ms_per_txn']
+        out.append(('primary runzeo CPU per commit, replica streaming ÷ none',
+                    x, f'≤ {TARGET_PRIMARY_CPU:g}×', x <= TARGET_PRIMARY_CPU))
     return out
 
 
@@ -750,6 +808,17 @@ def render_summary(variants, populated):
                  f'{f2(r["replica"]["p99"])}; '
                  f'{f2(per_txn(r, "primary runzeo"))}' if r else '–'
                  for r in rs])
+    names = []
+    for v in variants:
+        for name, _, target, _ in relative_to_floors(v):
+            if name not in [n for n, _ in names]:
+                names.append((name, target))
+    for name, target in names:
+        cells = []
+        for v in variants:
+            got = [x for n, x, _, _ in relative_to_floors(v) if n == name]
+            cells.append(f'**{got[0]:.2f}×**' if got else '–')
+        row(name, cells, target)
     if any(v['rounds'] for v in variants):
         sums = [catchup_summary(v['rounds']) if v['rounds'] else None
                 for v in variants]
@@ -901,7 +970,11 @@ def machine_info(args):
         P.zrelay_line(args.zrelay),
         ('primary commits', 'read back from the backend (--no-capture)'
          if args.no_capture else 'captured when provably exact, else read '
-         'back (see zrelay_replication_capture_total)')]
+         'back (see zrelay_replication_capture_total)'),
+        ('CPUs', 'primary side (writers, primary or bare runzeo + zrelay) '
+         'pinned to CPU 0, replica side (replica runzeo + zrelay, watcher) '
+         'to CPU 1 (--pin)' if args.pin else 'not pinned: every process may '
+         'run on any CPU')]
 
 
 # ------------------------------------------------------------------ main ----
@@ -988,6 +1061,11 @@ def parse_args(argv=None):
                     help='primary reads every commit back from its backend '
                          '(capture_max_bytes = 0) instead of publishing the '
                          "client's own commit when provably exact")
+    ap.add_argument('--pin', action='store_true',
+                    help='pin the primary side (writers, primary runzeo and '
+                         'zrelay, bare runzeo) to CPU 0 and the replica side '
+                         '(replica runzeo and zrelay, watcher) to CPU 1: a '
+                         'replica on its own host, as deployed')
     ap.add_argument('--out', default=os.path.join(HERE,
                                                   'repl-results-latest.md'))
     ap.add_argument('--keep', action='store_true',
@@ -1009,6 +1087,8 @@ def _on_signal(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     settings = Settings(args)
+    if args.pin:
+        PIN.update(primary={0}, replica={1})
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     notes = [n for n in [wait_for_other_bench(args.wait_other_bench)] if n]
