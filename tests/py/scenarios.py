@@ -40,7 +40,7 @@ from ZODB.POSException import ReadConflictError
 from ZODB.utils import p64
 from zodbpickle import pickle as zpickle
 
-from zclient import (Failure, check, check_eq, new_conn, open_db,
+from zclient import (Failure, check, check_eq, client, new_conn, open_db,
                      open_storage, parse_addr, run, tls_for, wait_until)
 
 SCENARIOS = {}
@@ -93,10 +93,8 @@ def basic(addr):
     check(last > first, 'second commit did not get a later tid')
     db.close()
 
-    db = open_db(addr)
-    try:
+    with client(addr) as (db, tm, conn):
         check_eq(db.storage.lastTransaction(), last, 'lastTransaction')
-        tm, conn = new_conn(db)
         root = conn.root()
         b = root['basic']
         check_eq(b['title'], 'v2', 'title')
@@ -108,8 +106,6 @@ def basic(addr):
         data, start, end = db.storage.loadBefore(b._p_oid, last)
         check_eq((start, end), (first, last), 'loadBefore serials')
         tm.abort()
-    finally:
-        db.close()
 
 
 @scenario
@@ -165,11 +161,7 @@ def invalidation(addr):
 @scenario
 def conflict(addr):
     """Unresolvable conflicts and server errors reach the client intact."""
-    dba = open_db(addr)
-    dbb = open_db(addr)
-    try:
-        tma, ca = new_conn(dba)
-        tmb, cb = new_conn(dbb)
+    with client(addr) as (dba, tma, ca), client(addr) as (dbb, tmb, cb):
         ra = ca.root()
         ra['c'] = PersistentMapping(v=0)
         ra['rc'] = PersistentMapping(v=0)
@@ -235,19 +227,12 @@ def conflict(addr):
         tmb.begin()
         check_eq(rb['c']['v'], 3, 'B sees A after errors')
         tmb.abort()
-    finally:
-        dba.close()
-        dbb.close()
 
 
 @scenario
 def resolved(addr):
     """Concurrent increments commit through server-side conflict resolution."""
-    dba = open_db(addr)
-    dbb = open_db(addr)
-    try:
-        tma, ca = new_conn(dba)
-        tmb, cb = new_conn(dbb)
+    with client(addr) as (dba, tma, ca), client(addr) as (dbb, tmb, cb):
         ra = ca.root()
         ra['len'] = Length(0)
         ra['tree'] = OOBTree()
@@ -267,26 +252,17 @@ def resolved(addr):
         check_eq(dict(rb['tree'].items()), {'a': 1, 'b': 2}, 'B tree')
         tmb.abort()
         tma.abort()
-    finally:
-        dba.close()
-        dbb.close()
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         check_eq(conn.root()['len'](), 11, 'fresh client length')
         check_eq(dict(conn.root()['tree'].items()), {'a': 1, 'b': 2},
                  'fresh client tree')
         tm.abort()
-    finally:
-        db.close()
 
 
 @scenario
 def undo(addr):
     """db.undo reverts a transaction found through undoLog."""
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         root = conn.root()
         root['u'] = PersistentMapping(v=1)
         commit(tm, 'set v=1')
@@ -305,23 +281,15 @@ def undo(addr):
         info = db.undoInfo(0, 20)
         check_eq(len(info), len(log), 'undoInfo length')
         tm.abort()
-    finally:
-        db.close()
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         check_eq(conn.root()['u']['v'], 1, 'fresh client after undo')
         tm.abort()
-    finally:
-        db.close()
 
 
 @scenario
 def pack(addr):
     """Pack removes old revisions and garbage; current data stays."""
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         root = conn.root()
         root['p'] = PersistentMapping(v=0)
         root['garbage'] = PersistentMapping(x=1)
@@ -349,24 +317,16 @@ def pack(addr):
             raise Failure('unreachable object survived the pack')
         check_eq(db.storage.lastTransaction(), last, 'lastTransaction')
         tm.abort()
-    finally:
-        db.close()
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         check_eq(conn.root()['p']['v'], 5, 'value after pack')
         conn.root()['p']['v'] = 6
         commit(tm)
-    finally:
-        db.close()
 
 
 @scenario
 def history(addr):
     """storage.history returns each revision, newest first."""
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         root = conn.root()
         root['h'] = PersistentMapping(v=0)
         commit(tm, 'h0')
@@ -389,16 +349,12 @@ def history(addr):
             check_eq(state_of(db.storage.loadSerial(oid, serial)),
                      {'data': {'v': want}}, f'loadSerial revision {want}')
         tm.abort()
-    finally:
-        db.close()
 
 
 @scenario
 def iterator(addr):
     """ClientStorage.iterator() returns every transaction with metadata."""
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         root = conn.root()
         root['it'] = PersistentMapping(v=-1)
         commit(tm, 'setup')
@@ -440,8 +396,6 @@ def iterator(addr):
         # a bounded range
         sub = [t.tid for t in db.storage.iterator(expect[1][0], expect[3][0])]
         check_eq(sub, [e[0] for e in expect[1:4]], 'iterator(start, stop)')
-    finally:
-        db.close()
 
 
 @scenario
@@ -449,10 +403,8 @@ def blobs(addr):
     """Blobs go up and come back (non-shared blob dirs, several MB)."""
     data1 = os.urandom(3 * 1024 * 1024 + 123)
     data2 = os.urandom(1536 * 1024 + 7)
-    db = open_db(addr, blob_dir=tempfile.mkdtemp(prefix='blobs-a-'),
-                 shared_blob_dir=False)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr, blob_dir=tempfile.mkdtemp(prefix='blobs-a-'),
+                shared_blob_dir=False) as (db, tm, conn):
         root = conn.root()
         root['blob'] = Blob(data1)
         root['empty'] = Blob(b'')
@@ -463,13 +415,9 @@ def blobs(addr):
             f.write(data2)
         commit(tm, 'blob v2')
         tm.abort()
-    finally:
-        db.close()
 
-    db = open_db(addr, blob_dir=tempfile.mkdtemp(prefix='blobs-b-'),
-                 shared_blob_dir=False)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr, blob_dir=tempfile.mkdtemp(prefix='blobs-b-'),
+                shared_blob_dir=False) as (db, tm, conn):
         root = conn.root()
         with root['blob'].open('r') as f:
             got = f.read()
@@ -482,23 +430,17 @@ def blobs(addr):
         check_eq(hashlib.sha256(got).hexdigest(),
                  hashlib.sha256(data1).hexdigest(), 'old blob revision')
         tm.abort()
-    finally:
-        db.close()
 
 
 @scenario
 def concurrency(addr, threads=8, commits=10):
     """N clients commit concurrently: distinct objects + a shared counter."""
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         root = conn.root()
         root['counter'] = Length(0)
         for i in range(threads):
             root[f'w{i}'] = PersistentMapping(n=0)
         commit(tm)
-    finally:
-        db.close()
 
     errors = []
     start = threading.Barrier(threads)
@@ -530,16 +472,12 @@ def concurrency(addr, threads=8, commits=10):
         check(not t.is_alive(), 'a worker hung')
     check(not errors, '; '.join(errors))
 
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         root = conn.root()
         check_eq(root['counter'](), threads * commits, 'shared counter')
         for i in range(threads):
             check_eq(root[f'w{i}']['n'], commits, f'worker {i} object')
         tm.abort()
-    finally:
-        db.close()
 
 
 def recv_exact(sock, n):
@@ -660,13 +598,9 @@ def reconnect(addr):
         print(f'tries={tries} events={",".join(events)}', flush=True)
     finally:
         db.close()
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         check_eq(conn.root()['r']['v'], 2, 'value after reconnect')
         tm.abort()
-    finally:
-        db.close()
 
 
 def latency_stats(times):
@@ -744,13 +678,9 @@ def garbage_neighbour(addr):
     finally:
         db.close()
         reader.close()
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         check_eq(conn.root()['w']['n'], n, 'fresh client final value')
         tm.abort()
-    finally:
-        db.close()
 
 
 def main(argv):

@@ -1,5 +1,6 @@
 """Helpers shared by the test scripts: checks that fail with a message, and
 real ZODB clients (ClientStorage/DB) opened the way the tests need them."""
+import contextlib
 import faulthandler
 import logging
 import os
@@ -88,6 +89,22 @@ def new_conn(db):
     """A connection with its own transaction manager (several per thread)."""
     tm = transaction.TransactionManager()
     return tm, db.open(transaction_manager=tm)
+
+
+@contextlib.contextmanager
+def client(addr, **kw):
+    """``(db, tm, conn)``: a DB on *addr* (``open_db`` keywords) with one
+    connection; its transaction is aborted and the DB closed on the way
+    out, also on a failure."""
+    db = open_db(addr, **kw)
+    try:
+        tm, conn = new_conn(db)
+        try:
+            yield db, tm, conn
+        finally:
+            tm.abort()
+    finally:
+        db.close()
 
 
 def wait_until(cond, what, timeout=15.0):
