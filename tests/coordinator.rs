@@ -309,6 +309,41 @@ impl Drop for Observer {
     }
 }
 
+/// What every scenario starts with: the test network, etcd (`members` of
+/// them) in its own namespace (returned too, for the CLI) and an observer of
+/// its keys.
+fn cluster(members: usize) -> (Net, String, Etcd, Observer) {
+    let mut net = Net::new();
+    let ens = net.node(ETCD_HOST);
+    let etcd = Etcd::start(&ens, &Net::addr(ETCD_HOST), members);
+    let obs = Observer::start(&etcd);
+    (net, ens, etcd, obs)
+}
+
+/// A primary "p" on host 1 and a replica "r" on host 2, both eligible,
+/// priority 0, at `tid` and `epoch`.
+fn primary_and_replica(
+    net: &mut Net,
+    cfg: CoordinatorConfig,
+    tid: u64,
+    epoch: u64,
+) -> (Node, Node) {
+    let (pn, rn) = (net.node(1), net.node(2));
+    let p = Node::start(
+        &pn,
+        "p",
+        cfg.clone(),
+        member(MemberRole::Primary, true, 0, tid, epoch),
+    );
+    let r = Node::start(
+        &rn,
+        "r",
+        cfg,
+        member(MemberRole::Replica, true, 0, tid, epoch),
+    );
+    (p, r)
+}
+
 fn key(k: &str) -> String {
     format!("/{CLUSTER}/{k}")
 }
@@ -325,19 +360,8 @@ fn leader_is(node: &'static str, epoch: u64) -> impl Fn(Option<&str>) -> bool {
 /// revokes at once.
 #[test]
 fn membership_and_leader_lease() {
-    let mut net = Net::new();
-    let ens = net.node(ETCD_HOST);
-    let etcd = Etcd::start(&ens, &Net::addr(ETCD_HOST), 1);
-    let obs = Observer::start(&etcd);
-    let cfg = config(&etcd.endpoints(), 4);
-    let (pn, rn) = (net.node(1), net.node(2));
-    let p = Node::start(
-        &pn,
-        "p",
-        cfg.clone(),
-        member(MemberRole::Primary, true, 0, 10, 1),
-    );
-    let r = Node::start(&rn, "r", cfg, member(MemberRole::Replica, true, 0, 10, 1));
+    let (mut net, ens, etcd, obs) = cluster(1);
+    let (p, r) = primary_and_replica(&mut net, config(&etcd.endpoints(), 4), 10, 1);
 
     obs.wait("p registered", &key("members/p"), |v| v.is_some());
     obs.wait("r registered", &key("members/r"), |v| v.is_some());
@@ -411,10 +435,7 @@ fn membership_and_leader_lease() {
 /// durable tid beats priority, and `promotion = never` is never elected.
 #[test]
 fn partitioned_leader_fences_before_expiry_then_best_candidate_wins() {
-    let mut net = Net::new();
-    let ens = net.node(ETCD_HOST);
-    let etcd = Etcd::start(&ens, &Net::addr(ETCD_HOST), 1);
-    let obs = Observer::start(&etcd);
+    let (mut net, _ens, etcd, obs) = cluster(1);
     let cfg = config(&etcd.endpoints(), 4);
     let ns: Vec<String> = (1..=4).map(|h| net.node(h)).collect();
     let p = Node::start(
@@ -528,10 +549,7 @@ fn partitioned_leader_fences_before_expiry_then_best_candidate_wins() {
 /// elected; removing it lets the best replica win.
 #[test]
 fn maintenance_mode_blocks_elections() {
-    let mut net = Net::new();
-    let ens = net.node(ETCD_HOST);
-    let etcd = Etcd::start(&ens, &Net::addr(ETCD_HOST), 1);
-    let obs = Observer::start(&etcd);
+    let (mut net, ens, etcd, obs) = cluster(1);
     let cfg = config(&etcd.endpoints(), 4);
     let (pn, rn) = (net.node(1), net.node(2));
     let p = Node::start(
@@ -589,22 +607,11 @@ fn maintenance_mode_blocks_elections() {
 /// its lease (no fence), nobody is elected, the leader key is the same key.
 #[test]
 fn etcd_leader_killed_causes_no_failover() {
-    let mut net = Net::new();
-    let ens = net.node(ETCD_HOST);
-    let mut etcd = Etcd::start(&ens, &Net::addr(ETCD_HOST), 3);
-    let obs = Observer::start(&etcd);
+    let (mut net, _ens, mut etcd, obs) = cluster(3);
     // ttl 10 s: a raft election on a loaded 2-core machine can take a few
     // seconds, during which no lease can be renewed; the leader must ride
     // that out (deadline 9 s after its last renewal).
-    let cfg = config(&etcd.endpoints(), 10);
-    let (pn, rn) = (net.node(1), net.node(2));
-    let p = Node::start(
-        &pn,
-        "p",
-        cfg.clone(),
-        member(MemberRole::Primary, true, 0, 5, 1),
-    );
-    let r = Node::start(&rn, "r", cfg, member(MemberRole::Replica, true, 0, 5, 1));
+    let (p, r) = primary_and_replica(&mut net, config(&etcd.endpoints(), 10), 5, 1);
     p.wait_event("holding", |e| *e == Event::Holding { epoch: 1 });
     r.wait_event("sees p", |e| {
         *e == Event::Leader {
