@@ -55,18 +55,7 @@ fn config_file(dir: &std::path::Path, endpoints: &[String]) -> std::path::PathBu
 
 /// Run `zrelay ARGS` inside namespace `ns`; (exit code, stdout + stderr).
 fn zrelay_cli(ns: &str, args: &[&str]) -> (i32, String) {
-    let out = Net::cmd(ns, env!("CARGO_BIN_EXE_zrelay"))
-        .args(args)
-        .output()
-        .expect("run zrelay");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    support::ops::cli_output(Net::cmd(ns, env!("CARGO_BIN_EXE_zrelay")).args(args))
 }
 
 fn member(role: MemberRole, eligible: bool, priority: u32, tid: u64, epoch: u64) -> Member {

@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use support::cluster::{wait_until, Cluster};
+use support::ops::zrelay_cli;
 use support::Enc;
 
 const SYNC: Duration = Duration::from_secs(30);
@@ -69,19 +69,6 @@ fn exported(scrape: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn zrelay(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zrelay"))
-        .args(args)
-        .output()
-        .expect("run zrelay");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 #[test]
 fn live_pair_exports_every_metric_the_dashboard_and_alerts_use() {
     let mut opts = support::cluster::ClusterOpts::new(Enc::Pickle);
@@ -128,7 +115,7 @@ fn live_pair_exports_every_metric_the_dashboard_and_alerts_use() {
     // zrelay status: a table with both nodes, exit 0.
     let p = c.primary.admin().to_string();
     let r = c.replica.admin().to_string();
-    let (code, text) = zrelay(&["status", "--admin", &p, "--admin", &r]);
+    let (code, text) = zrelay_cli(&["status", "--admin", &p, "--admin", &r]);
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("primary") && text.contains("replica") && text.contains("live"),
@@ -138,20 +125,20 @@ fn live_pair_exports_every_metric_the_dashboard_and_alerts_use() {
     // zrelay check: OK on a caught-up replica, CRITICAL once it is cut off
     // and lagging beyond the limit, UNKNOWN for an address that answers
     // nothing.
-    let (code, text) = zrelay(&["check", "--admin", &r, "--max-lag", "5s"]);
+    let (code, text) = zrelay_cli(&["check", "--admin", &r, "--max-lag", "5s"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.starts_with("ZRELAY OK"), "{text}");
     c.primary.stop();
     wait_until(SYNC, "replica notices the primary is gone", || {
         c.replica.status()["upstream"]["state"] == "disconnected"
     });
-    let (code, text) = zrelay(&["check", "--admin", &r, "--max-lag", "5s"]);
+    let (code, text) = zrelay_cli(&["check", "--admin", &r, "--max-lag", "5s"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.starts_with("ZRELAY CRITICAL"), "{text}");
     let (code, body) = c.replica.get("/replica");
     assert_eq!(code, 503, "{body}");
     let dead = support::free_port();
-    let (code, text) = zrelay(&[
+    let (code, text) = zrelay_cli(&[
         "check",
         "--admin",
         &format!("127.0.0.1:{dead}"),

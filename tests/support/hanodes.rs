@@ -376,18 +376,7 @@ impl HaCluster {
 
     /// Node `k`'s config file with `[coordinator]`, for `zrelay status` etc.
     pub fn zrelay_cli(&self, k: usize, args: &[&str]) -> (i32, String) {
-        let out = Net::cmd(&self.nodes[k].ns, env!("CARGO_BIN_EXE_zrelay"))
-            .args(args)
-            .output()
-            .expect("run zrelay");
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        super::ops::cli_output(Net::cmd(&self.nodes[k].ns, env!("CARGO_BIN_EXE_zrelay")).args(args))
     }
 }
 

@@ -13,10 +13,14 @@ use super::{Enc, Py, PyChild};
 /// Runs the `zrelay` binary under test: its exit code and its stdout
 /// followed by its stderr.
 pub fn zrelay_cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zrelay"))
-        .args(args)
-        .output()
-        .expect("run zrelay");
+    cli_output(Command::new(env!("CARGO_BIN_EXE_zrelay")).args(args))
+}
+
+/// Runs a prepared command (e.g. the `zrelay` binary inside a network
+/// namespace): its exit code (-1 if killed) and its stdout followed by its
+/// stderr.
+pub fn cli_output(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().expect("run zrelay");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
