@@ -9,9 +9,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use support::cluster::{metric_value, wait_until, Cluster, ClusterOpts, Node, NodeRole, NodeSpec};
+use support::cluster::{metric_value, wait_until, Cluster, ClusterOpts};
 use support::ops::{zrelay_cli as zrelay, AdminToken};
-use support::{Enc, Py, Zeo, ZeoOpts};
+use support::{Enc, Py};
 use zrelay::replication::tls;
 
 const SYNC: Duration = Duration::from_secs(30);
@@ -265,26 +265,7 @@ fn reload_rotation_and_drain_with_real_clients() {
 /// (verify), and the streams go on.
 #[test]
 fn pack_on_the_primary_is_replicated() {
-    let mut opts = ClusterOpts::new(Enc::Pickle);
-    let mid_repl = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
-    opts.replica_replication = format!("listen = \"{mid_repl}\"\n");
-    opts.extra_certs = vec!["replica2".into()];
-    let mut c = Cluster::with(opts);
-    let zeo2 = Zeo::start(Enc::Pickle, ZeoOpts::default());
-    let mut leaf = Node::prepare(&NodeSpec {
-        name: "replica2".into(),
-        backend: zeo2.addr().clone(),
-        role: NodeRole::Replica {
-            upstream: mid_repl,
-            upstream_name: "replica".into(),
-        },
-        tls: c.certs.tls("replica2"),
-        backend_extra: "probe_interval_ms = 200".into(),
-        admin_extra: String::new(),
-        replication_extra: String::new(),
-        extra: String::new(),
-    });
-    leaf.start();
+    let (mut c, zeo2, mut leaf) = Cluster::cascade(Enc::Pickle);
     let p = c.primary.addr().to_string();
     let churn = |n: &str| {
         let out = Py::new("ops.py").args(&["churn", &p, n]).run();

@@ -9,12 +9,11 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use support::cluster::{
-    metric_value, repl_py, value_of, wait_until, Certs, Cluster, ClusterOpts, Node, NodeRole,
-    NodeSpec, TlsFiles,
+    metric_value, repl_py, value_of, wait_until, Certs, Cluster, ClusterOpts, TlsFiles,
 };
 use support::{Enc, PyChild, Zeo};
 // Unused here; importing them keeps support/mod.rs's re-export from being
@@ -756,26 +755,7 @@ fn primary_pack_while_replica_down() {
 /// from its own backend; all three end identical.
 #[test]
 fn cascading_replica_feeds_another() {
-    let mut opts = ClusterOpts::new(Enc::Pickle);
-    let mid_repl = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
-    opts.replica_replication = format!("listen = \"{mid_repl}\"\n");
-    opts.extra_certs = vec!["replica2".into()];
-    let c = Cluster::with(opts);
-    let zeo2 = Zeo::start(Enc::Pickle, support::ZeoOpts::default());
-    let mut leaf = Node::prepare(&NodeSpec {
-        name: "replica2".into(),
-        backend: zeo2.addr().clone(),
-        role: NodeRole::Replica {
-            upstream: mid_repl,
-            upstream_name: "replica".into(),
-        },
-        tls: c.certs.tls("replica2"),
-        backend_extra: "probe_interval_ms = 200".into(),
-        admin_extra: String::new(),
-        replication_extra: String::new(),
-        extra: String::new(),
-    });
-    leaf.start();
+    let (c, zeo2, mut leaf) = Cluster::cascade(Enc::Pickle);
     let out = c.run_py(&[
         "workload",
         &c.primary.addr().to_string(),

@@ -468,6 +468,33 @@ impl Cluster {
         Cluster::with(ClusterOpts::new(enc))
     }
 
+    /// primary → replica → "replica2": the replica also listens for
+    /// replicas and feeds a further one (its own runzeo, returned with it,
+    /// started) from its backend.
+    pub fn cascade(enc: Enc) -> (Cluster, Zeo, Node) {
+        let mut opts = ClusterOpts::new(enc);
+        let mid_repl = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        opts.replica_replication = format!("listen = \"{mid_repl}\"\n");
+        opts.extra_certs = vec!["replica2".into()];
+        let c = Cluster::with(opts);
+        let zeo2 = Zeo::start(enc, ZeoOpts::default());
+        let mut leaf = Node::prepare(&NodeSpec {
+            name: "replica2".into(),
+            backend: zeo2.addr().clone(),
+            role: NodeRole::Replica {
+                upstream: mid_repl,
+                upstream_name: "replica".into(),
+            },
+            tls: c.certs.tls("replica2"),
+            backend_extra: "probe_interval_ms = 200".into(),
+            admin_extra: String::new(),
+            replication_extra: String::new(),
+            extra: String::new(),
+        });
+        leaf.start();
+        (c, zeo2, leaf)
+    }
+
     pub fn with(opts: ClusterOpts) -> Cluster {
         let mut names = vec!["primary", "replica"];
         names.extend(opts.extra_certs.iter().map(String::as_str));
