@@ -72,23 +72,8 @@ fn ensure_ca_created(dir: &Path) -> Result<bool, CertError> {
     })?;
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
-    match (exists(&cert_path)?, exists(&key_path)?) {
-        (true, true) => return Ok(false),
-        (false, false) => {}
-        (true, false) => {
-            return Err(CertError::IncompleteCa {
-                dir: dir.to_path_buf(),
-                present: CA_CERT_FILE,
-                missing: CA_KEY_FILE,
-            })
-        }
-        (false, true) => {
-            return Err(CertError::IncompleteCa {
-                dir: dir.to_path_buf(),
-                present: CA_KEY_FILE,
-                missing: CA_CERT_FILE,
-            })
-        }
+    if ca_present(dir, &cert_path, &key_path)? {
+        return Ok(false);
     }
 
     let key = KeyPair::generate().map_err(|source| generate("CA key", source))?;
@@ -299,31 +284,31 @@ fn check_node_name(name: &str) -> Result<(), CertError> {
     Ok(())
 }
 
+/// Whether `dir` holds a CA: both its certificate and its key (true) or
+/// neither (false); one without the other is an error naming the missing
+/// file.
+fn ca_present(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<bool, CertError> {
+    let incomplete = |present, missing| CertError::IncompleteCa {
+        dir: dir.to_path_buf(),
+        present,
+        missing,
+    };
+    match (exists(cert_path)?, exists(key_path)?) {
+        (true, true) => Ok(true),
+        (false, false) => Ok(false),
+        (true, false) => Err(incomplete(CA_CERT_FILE, CA_KEY_FILE)),
+        (false, true) => Err(incomplete(CA_KEY_FILE, CA_CERT_FILE)),
+    }
+}
+
 /// Loads the CA of `dir` as an issuer for node certificates.
 fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>, CertError> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
-    match (exists(&cert_path)?, exists(&key_path)?) {
-        (true, true) => {}
-        (false, false) => {
-            return Err(CertError::NoCa {
-                dir: dir.to_path_buf(),
-            })
-        }
-        (true, false) => {
-            return Err(CertError::IncompleteCa {
-                dir: dir.to_path_buf(),
-                present: CA_CERT_FILE,
-                missing: CA_KEY_FILE,
-            })
-        }
-        (false, true) => {
-            return Err(CertError::IncompleteCa {
-                dir: dir.to_path_buf(),
-                present: CA_KEY_FILE,
-                missing: CA_CERT_FILE,
-            })
-        }
+    if !ca_present(dir, &cert_path, &key_path)? {
+        return Err(CertError::NoCa {
+            dir: dir.to_path_buf(),
+        });
     }
     let key_pem = read_to_string(&key_path)?;
     let key = KeyPair::from_pem(&key_pem).map_err(|e| CertError::BadFile {

@@ -142,29 +142,39 @@ pub struct StatusHub {
     started: Instant,
 }
 
+impl NodeStatus {
+    /// A node that knows nothing yet beyond its name, role and backend.
+    pub fn new(node: String, role: Role, backend_address: String) -> Self {
+        NodeStatus {
+            node,
+            role,
+            version: env!("CARGO_PKG_VERSION"),
+            backend_address,
+            backend_up: false,
+            storage_last_tid: None,
+            storage_last_commit_unix: None,
+            upstream: None,
+            replicas: BTreeMap::new(),
+            replica_adverts: BTreeMap::new(),
+            door: None,
+            upstream_roster: Vec::new(),
+            draining: false,
+            certificates: Vec::new(),
+            semisync: None,
+            replica_promotion: BTreeMap::new(),
+            role_state: None,
+            handed_over: Default::default(),
+            started: None,
+        }
+    }
+}
+
 impl StatusHub {
     pub fn new(node: String, role: Role, backend_address: String) -> Self {
         StatusHub {
             inner: RwLock::new(NodeStatus {
-                node,
-                role,
-                version: env!("CARGO_PKG_VERSION"),
-                backend_address,
-                backend_up: false,
-                storage_last_tid: None,
-                storage_last_commit_unix: None,
-                upstream: None,
-                replicas: BTreeMap::new(),
-                replica_adverts: BTreeMap::new(),
-                door: None,
-                upstream_roster: Vec::new(),
-                draining: false,
-                certificates: Vec::new(),
-                semisync: None,
-                replica_promotion: BTreeMap::new(),
-                role_state: None,
-                handed_over: Default::default(),
                 started: Some(SystemTime::now()),
+                ..NodeStatus::new(node, role, backend_address)
             }),
             started: Instant::now(),
         }

@@ -236,7 +236,6 @@ pub fn status_body(st: &NodeStatus, now: Now, uptime_seconds: f64) -> Value {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     pub(crate) fn upstream(state: StreamState, lag: f64) -> UpstreamStatus {
         UpstreamStatus {
@@ -254,25 +253,9 @@ pub(crate) mod tests {
 
     pub(crate) fn node(role: Role, up: Option<UpstreamStatus>) -> NodeStatus {
         NodeStatus {
-            node: "node2".into(),
-            role,
-            version: "0.0.0",
-            backend_address: "127.0.0.1:8200".into(),
             backend_up: true,
-            storage_last_tid: None,
-            storage_last_commit_unix: None,
             upstream: up,
-            replicas: BTreeMap::new(),
-            replica_adverts: BTreeMap::new(),
-            door: None,
-            upstream_roster: Vec::new(),
-            draining: false,
-            certificates: Vec::new(),
-            semisync: None,
-            replica_promotion: BTreeMap::new(),
-            role_state: None,
-            handed_over: Default::default(),
-            started: None,
+            ..NodeStatus::new("node2".into(), role, "127.0.0.1:8200".into())
         }
     }
 
