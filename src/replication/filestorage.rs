@@ -20,9 +20,11 @@
 //! a concurrent commit is still writing). Everything before that point is a
 //! consistent copy of the database as of its last tid.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use super::txn::{tid_hex, Tid, Z64};
 
@@ -88,6 +90,35 @@ impl ReadAt for [u8] {
         buf.copy_from_slice(src);
         Ok(())
     }
+}
+
+/// `Data.fs` with a suffix: `Data.fs.lock`, `Data.fs.index`, ...
+pub fn with_suffix(data_fs: &Path, suffix: &str) -> PathBuf {
+    let mut s = data_fs.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Takes runzeo's lock on a FileStorage (`Data.fs.lock`, an exclusive
+/// `flock` as ZODB's own lock file takes) without waiting: `Some(file)`
+/// holds it until the file is dropped, `None` means another process (a
+/// running runzeo) holds it.
+pub fn try_lock(lock_path: &Path) -> io::Result<Option<File>> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path)?;
+    // libc, not `File::try_lock`: that is newer than the crate's MSRV.
+    // SAFETY: flock on a descriptor this function owns; no memory involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(f));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(e)
 }
 
 /// Scans the transaction headers of the first `size` bytes of `f` and

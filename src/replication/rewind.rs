@@ -13,7 +13,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::filestorage::{self, FsError};
@@ -39,12 +38,6 @@ pub struct Rewound {
     pub new_size: u64,
 }
 
-fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.as_os_str().to_os_string();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
 fn io(path: &Path) -> impl Fn(std::io::Error) -> RewindError + '_ {
     move |err| RewindError::Io {
         path: path.to_path_buf(),
@@ -65,22 +58,14 @@ pub fn parse_tid(s: &str) -> Result<Tid, String> {
 
 /// Truncates `data_fs` after the transaction `to` (see the module doc).
 pub fn rewind(data_fs: &Path, to: &Tid) -> Result<Rewound, RewindError> {
-    let lock_path = with_suffix(data_fs, ".lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io(&lock_path))?;
-    // SAFETY: flock on a descriptor this function owns; no memory involved.
-    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    let lock_path = filestorage::with_suffix(data_fs, ".lock");
+    let Some(lock) = filestorage::try_lock(&lock_path).map_err(io(&lock_path))? else {
         return Err(RewindError::Refused(format!(
             "{} is locked: runzeo is using {}; stop it first",
             lock_path.display(),
             data_fs.display()
         )));
-    }
+    };
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -112,7 +97,7 @@ pub fn rewind(data_fs: &Path, to: &Tid) -> Result<Rewound, RewindError> {
             new_size: size,
         });
     }
-    let saved = with_suffix(data_fs, &format!(".rewound-{}", tid_hex(to)));
+    let saved = filestorage::with_suffix(data_fs, &format!(".rewound-{}", tid_hex(to)));
     {
         let mut out = File::create(&saved).map_err(io(&saved))?;
         f.seek(SeekFrom::Start(b.end)).map_err(io(data_fs))?;
@@ -123,9 +108,9 @@ pub fn rewind(data_fs: &Path, to: &Tid) -> Result<Rewound, RewindError> {
     }
     f.set_len(b.end).map_err(io(data_fs))?;
     f.sync_all().map_err(io(data_fs))?;
-    let index = with_suffix(data_fs, ".index");
+    let index = filestorage::with_suffix(data_fs, ".index");
     if index.exists() {
-        let aside = with_suffix(&saved, ".index");
+        let aside = filestorage::with_suffix(&saved, ".index");
         fs::rename(&index, &aside).map_err(io(&index))?;
     }
     if let Some(dir) = data_fs.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -167,13 +152,13 @@ mod tests {
         let tail: Vec<u8> = [txn(20, 7), txn(30, 1)].concat();
         body.extend(&tail);
         fs::write(&path, &body).unwrap();
-        fs::write(with_suffix(&path, ".index"), b"stale").unwrap();
+        fs::write(filestorage::with_suffix(&path, ".index"), b"stale").unwrap();
         let r = rewind(&path, &10u64.to_be_bytes()).unwrap();
         assert_eq!(r.cut, vec![20u64.to_be_bytes(), 30u64.to_be_bytes()]);
         assert_eq!(r.new_size, keep);
         assert_eq!(fs::metadata(&path).unwrap().len(), keep);
         assert_eq!(fs::read(r.saved.as_ref().unwrap()).unwrap(), tail);
-        assert!(!with_suffix(&path, ".index").exists());
+        assert!(!filestorage::with_suffix(&path, ".index").exists());
         // Again: nothing more to cut.
         let r = rewind(&path, &10u64.to_be_bytes()).unwrap();
         assert!(r.cut.is_empty() && r.saved.is_none());
@@ -189,9 +174,9 @@ mod tests {
         let mut body = b"FS30".to_vec();
         body.extend(txn(10, 5));
         fs::write(&path, &body).unwrap();
-        let lock = File::create(with_suffix(&path, ".lock")).unwrap();
-        // SAFETY: flock on a descriptor the test owns.
-        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let _held = filestorage::try_lock(&filestorage::with_suffix(&path, ".lock"))
+            .unwrap()
+            .expect("nobody else holds it");
         let e = rewind(&path, &10u64.to_be_bytes()).unwrap_err();
         assert!(e.to_string().contains("locked"), "{e}");
     }

@@ -18,7 +18,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -140,12 +139,6 @@ fn partial_name(p: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.as_os_str().to_os_string();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
 /// The temporary files of one clone, and the lock on the target.
 struct Staging {
     target: CloneTarget,
@@ -163,26 +156,14 @@ impl Staging {
         if let Some(dir) = data_fs.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(file_err(dir))?;
         }
-        let lock_path = with_suffix(data_fs, ".lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(file_err(&lock_path))?;
-        // SAFETY: flock on a descriptor this function owns; no memory involved.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(CloneError::Target(format!(
-                    "{} is locked: a runzeo (or another clone) is using {}; stop it first",
-                    lock_path.display(),
-                    data_fs.display()
-                )));
-            }
-            return Err(file_err(&lock_path)(e));
-        }
+        let lock_path = filestorage::with_suffix(data_fs, ".lock");
+        let Some(lock) = filestorage::try_lock(&lock_path).map_err(file_err(&lock_path))? else {
+            return Err(CloneError::Target(format!(
+                "{} is locked: a runzeo (or another clone) is using {}; stop it first",
+                lock_path.display(),
+                data_fs.display()
+            )));
+        };
         if data_fs.exists() && !target.force {
             return Err(CloneError::Target(format!(
                 "{} exists; pass --force to replace it",
@@ -274,7 +255,7 @@ impl Staging {
         if self.target.force {
             // An index of the replaced file would describe the wrong file.
             for suffix in [".index", ".tmp"] {
-                remove_if_present(&with_suffix(data_fs, suffix))?;
+                remove_if_present(&filestorage::with_suffix(data_fs, suffix))?;
             }
         }
         if let (Some(tmp), Some(dir)) = (&self.tmp_blob_dir, &self.target.blob_dir) {
