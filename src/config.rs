@@ -277,6 +277,19 @@ pub struct ClientConfig {
     /// A client that takes none of its replies for this long is closed.
     #[serde(default = "default_write_stall_timeout_ms")]
     pub write_stall_timeout_ms: u64,
+    /// An idle client connection whose host stops answering TCP keepalive
+    /// probes (powered off, partitioned away) ends after about this long;
+    /// data it leaves unacknowledged ends it after `write_stall_timeout_ms`
+    /// (`TCP_USER_TIMEOUT`; see `crate::liveness`). The session's end
+    /// aborts a transaction it may hold runzeo's commit lock for. 0: the
+    /// system's defaults (an idle connection to a vanished host then lives
+    /// forever).
+    #[serde(default = "default_dead_peer_timeout_ms")]
+    pub dead_peer_timeout_ms: u64,
+}
+
+fn default_dead_peer_timeout_ms() -> u64 {
+    15_000
 }
 
 fn default_write_stall_timeout_ms() -> u64 {
@@ -385,6 +398,10 @@ impl ClientConfig {
     }
     pub fn write_stall_timeout(&self) -> Duration {
         Duration::from_millis(self.write_stall_timeout_ms)
+    }
+
+    pub fn dead_peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.dead_peer_timeout_ms)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod control;
 pub mod coordinator;
 pub mod door;
 pub mod live;
+pub mod liveness;
 pub mod metrics;
 pub mod monitor;
 pub mod own_conns;

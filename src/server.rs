@@ -322,6 +322,7 @@ async fn serve(
         budget: crate::relay::limits::Budget::new(cfg.client.buffer_budget_bytes),
         buffer_wait: cfg.client.buffer_wait(),
         write_stall: cfg.client.write_stall_timeout(),
+        dead_peer_timeout: cfg.client.dead_peer_timeout(),
     };
     crate::metrics::describe_limits(cfg.client.buffer_budget_bytes);
     if cfg.client.buffer_budget_bytes < cfg.client.max_message_bytes {

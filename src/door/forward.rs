@@ -57,6 +57,7 @@ async fn open(
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    crate::liveness::arm_door_link(&tcp).map_err(|e| format!("dead-peer detection: {e}"))?;
     let (mut stream, _) = tls::connect(connector, tcp, &target.node, timeout)
         .await
         .map_err(|e| {

@@ -140,6 +140,13 @@ impl ClientListener {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            if let Err(e) = crate::liveness::arm(
+                &stream,
+                self.limits.dead_peer_timeout,
+                self.limits.write_stall,
+            ) {
+                warn!(error = %e, %peer, "could not enable dead-peer detection");
+            }
             let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
             let span = info_span!(
                 "session",

@@ -41,6 +41,9 @@ pub struct SessionLimits {
     pub buffer_wait: Duration,
     /// A client that takes no reply bytes for this long is closed.
     pub write_stall: Duration,
+    /// A client host silent at the TCP level for this long is gone
+    /// (`crate::liveness`); zero: the system's defaults.
+    pub dead_peer_timeout: Duration,
 }
 
 /// Why a session ended; logged once, counted by `side`.

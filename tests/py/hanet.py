@@ -20,6 +20,11 @@ Commands:
         last=<its last tid>; fails if no read succeeded.
   check ADDR N TOTAL WRITERS
         the bank sums to TOTAL; prints counter<i>=<value> for each writer
+  hold-vote DOOR
+        interactive. Changes root['held'] through DOOR and takes the
+        transaction through tpc_vote (the server's commit lock is now
+        held for it), prints VOTED, then waits for stdin to close and
+        exits without finishing it.
   lasttid ADDR                      last=<hex>
   history DATA_FS
         "T <tid> <sha256 of the transaction's records and metadata>" per
@@ -207,8 +212,22 @@ def history(path):
         it.close()
 
 
+def hold_vote(door):
+    db = open_db(door, wait_timeout=60)
+    tm, conn = new_conn(db)
+    conn.root()['held'] = time.time()
+    t = tm.get()
+    conn.tpc_begin(t)
+    conn.commit(t)
+    conn.tpc_vote(t)
+    print('VOTED', flush=True)
+    sys.stdin.read()
+    os._exit(0)     # not tpc_finish, not even an abort
+
+
 COMMANDS = {
     'bank-init': bank_init,
+    'hold-vote': hold_vote,
     'writer': writer,
     'reads': reads,
     'check': check_bank,

@@ -560,6 +560,9 @@ pub struct SplitCheck {
     /// new one (Unix seconds).
     pub last_old_ack: Option<f64>,
     pub first_new_ack: Option<f64>,
+    /// Acknowledged commits of the old primary that never reached the new
+    /// one (async replication only; always empty when `lossless`).
+    pub lost: Vec<Ack>,
 }
 
 /// Old primary's history `old` (taken before it rejoined) and the new
@@ -567,12 +570,15 @@ pub struct SplitCheck {
 /// primary's own commits all precede the new primary's first one (tids are
 /// commit timestamps from one host clock); and every acknowledgement of an
 /// old-primary commit came before the first of a new-primary commit (no
-/// overlapping commit intervals as the clients saw them). Also: every
-/// acknowledged tid is in `new` (semi-sync: nothing acknowledged is lost).
+/// overlapping commit intervals as the clients saw them). Also, with
+/// `lossless` (semi-sync), every acknowledged tid is in `new`; without
+/// (async), an acknowledged tid missing there must be in the old primary's
+/// own tail (`SplitCheck::lost`), never nowhere.
 pub fn check_no_split_brain(
     old: &[(String, String)],
     new: &[(String, String)],
     acks: &AckLog,
+    lossless: bool,
 ) -> SplitCheck {
     let common = old.iter().zip(new).take_while(|(a, b)| a == b).count();
     let new_digest: HashMap<&str, &str> =
@@ -597,9 +603,22 @@ pub fn check_no_split_brain(
     acks.assert_unique_tids();
     let in_new: std::collections::HashSet<&str> = new.iter().map(|(t, _)| t.as_str()).collect();
     let new_set: std::collections::HashSet<&str> = new_only.iter().map(String::as_str).collect();
+    let old_tail: std::collections::HashSet<&str> = old_only.iter().map(String::as_str).collect();
     let mut last_old_ack: Option<f64> = None;
     let mut first_new_ack: Option<f64> = None;
+    let mut lost = Vec::new();
     for a in &acks.acks {
+        if !lossless && !in_new.contains(a.tid.as_str()) {
+            assert!(
+                old_tail.contains(a.tid.as_str()),
+                "acknowledged commit {} (writer {}) is on neither primary",
+                a.tid,
+                a.writer
+            );
+            lost.push(a.clone());
+            last_old_ack = Some(last_old_ack.map_or(a.at, |l| l.max(a.at)));
+            continue;
+        }
         assert!(
             in_new.contains(a.tid.as_str()),
             "acknowledged commit {} (writer {}) is missing on the new primary",
@@ -625,6 +644,7 @@ pub fn check_no_split_brain(
         new_only,
         last_old_ack,
         first_new_ack,
+        lost,
     }
 }
 

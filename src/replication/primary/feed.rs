@@ -348,6 +348,11 @@ pub async fn serve_replicas(
             },
         };
         let _ = tcp.set_nodelay(true);
+        // Replicas and other nodes' doors: a vanished host must not keep a
+        // door session (maybe holding runzeo's commit lock) alive.
+        if let Err(e) = crate::liveness::arm_between_nodes(&tcp) {
+            warn!(error = %e, %peer, "could not enable dead-peer detection");
+        }
         let cfg = cfg.clone();
         let link = link.clone();
         let feed = feed.clone();
@@ -386,6 +391,9 @@ pub async fn serve_replicas(
                 let hello = match first {
                     Ok(StreamMsg::Hello(h)) => h,
                     Ok(StreamMsg::Door(d)) => {
+                        if let Err(e) = crate::liveness::arm_door_link(stream.get_ref().0) {
+                            warn!(error = %e, "could not enable dead-peer detection");
+                        }
                         admit_door(stream, rbuf, d, &name, peer.to_string(), &cfg, &status).await;
                         return;
                     }

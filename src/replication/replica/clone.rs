@@ -494,6 +494,8 @@ async fn open_clone(
         })?
         .map_err(|e| CloneError::Connect(up.address.clone(), e))?;
     let _ = tcp.set_nodelay(true);
+    crate::liveness::arm_between_nodes(&tcp)
+        .map_err(|e| CloneError::Connect(up.address.clone(), e))?;
     let (stream, _) = tls::connect(&connector, tcp, &up.server_name, up.connect_timeout).await?;
     let (mut rh, mut wh) = tokio::io::split(stream);
     let mut buf = BytesMut::new();

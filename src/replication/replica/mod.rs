@@ -427,6 +427,8 @@ async fn stream_once(
         })?
         .map_err(|e| RunError::Connect(cfg.upstream.clone(), e))?;
     let _ = tcp.set_nodelay(true);
+    crate::liveness::arm_between_nodes(&tcp)
+        .map_err(|e| RunError::Connect(cfg.upstream.clone(), e))?;
     let (stream, peer) = match tls::connect(
         &cfg.connector.get(),
         tcp,
