@@ -112,6 +112,20 @@ def run(commands, argv, usage='ARGS...', min_args=0, convert=lambda a: a):
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format='%(asctime)s %(levelname)s %(name)s '
                                '%(message)s')
+    zeo_log = os.environ.get('ZRELAY_ZEO_LOG')
+    if zeo_log:
+        # ZEO's client at DEBUG (connects, register, verification) into a
+        # file of its own, one line per event with its thread (the
+        # storage's name): what a client saw during a role change.
+        h = logging.FileHandler(zeo_log)
+        h.setFormatter(logging.Formatter(
+            '%(asctime)s %(threadName)s %(levelname)s %(name)s %(message)s'))
+        h.setLevel(logging.DEBUG)
+        for root_h in logging.getLogger().handlers:
+            root_h.setLevel(logging.WARNING)
+        zeo = logging.getLogger('ZEO')
+        zeo.setLevel(logging.DEBUG)
+        zeo.addHandler(h)
     faulthandler.dump_traceback_later(float(os.environ.get(
         'ZRELAY_PY_TIMEOUT', 110)), exit=True)
     name = argv[1]
