@@ -104,7 +104,8 @@ def run(commands, argv, usage='ARGS...', min_args=0, convert=lambda a: a):
     """Runs `commands[argv[1]](*argv[2:])` as a test script: exit 0 and an
     'ok' line, or exit 1 and 'FAIL name: reason' for a Failure. Every
     thread's stack is dumped before the harness's own timeout would kill
-    the script."""
+    the script. ZRELAY_ZEO_LOG=FILE appends ZEO's client log at DEBUG to
+    FILE (each line names its storage's thread: `name=` of the client)."""
     if len(argv) < 2 + min_args or argv[1] not in commands:
         print(f'usage: {argv[0]} {{{",".join(sorted(commands))}}} {usage}',
               file=sys.stderr)
