@@ -192,7 +192,9 @@ impl Trio {
 /// through the replicas' doors; the primary's host is killed: a replica is
 /// promoted within ttl + a few seconds, the writers continue through their
 /// doors, the other replica follows the new primary; then (c) a switchover
-/// through etcd to the other replica and back, under the same load. At the
+/// through etcd to the other replica and back, under the same load. Every
+/// writer commits again within `RESUME_WITHIN` of the new primary being
+/// writable (and pauses no longer than that across a switchover). At the
 /// end every acknowledged commit is there and no client saw "Cache newer
 /// than server".
 #[test]
@@ -305,6 +307,10 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
     load.expect_line("MARKED", Duration::from_secs(60));
     let pauses = longest_pauses(&mut load);
     println!("switchover: longest pause per writer {pauses:.2?} s");
+    assert!(
+        pauses.iter().all(|p| *p <= RESUME_WITHIN.as_secs_f64()),
+        "a writer paused more than {RESUME_WITHIN:?} across the switchover: {pauses:?}"
+    );
     let v = t.switchover(other, new);
     assert_eq!(v["new_primary"], NAMES[new], "{v}");
     wait_until(SYNC, "switched back", || t.writable(new));
@@ -316,6 +322,10 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
     load.expect_line("MARKED", Duration::from_secs(60));
     let pauses = longest_pauses(&mut load);
     println!("switchover back: longest pause per writer {pauses:.2?} s");
+    assert!(
+        pauses.iter().all(|p| *p <= RESUME_WITHIN.as_secs_f64()),
+        "a writer paused more than {RESUME_WITHIN:?} across the switchover back: {pauses:?}"
+    );
 
     // A manual promotion would race the coordinator: refused.
     let admin = t.nodes[other].admin().to_string();
