@@ -576,8 +576,15 @@ impl RoleCtl {
     async fn start_primary(&mut self) -> anyhow::Result<()> {
         let token = self.shutdown.child_token();
         let mut tasks = Vec::new();
+        // The role is published only once the primary's hooks are the door's
+        // local hooks (below): a door that sees `Primary` serves read-write
+        // sessions with whatever `local_hooks` returns, and the replica's
+        // hooks answer a read-write `register` with ReadOnlyError (a ZEO
+        // client then waits ~9 s: its register_failed poll). The other way
+        // round (still `Replica`, primary hooks already) is harmless: a
+        // read-only session served here is closed at its next safe point
+        // once the role changes (`DoorHooks::on_wake`).
         self.status.update(|s| {
-            s.role = Role::Primary;
             s.upstream = None;
             s.upstream_roster.clear();
         });
@@ -653,6 +660,7 @@ impl RoleCtl {
             }),
         };
         self.set_local(hooks);
+        self.status.update(|s| s.role = Role::Primary);
         self.running = Some(Running {
             token,
             tasks,
@@ -674,6 +682,19 @@ impl RoleCtl {
         });
         let r = self.r.clone();
         let applied = Arc::new(AppliedLog::new(r.applied_log_txns));
+        // The replica's hooks right after the role (no await between): a
+        // door that sees `Replica` serves only read-only sessions here, and
+        // must not hand them the old primary's hooks (held replies on a
+        // stopped feed). The other order would be worse: `Primary` with the
+        // replica's hooks refuses a read-write `register` (see
+        // `start_primary`).
+        let allow_pack = r.allow_pack;
+        {
+            let applied = applied.clone();
+            self.set_local(Arc::new(move || {
+                Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
+            }));
+        }
         // Cascading: what this replica's backend commits (the applier's
         // replays, in tid order) is fed downstream exactly as a primary
         // feeds its replicas; so are its packs.
@@ -740,10 +761,6 @@ impl RoleCtl {
             self.status.clone(),
             token.clone(),
         )));
-        let allow_pack = r.allow_pack;
-        self.set_local(Arc::new(move || {
-            Box::new(ReplicaHooks::new(applied.clone(), allow_pack)) as Box<dyn SessionHooks>
-        }));
         self.running = Some(Running {
             token,
             tasks,

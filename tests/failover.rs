@@ -192,7 +192,9 @@ impl Trio {
 /// through the replicas' doors; the primary's host is killed: a replica is
 /// promoted within ttl + a few seconds, the writers continue through their
 /// doors, the other replica follows the new primary; then (c) a switchover
-/// through etcd to the other replica and back, under the same load. At the
+/// through etcd to the other replica and back, under the same load. Every
+/// writer commits again within `RESUME_WITHIN` of the new primary being
+/// writable (and pauses no longer than that across a switchover). At the
 /// end every acknowledged commit is there and no client saw "Cache newer
 /// than server".
 #[test]
@@ -228,6 +230,25 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
     load.send_line("mark");
     load.expect_line("MARKED", Duration::from_secs(60));
     let writable_through_doors = killed.elapsed();
+    // Every writer resumes soon after the new primary is writable, at
+    // either door. A client whose `register` got an error (say a
+    // ReadOnlyError from a door that already saw the new role but still
+    // had the replica's hooks) waits ~9 s more before it tries again.
+    let pauses = longest_pauses(&mut load);
+    println!(
+        "failover: longest pause per writer {pauses:.2?} s (new primary writable {:.2} s \
+         after the kill)",
+        promoted.as_secs_f64()
+    );
+    let bound = promoted.as_secs_f64() + RESUME_WITHIN.as_secs_f64();
+    for (i, p) in pauses.iter().enumerate() {
+        assert!(
+            *p <= bound,
+            "writer {i} paused {p:.2} s: more than {RESUME_WITHIN:?} after the new primary \
+             was writable ({:.2} s after the kill); all pauses {pauses:?}",
+            promoted.as_secs_f64()
+        );
+    }
     println!(
         "failover: {} writable {:.2} s after the kill (ttl {TTL} s); every writer committed \
          again through its door after {:.2} s",
@@ -284,6 +305,12 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
     assert_eq!(t.epoch(other), 2);
     load.send_line("mark");
     load.expect_line("MARKED", Duration::from_secs(60));
+    let pauses = longest_pauses(&mut load);
+    println!("switchover: longest pause per writer {pauses:.2?} s");
+    assert!(
+        pauses.iter().all(|p| *p <= RESUME_WITHIN.as_secs_f64()),
+        "a writer paused more than {RESUME_WITHIN:?} across the switchover: {pauses:?}"
+    );
     let v = t.switchover(other, new);
     assert_eq!(v["new_primary"], NAMES[new], "{v}");
     wait_until(SYNC, "switched back", || t.writable(new));
@@ -293,6 +320,12 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
     assert_eq!(st["coordinator"]["leader"]["epoch"], 3, "{st}");
     load.send_line("mark");
     load.expect_line("MARKED", Duration::from_secs(60));
+    let pauses = longest_pauses(&mut load);
+    println!("switchover back: longest pause per writer {pauses:.2?} s");
+    assert!(
+        pauses.iter().all(|p| *p <= RESUME_WITHIN.as_secs_f64()),
+        "a writer paused more than {RESUME_WITHIN:?} across the switchover back: {pauses:?}"
+    );
 
     // A manual promotion would race the coordinator: refused.
     let admin = t.nodes[other].admin().to_string();
@@ -304,6 +337,22 @@ fn primary_killed_replica_takes_over_then_switchover_and_back() {
     for i in [new, other] {
         t.nodes[i].assert_healthy();
     }
+}
+
+/// How soon after the new primary is writable every writer commits again
+/// (each writer's longest pause also covers the time before the kill was
+/// noticed; a writer whose `register` failed waits ~9 s more).
+const RESUME_WITHIN: Duration = Duration::from_secs(5);
+
+/// Each writer's longest pause between two acknowledged commits since the
+/// previous call (`roles.py switch-load`'s "pauses" command), in seconds.
+fn longest_pauses(load: &mut support::PyChild) -> Vec<f64> {
+    load.send_line("pauses");
+    let line = load.expect_prefix("PAUSES ", Duration::from_secs(10));
+    line["PAUSES ".len()..]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
 }
 
 /// Polls the two survivors until one takes commits; its index.

@@ -13,7 +13,10 @@ Commands:
         TOTAL. A commit refused by the fence (ReadOnlyError) or cut by a
         reconnect is retried. Prints READY once every writer committed.
         stdin: "mark" -> "MARKED" once every writer committed again after it
-        (the clients continue); "stop" -> stops, then checks at FINAL (the
+        (the clients continue); "pauses" -> "PAUSES S0 S1 ..." each
+        writer's longest pause between two acknowledged commits since the
+        previous "pauses" (seconds; when, in UTC, on stderr); "stop" ->
+        stops, then checks at FINAL (the
         first WDOOR): total intact, and each writer's counter equals its
         acknowledged commits (plus at most its commits of unknown outcome):
         no acknowledged commit lost.
@@ -68,6 +71,11 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
     conflicts = [0]
     reads = [0]
     mark = [0] * len(wdoors)  # commits at the last mark
+    # Each writer's last acknowledgement (monotonic) and its longest pause
+    # between two acknowledgements since the last "pauses" command, with
+    # the wall-clock times it began and ended.
+    last_ack = [None] * len(wdoors)
+    longest = [(0.0, 0.0, 0.0)] * len(wdoors)
 
     def fail(msg):
         with lock:
@@ -78,7 +86,7 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
         kw = {}
         if i % 2 == 1:
             kw = dict(client=f'w{i}', var=cachedir, cache_size=1 << 20)
-        db = open_db(door, **kw)
+        db = open_db(door, name=f'w{i}', **kw)
         try:
             tm, conn = new_conn(db)
             for _ in range(100_000):
@@ -118,8 +126,15 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
                             unknown[i] += 1
                     time.sleep(0.05)
                     continue
+                now = time.monotonic()
                 with lock:
                     acked[i] += 1
+                    if last_ack[i] is not None:
+                        gap = now - last_ack[i]
+                        if gap > longest[i][0]:
+                            wall = time.time()
+                            longest[i] = (gap, wall - gap, wall)
+                    last_ack[i] = now
         except Exception as e:  # noqa: BLE001
             fail(f'writer {i} at {door}: {e!r}')
         finally:
@@ -186,6 +201,19 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
             if cmd == 'mark':
                 wait_progress('after the mark')
                 print('MARKED', flush=True)
+            elif cmd == 'pauses':
+                with lock:
+                    got = list(longest)
+                    longest[:] = [(0.0, 0.0, 0.0)] * len(wdoors)
+                print('PAUSES ' + ' '.join(f'{g:.3f}' for g, _, _ in got),
+                      flush=True)
+                for i, (g, a, b) in enumerate(got):
+                    print(f'writer {i} longest pause {g:.3f} s: '
+                          f'{time.strftime("%H:%M:%S", time.gmtime(a))}'
+                          f'.{int(a % 1 * 1000):03d} -> '
+                          f'{time.strftime("%H:%M:%S", time.gmtime(b))}'
+                          f'.{int(b % 1 * 1000):03d} UTC', file=sys.stderr,
+                          flush=True)
             elif cmd == 'stop':
                 break
     finally:

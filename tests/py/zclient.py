@@ -121,7 +121,8 @@ def run(commands, argv, usage='ARGS...', min_args=0, convert=lambda a: a):
     """Runs `commands[argv[1]](*argv[2:])` as a test script: exit 0 and an
     'ok' line, or exit 1 and 'FAIL name: reason' for a Failure. Every
     thread's stack is dumped before the harness's own timeout would kill
-    the script."""
+    the script. ZRELAY_ZEO_LOG=FILE appends ZEO's client log at DEBUG to
+    FILE (each line names its storage's thread: `name=` of the client)."""
     if len(argv) < 2 + min_args or argv[1] not in commands:
         print(f'usage: {argv[0]} {{{",".join(sorted(commands))}}} {usage}',
               file=sys.stderr)
@@ -129,6 +130,20 @@ def run(commands, argv, usage='ARGS...', min_args=0, convert=lambda a: a):
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format='%(asctime)s %(levelname)s %(name)s '
                                '%(message)s')
+    zeo_log = os.environ.get('ZRELAY_ZEO_LOG')
+    if zeo_log:
+        # ZEO's client at DEBUG (connects, register, verification) into a
+        # file of its own, one line per event with its thread (the
+        # storage's name): what a client saw during a role change.
+        h = logging.FileHandler(zeo_log)
+        h.setFormatter(logging.Formatter(
+            '%(asctime)s %(threadName)s %(levelname)s %(name)s %(message)s'))
+        h.setLevel(logging.DEBUG)
+        for root_h in logging.getLogger().handlers:
+            root_h.setLevel(logging.WARNING)
+        zeo = logging.getLogger('ZEO')
+        zeo.setLevel(logging.DEBUG)
+        zeo.addHandler(h)
     faulthandler.dump_traceback_later(float(os.environ.get(
         'ZRELAY_PY_TIMEOUT', 110)), exit=True)
     name = argv[1]
