@@ -43,6 +43,7 @@ from ZODB.POSException import ConflictError, ReadOnlyError
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import u64, z64
 
+import bank as workload
 from zclient import (Failure, check, check_eq, new_conn, open_db,
                      open_storage, run)
 
@@ -69,19 +70,7 @@ def roundtrip(door):
 
 
 def bank_init(addr, n, total):
-    n, total = int(n), int(total)
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
-        root = conn.root()
-        each = total // n
-        accts = [PersistentMapping({'b': each}) for _ in range(n)]
-        accts[0]['b'] += total - each * n
-        root['bank'] = PersistentMapping({i: a for i, a in enumerate(accts)})
-        tm.commit()
-        print(f'tid={hx(db.storage.lastTransaction())}')
-    finally:
-        db.close()
+    print(f'tid={hx(workload.init(addr, n, total))}')
 
 
 def bank(seed, seconds, n, total, wdoors, rdoors):
@@ -161,8 +150,7 @@ def bank(seed, seconds, n, total, wdoors, rdoors):
                          f'went back from {hx(last)} to {hx(snap)}')
                     return
                 last = snap
-                bank = conn.root()['bank']
-                s = sum(bank[k]['b'] for k in range(n))
+                s = workload.total(conn, n)
                 if s != total:
                     fail(f'reader {i} at {door} (ro={read_only}): sum {s} '
                          f'!= {total} at {hx(snap)}')

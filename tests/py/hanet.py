@@ -37,30 +37,17 @@ import sys
 import threading
 import time
 
-from persistent.mapping import PersistentMapping
 from ZODB.FileStorage import FileIterator
 from ZODB.POSException import ConflictError
 
+import bank
 from zclient import (Failure, check, check_eq, new_conn, open_db,
                      open_storage, run)
 
 
 def bank_init(addr, n, total, writers):
-    n, total = int(n), int(total)
-    db = open_db(addr, wait_timeout=60)
-    try:
-        tm, conn = new_conn(db)
-        root = conn.root()
-        each = total // n
-        accts = [PersistentMapping({'b': each}) for _ in range(n)]
-        accts[0]['b'] += total - each * n
-        root['bank'] = PersistentMapping(dict(enumerate(accts)))
-        root['counters'] = PersistentMapping(
-            {i: PersistentMapping({'n': 0}) for i in range(int(writers))})
-        tm.commit()
-        print(f'tid={db.storage.lastTransaction().hex()}')
-    finally:
-        db.close()
+    tid = bank.init(addr, n, total, writers, wait_timeout=60)
+    print(f'tid={tid.hex()}')
 
 
 def writer(door, ident, n):
@@ -89,16 +76,9 @@ def writer(door, ident, n):
     deadline = time.monotonic() + 380
     while not stop.is_set():
         check(time.monotonic() < deadline, 'no "stop" within 380s')
-        a, b = rng.sample(range(n), 2)
-        amount = rng.randint(1, 50)
         phase = 'begin'
         try:
-            tm.begin()
-            root = conn.root()
-            root['bank'][a]['b'] -= amount
-            root['bank'][b]['b'] += amount
-            counter = root['counters'][ident]
-            counter['n'] += 1
+            acct, _ = bank.transfer(tm, conn, rng, n, ident)
             phase = 'commit'
             with lock:
                 counts['inflight'] = 1
@@ -122,7 +102,7 @@ def writer(door, ident, n):
             time.sleep(0.05)
             continue
         at = time.time()
-        tid = counter._p_serial.hex()
+        tid = acct._p_serial.hex()
         with lock:
             if stop.is_set():
                 # The report may be printed already: this one is unknown.
@@ -147,8 +127,7 @@ def reads(door, n, total, seconds):
         while time.monotonic() < deadline:
             try:
                 tm.begin()
-                bank = conn.root()['bank']
-                s = sum(bank[k]['b'] for k in range(n))
+                s = bank.total(conn, n)
                 tm.abort()
             except Exception:  # noqa: BLE001 - counted
                 errors += 1
@@ -174,10 +153,8 @@ def check_bank(addr, n, total, writers):
     db = open_db(addr, wait_timeout=60)
     try:
         tm, conn = new_conn(db)
-        root = conn.root()
-        s = sum(root['bank'][k]['b'] for k in range(n))
-        check_eq(s, total, 'bank total')
-        print(' '.join(f'counter{i}={root["counters"][i]["n"]}'
+        check_eq(bank.total(conn, n), total, 'bank total')
+        print(' '.join(f'counter{i}={bank.counter(conn, i)}'
                        for i in range(int(writers))))
         tm.abort()
     finally:

@@ -34,28 +34,14 @@ import threading
 import time
 
 import transaction  # noqa: F401 - imported for its side effects on ZODB
-from persistent.mapping import PersistentMapping
 from ZODB.POSException import ConflictError, ReadOnlyError
 
+import bank
 from zclient import Failure, check, check_eq, new_conn, open_db, run
 
 
 def bank_init(addr, n, total, writers='4'):
-    n, total = int(n), int(total)
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
-        root = conn.root()
-        each = total // n
-        accts = [PersistentMapping({'b': each}) for _ in range(n)]
-        accts[0]['b'] += total - each * n
-        root['bank'] = PersistentMapping({i: a for i, a in enumerate(accts)})
-        root['counters'] = PersistentMapping(
-            {i: PersistentMapping({'n': 0}) for i in range(int(writers))})
-        tm.commit()
-        print(f'tid={db.storage.lastTransaction().hex()}')
-    finally:
-        db.close()
+    print(f'tid={bank.init(addr, n, total, writers).hex()}')
 
 
 def switch_load(n, total, wdoors, rdoors, cachedir):
@@ -92,15 +78,9 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
             for _ in range(100_000):
                 if stop.is_set() or errors:
                     return
-                a, b = rng.sample(range(n), 2)
-                amount = rng.randint(1, 50)
                 phase = 'begin'
                 try:
-                    tm.begin()
-                    root = conn.root()
-                    root['bank'][a]['b'] -= amount
-                    root['bank'][b]['b'] += amount
-                    root['counters'][i]['n'] += 1
+                    bank.transfer(tm, conn, rng, n, i)
                     phase = 'commit'
                     tm.commit()
                 except ConflictError:
@@ -147,8 +127,7 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
             while not stop.is_set() and not errors:
                 try:
                     tm.begin()
-                    bank = conn.root()['bank']
-                    s = sum(bank[k]['b'] for k in range(n))
+                    s = bank.total(conn, n)
                     tm.abort()
                 except Exception as e:  # noqa: BLE001 - a reconnect
                     tm.abort()
@@ -225,11 +204,9 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
     db = open_db(wdoors[0])
     try:
         tm, conn = new_conn(db)
-        root = conn.root()
-        s = sum(root['bank'][k]['b'] for k in range(n))
-        check_eq(s, total, 'bank total at the end')
+        check_eq(bank.total(conn, n), total, 'bank total at the end')
         for i in range(len(wdoors)):
-            got = root['counters'][i]['n']
+            got = bank.counter(conn, i)
             check(acked[i] <= got <= acked[i] + unknown[i],
                   f'writer {i}: counter {got}, acknowledged {acked[i]}, '
                   f'unknown outcome {unknown[i]}: a commit was lost')
