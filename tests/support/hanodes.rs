@@ -350,6 +350,11 @@ impl HaCluster {
         Net::rejoin(&self.nodes[k].ns);
     }
 
+    /// Limits what reaches node `k` to `rate` (see [`Net::limit_into`]).
+    pub fn limit_into(&self, k: usize, rate: Option<&str>) {
+        self.net.limit_into(self.nodes[k].host, rate);
+    }
+
     /// Every door, comma-separated (for the Python scripts).
     pub fn doors(&self) -> String {
         self.nodes

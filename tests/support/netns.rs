@@ -183,6 +183,23 @@ impl Net {
         ]);
     }
 
+    /// Limits what reaches node `host` to `rate` (tc's syntax, e.g.
+    /// "64kbit"): a token bucket (tbf) on the egress of its veth's hub end,
+    /// so its inbound traffic queues (up to 10 s of it, then drops). `None`
+    /// lifts it.
+    pub fn limit_into(&self, host: u8, rate: Option<&str>) {
+        let peer = format!("v{host}");
+        match rate {
+            Some(r) => run(&[
+                "ip", "netns", "exec", &self.hub, "tc", "qdisc", "replace", "dev", &peer, "root",
+                "tbf", "rate", r, "burst", "8kb", "latency", "10s",
+            ]),
+            None => run(&[
+                "ip", "netns", "exec", &self.hub, "tc", "qdisc", "del", "dev", &peer, "root",
+            ]),
+        }
+    }
+
     pub fn heal(ns: &str) {
         run(&[
             "ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "zrpart",
