@@ -31,6 +31,7 @@ use crate::replication::history::{fetch_txn, packed_away, read_txn, HistoryCurso
 use crate::replication::pack::{PackGate, PackOp};
 use crate::replication::protocol::{self, StreamMsg};
 use crate::replication::sender::{SenderConfig, SenderMode, SenderState};
+use crate::replication::stages::{self, Stage};
 use crate::replication::stream_io::{read_msg, ReadError};
 use crate::replication::tls;
 use crate::replication::txn::{tid_after, tid_hex, Tid, Txn, Z64};
@@ -177,11 +178,12 @@ async fn feed_once(
             set_last(last_tid, status, tid);
             continue;
         }
+        stages::record(Stage::Observed, &tid);
         if let Some(c) = capture {
             if let Some(txn) = captured(c, &mut reader, &tid, &oids).await? {
                 *published = txn.tid;
                 set_last(last_tid, status, txn.tid);
-                let _ = commits.send(Arc::new(txn));
+                send_commit(commits, txn);
                 continue;
             }
         }
@@ -192,7 +194,7 @@ async fn feed_once(
             Some(txn) => {
                 *published = txn.tid;
                 set_last(last_tid, status, txn.tid);
-                let _ = commits.send(Arc::new(txn));
+                send_commit(commits, txn);
             }
             None => publish_range(&mut reader, published, tid, commits, last_tid, status).await?,
         }
@@ -255,10 +257,16 @@ async fn publish_range(
         }
         *published = txn.tid;
         set_last(last_tid, status, txn.tid);
-        // No receivers is fine: nobody is streaming right now.
-        let _ = commits.send(Arc::new(txn));
+        send_commit(commits, txn);
     }
     Ok(())
+}
+
+/// Hands a committed transaction to the replica streams.
+fn send_commit(commits: &broadcast::Sender<Arc<Txn>>, txn: Txn) {
+    stages::record(Stage::Published, &txn.tid);
+    // No receivers is fine: nobody is streaming right now.
+    let _ = commits.send(Arc::new(txn));
 }
 
 fn set_last(last_tid: &watch::Sender<Tid>, status: Option<&StatusHub>, tid: Tid) {
@@ -803,6 +811,8 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     shutdown: &CancellationToken,
 ) -> Result<(), StreamError> {
     let mut next_roster = Instant::now();
+    // Live transactions in `wbuf`, timed once written (`stages`).
+    let mut unsent: Vec<Tid> = Vec::new();
     loop {
         // Catch-up rounds from history.
         while let Some(after) = state.start_history() {
@@ -833,6 +843,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
         while let Some(msg) = state.poll_send(Instant::now(), unix_ms()) {
             if let StreamMsg::Txn { txn, .. } = &msg {
                 m::replica_sent(name, txn.size_bytes());
+                unsent.push(txn.tid);
             }
             protocol::encode(&msg, wbuf)?;
         }
@@ -854,6 +865,9 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             // TLS: write_all may leave the last records in the session.
             wh.flush().await?;
             wbuf.clear();
+            for tid in unsent.drain(..) {
+                stages::record(Stage::Sent, &tid);
+            }
         }
         publish(state, feed, name, peer_addr, status);
         if state.mode() != SenderMode::Live && state.mode() != SenderMode::CatchingUp {
