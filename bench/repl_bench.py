@@ -325,6 +325,100 @@ def start_pair(procs, registry, args, settings, tmp, certs, tag):
     return primary, replica, alone
 
 
+# ------------------------------------------------------------- stages ----
+
+STAGE_METRIC = 'zrelay_replication_stage_seconds'
+# (stage label, which zrelay records it, what it is), in path order.
+STAGES = [
+    ('finish_reply', 'primary', 'primary zrelay: session got tpc_finish reply'),
+    ('observed', 'primary', 'primary zrelay: observer got the invalidation'),
+    ('published', 'primary', 'primary zrelay: handed to the streams'),
+    ('sent', 'primary', 'primary zrelay: frame written to TLS'),
+    ('received', 'replica', 'replica zrelay: frame decoded'),
+    ('begin_sent', 'replica', 'replica zrelay: tpc_begin..vote written'),
+    ('voted', 'replica', 'replica zrelay: vote answered'),
+    ('finished', 'replica', 'replica zrelay: tpc_finish answered'),
+    ('invalidated', 'replica', 'replica zrelay: invalidation to the client'),
+]
+
+
+def tid_unix(tid_hex):
+    """Unix seconds of a ZODB tid (ZODB.TimeStamp: minutes since 1900 in
+    the high 4 bytes, the seconds as a fraction of 2**32/60 in the low)."""
+    raw = bytes.fromhex(tid_hex)
+    v = int.from_bytes(raw[:4], 'big')
+    minute = v % 60
+    v //= 60
+    hour = v % 24
+    v //= 24
+    day = v % 31 + 1
+    v //= 31
+    month = v % 12 + 1
+    year = v // 12 + 1900
+    secs = int.from_bytes(raw[4:], 'big') * 60.0 / (1 << 32)
+    base = datetime.datetime(year, month, day, hour, minute,
+                             tzinfo=datetime.timezone.utc).timestamp()
+    return base + secs
+
+
+def wall_offset_ns():
+    """CLOCK_REALTIME − CLOCK_MONOTONIC now (the clients stamp with the
+    latter, one clock for every process of this host)."""
+    best = None
+    for _ in range(5):
+        a = time.monotonic_ns()
+        w = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, w - (a + b) // 2)
+    return best[1]
+
+
+def hist_quantile(buckets, q):
+    """Quantile *q* (0..1) of a histogram given as sorted [(le, count)]
+    cumulative counts, interpolated linearly inside the bucket (the way
+    Prometheus' histogram_quantile does)."""
+    if not buckets or buckets[-1][1] <= 0:
+        return float('nan')
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if le == float('inf'):
+                return prev_le
+            if c == prev_c:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def stage_breakdown(before, after):
+    """{stage: (p50_ms, p99_ms, count)} of the stage histogram's increase
+    between two scrapes of one zrelay."""
+    out = {}
+    for stage, _, _ in STAGES:
+        prefix = f'{STAGE_METRIC}_bucket{{stage="{stage}",le="'
+        bs = []
+        for k in after:
+            if k.startswith(prefix):
+                le = k[len(prefix):-2]
+                le = float('inf') if le == '+Inf' else float(le)
+                bs.append((le, after[k] - before.get(k, 0.0)))
+        bs.sort()
+        if bs and bs[-1][1] > 0:
+            out[stage] = (hist_quantile(bs, 0.5) * 1e3,
+                          hist_quantile(bs, 0.99) * 1e3, bs[-1][1])
+    return out
+
+
+def client_ages(tids, times_ns, offset_ns):
+    """Sorted ages (ms since each tid's timestamp) of client events."""
+    return sorted(((t + offset_ns) / 1e9 - tid_unix(tid)) * 1e3
+                  for tid, t in zip(tids, times_ns))
+
+
 # ------------------------------------------------------------------ lag ----
 
 class CpuMeter:
@@ -427,6 +521,25 @@ def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
                   for t in finish
                   if t in arrivals['replica'] and t in arrivals['primary'])
     out['hop'] = {'p50': P.percentile(both, 50), 'p99': P.percentile(both, 99)}
+    # Where the lag goes: every stage as the age of the transaction (ms
+    # since its tid's time) when it passed; the clients' events likewise.
+    off = wall_offset_ns()
+    stages = {}
+    for name, m0, m1 in (('primary', m_pri0, m_pri1),
+                         ('replica', m_rep0, m_rep1)):
+        got = stage_breakdown(m0, m1)
+        for stage, side, _ in STAGES:
+            if side == name and stage in got:
+                stages[stage] = got[stage]
+    fin = client_ages(list(finish), list(finish.values()), off)
+    stages['client_finish'] = (P.percentile(fin, 50), P.percentile(fin, 99),
+                               len(fin))
+    for src in ('primary', 'replica'):
+        a = client_ages(list(arrivals[src]), list(arrivals[src].values()),
+                        off)
+        stages[f'client_{src}'] = (P.percentile(a, 50), P.percentile(a, 99),
+                                   len(a))
+    out['stages'] = stages
     out['drain_ms'] = (out['replica']['last_arrival_ns'] - last_ns) / 1e6
     name = 'zrelay_replication_apply_duration_seconds'
     cnt = metric_delta(m_rep0, m_rep1, name + '_count')
@@ -451,6 +564,9 @@ def lag_run(registry, tmp, primary, replica, label, n_writers, rate,
         f'{out["primary"]["p50"]:.2f} ms; cpu '
         + ', '.join(f'{k} {v:.2f}' for k, v in cpu.items())
         + f'; other {other:.2f}')
+    log(f'{label}: where the lag goes (ms since the tid, p50/p99): '
+        + ', '.join(f'{k} {v[0]:.2f}/{v[1]:.2f}'
+                    for k, v in stage_rows(out['stages'])))
     if rep['missing'] or out['primary']['missing']:
         raise RuntimeError(f'{label}: invalidations missing: replica '
                            f'{rep["missing"]}, primary '
@@ -798,6 +914,11 @@ def render_summary(variants, populated):
                 f'p50 / p99 / max (ms)',
                 [f'{f2(r["primary"]["p50"])} / {f2(r["primary"]["p99"])} / '
                  f'{f2(r["primary"]["max"])}' if r else '–' for r in rs])
+            row(f'{title}: **lag p99 ÷ bare runzeo commit p50** (same '
+                f'run)',
+                [f'**{r["replica"]["p99"] / v["bare"][0]["p50"]:.2f}×**'
+                 if r and v['bare'] else '–'
+                 for r, v in zip(rs, variants)], '≤ 2×')
             row(f'{title}: writer\'s commit p50 / p99 (ms)',
                 [f'{f2(r["commit_p50_ms"])} / {f2(r["commit_p99_ms"])}'
                  if r else '–' for r in rs])
@@ -841,6 +962,46 @@ def render_summary(variants, populated):
                         else ''))
     row('targets met', cells)
     return '\n'.join(out)
+
+
+STAGE_ROWS = ([('client_finish', "writer: tpc_finish returned")]
+              + [(st, what) for st, _, what in STAGES[:5]]
+              + [('client_primary', "client of the primary: invalidation "
+                  "arrived")]
+              + [(st, what) for st, _, what in STAGES[5:]]
+              + [('client_replica', "client of the replica: invalidation "
+                  "arrived")])
+
+
+def stage_rows(stages):
+    return [(k, stages[k]) for k, _ in STAGE_ROWS if k in stages]
+
+
+def render_stages(v):
+    """Table: the steady run's stages, per-stage p50/p99 and the step."""
+    r = next((r for r in v['lag'] if r['rate'] and r.get('stages')), None)
+    if not r:
+        return []
+    st = r['stages']
+    out = [f'Where the lag goes at {load_label(r)}: each stage as the age '
+           'of the transaction when it passed it (ms since its tid\'s '
+           'timestamp, set by the primary\'s runzeo at vote; zrelay '
+           '`zrelay_replication_stage_seconds`, quantiles interpolated in '
+           '100 µs buckets; client rows exact). Step = p50 minus the '
+           'previous replication stage\'s p50:', '',
+           '| stage | p50 | p99 | step (p50) |', '|---|---:|---:|---:|']
+    prev = None
+    for k, what in STAGE_ROWS:
+        if k not in st:
+            continue
+        p50, p99, _ = st[k]
+        side = k == 'client_primary'
+        step = '' if prev is None or side else f'{p50 - prev:+.2f}'
+        out.append(f'| {what} | {f2(p50)} | {f2(p99)} | {step} |')
+        if not side:
+            prev = p50
+    out.append('')
+    return out
 
 
 def render_variant(v, populated):
@@ -913,6 +1074,7 @@ def render_variant(v, populated):
                    'back from its backend), of all it published: '
                    + ', '.join(cap) + '.')
         out.append('')
+        out.extend(render_stages(v))
     if v['rounds']:
         out.append(f'Catch-up of an empty replica: {populated["txns"]} '
                    f'transactions, {populated["bytes"] / 1e6:.1f} MB of '

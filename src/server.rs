@@ -73,6 +73,13 @@ async fn serve(
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&crate::admin::LATENCY_BUCKETS)
         .context("configure histogram buckets")?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                crate::replication::stages::STAGE_SECONDS.to_string(),
+            ),
+            &crate::replication::stages::STAGE_BUCKETS,
+        )
+        .context("configure the replication stage buckets")?
         .build_recorder();
     let prometheus = recorder.handle();
     metrics::set_global_recorder(recorder).context("install the metrics recorder")?;
@@ -82,6 +89,7 @@ async fn serve(
     pack::describe();
     crate::own_conns::describe();
     capture::describe();
+    crate::replication::stages::describe();
     crate::tls::expiry::describe();
     // Zero series even on a plaintext port: dashboards query them everywhere.
     crate::tls::client::describe_and_init();

@@ -214,6 +214,54 @@ fn fresh_caches(enc: Enc) {
     ]);
     eprintln!("{out}");
     c.assert_healthy();
+    assert_stages(&c);
+}
+
+/// The per-stage trace of the replication path
+/// (`zrelay_replication_stage_seconds`): every stage of both ends was
+/// passed, and each transaction the replica applied passed its stages once,
+/// in path order (the sums of the ages cannot decrease along the path).
+fn assert_stages(c: &Cluster) {
+    const H: &str = "zrelay_replication_stage_seconds";
+    let stat = |m: &str, stage: &str| {
+        (
+            metric_value(m, &format!("{H}_count{{stage=\"{stage}\"}}")),
+            metric_value(m, &format!("{H}_sum{{stage=\"{stage}\"}}")),
+        )
+    };
+    let path = ["received", "begin_sent", "voted", "finished"];
+    // The last transaction may still be between two stages.
+    wait_until(
+        Duration::from_secs(20),
+        "every applied transaction's stages",
+        || {
+            let r = c.replica.metrics();
+            let n = stat(&r, path[0]).0;
+            n > 0.0 && path.iter().all(|s| stat(&r, s).0 == n)
+        },
+    );
+    let (p, r) = (c.primary.metrics(), c.replica.metrics());
+    for stage in ["finish_reply", "observed", "published", "sent"] {
+        assert!(stat(&p, stage).0 > 0.0, "primary: no {stage} stage\n{p}");
+    }
+    assert!(
+        stat(&r, "invalidated").0 > 0.0,
+        "replica: no invalidated stage"
+    );
+    let (n, mut prev) = stat(&r, path[0]);
+    assert!(n > 0.0, "replica: no received stage");
+    for stage in &path[1..] {
+        let (count, sum) = stat(&r, stage);
+        assert_eq!(
+            count, n,
+            "replica: {stage} passed {count} times, received {n}"
+        );
+        assert!(
+            sum >= prev,
+            "replica: {stage} (sum {sum}) before the stage ahead of it ({prev})"
+        );
+        prev = sum;
+    }
 }
 
 #[test]

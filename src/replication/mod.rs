@@ -24,6 +24,7 @@ pub mod primary;
 pub mod replica;
 pub mod restore_bench;
 pub mod rewind;
+pub mod stages;
 pub mod stream;
 
 pub use primary::{capture, clone_serve, feed, history, semisync, sender};

@@ -50,6 +50,7 @@ use tokio::sync::Notify;
 use crate::relay::hooks::PendingCall;
 use crate::relay::{ServerVerdict, SessionHooks, SessionInfo};
 use crate::replication::history::looks_like_blob;
+use crate::replication::stages::{self, Stage};
 use crate::replication::txn::{Oid, Record, Tid, Txn};
 use crate::wire::{pickle, Encoding, Flag, Message, Value};
 
@@ -393,6 +394,9 @@ impl Capture {
                 self.finishing = false;
                 let b = self.building.take()?;
                 let tid: Option<Tid> = reply.args.as_bytes().and_then(|t| t.try_into().ok());
+                if let (true, Some(t)) = (ok, &tid) {
+                    stages::record(Stage::FinishReply, t);
+                }
                 Some(Event::FinishDone(match (ok, tid) {
                     (true, Some(tid)) => Some((tid, build(b, tid))),
                     _ => None,

@@ -31,6 +31,7 @@ use crate::replication::history::{fetch_txn, packed_away, read_txn, HistoryCurso
 use crate::replication::pack::{PackGate, PackOp};
 use crate::replication::protocol::{self, StreamMsg};
 use crate::replication::sender::{SenderConfig, SenderMode, SenderState};
+use crate::replication::stages::{self, Stage};
 use crate::replication::stream_io::{read_msg, ReadError};
 use crate::replication::tls;
 use crate::replication::txn::{tid_after, tid_hex, Tid, Txn, Z64};
@@ -127,8 +128,12 @@ async fn feed_once(
     published: &mut Tid,
     capture: Option<&CaptureLink>,
 ) -> Result<(), ZeoError> {
+    // One connection observes and reads back: every registered connection
+    // costs the backend an `invalidateTransaction` per commit (and this
+    // process a wake-up to read it), so a second, mostly idle reader would
+    // add work to every commit. Invalidations arriving during a read-back
+    // wait in `pending_async` and are taken, in order, before new ones.
     let (mut observer, last) = link.open(true).await?;
-    let (mut reader, _) = link.open(true).await?;
     if *published == Z64 {
         // First start: replicas catch up from history; publish from here on.
         *published = last;
@@ -138,23 +143,15 @@ async fn feed_once(
         if commits.receiver_count() == 0 {
             *published = last;
         } else {
-            publish_range(&mut reader, published, last, commits, last_tid, status).await?;
+            publish_range(&mut observer, published, last, commits, last_tid, status).await?;
         }
     }
     set_last(last_tid, status, last.max(*published));
     info!(last = %tid_hex(&last), "commit feed observing the backend");
     loop {
-        // The reader is registered too, so the backend sends it every
-        // commit's invalidation; read and drop them while it is idle (with
-        // capture it may stay idle for long), or they pile up in the
-        // backend's output buffer.
-        reader.pending_async.clear();
-        let msg = tokio::select! {
-            m = observer.read_message() => m?,
-            m = reader.read_message() => {
-                m?;
-                continue;
-            }
+        let msg = match observer.pending_async.pop_front() {
+            Some(m) => m,
+            None => observer.read_message().await?,
         };
         let Ok(ServerMsg::InvalidateTransaction { tid, oids }) = ServerMsg::parse(&msg) else {
             continue;
@@ -177,24 +174,25 @@ async fn feed_once(
             set_last(last_tid, status, tid);
             continue;
         }
+        stages::record(Stage::Observed, &tid);
         if let Some(c) = capture {
-            if let Some(txn) = captured(c, &mut reader, &tid, &oids).await? {
+            if let Some(txn) = captured(c, &mut observer, &tid, &oids).await? {
                 *published = txn.tid;
                 set_last(last_tid, status, txn.tid);
-                let _ = commits.send(Arc::new(txn));
+                send_commit(commits, txn);
                 continue;
             }
         }
         // The observer sees every commit in order, so this is the next one:
         // read it in one round trip. Anything unexpected falls back to
         // reading the whole range since the last published tid.
-        match fetch_txn(&mut reader, &tid, oids.len()).await? {
+        match fetch_txn(&mut observer, &tid, oids.len()).await? {
             Some(txn) => {
                 *published = txn.tid;
                 set_last(last_tid, status, txn.tid);
-                let _ = commits.send(Arc::new(txn));
+                send_commit(commits, txn);
             }
-            None => publish_range(&mut reader, published, tid, commits, last_tid, status).await?,
+            None => publish_range(&mut observer, published, tid, commits, last_tid, status).await?,
         }
     }
 }
@@ -255,10 +253,16 @@ async fn publish_range(
         }
         *published = txn.tid;
         set_last(last_tid, status, txn.tid);
-        // No receivers is fine: nobody is streaming right now.
-        let _ = commits.send(Arc::new(txn));
+        send_commit(commits, txn);
     }
     Ok(())
+}
+
+/// Hands a committed transaction to the replica streams.
+fn send_commit(commits: &broadcast::Sender<Arc<Txn>>, txn: Txn) {
+    stages::record(Stage::Published, &txn.tid);
+    // No receivers is fine: nobody is streaming right now.
+    let _ = commits.send(Arc::new(txn));
 }
 
 fn set_last(last_tid: &watch::Sender<Tid>, status: Option<&StatusHub>, tid: Tid) {
@@ -768,6 +772,7 @@ where
             }
         }
     });
+    let mut conn = Some(conn);
     let features_pack = hello.features.iter().any(|f| f == protocol::FEATURE_PACK);
     let features_roles = hello.features.iter().any(|f| f == protocol::FEATURE_ROLES);
     let mut handover = cfg.handover.clone();
@@ -776,7 +781,7 @@ where
         &mut state,
         &mut wh,
         &mut wbuf,
-        &mut conn,
+        (&mut conn, link),
         &mut live,
         &mut ack_rx,
         &mut packs,
@@ -798,7 +803,7 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     state: &mut SenderState,
     wh: &mut W,
     wbuf: &mut BytesMut,
-    conn: &mut ZeoConn,
+    (conn, link): (&mut Option<ZeoConn>, &BackendLink),
     live: &mut broadcast::Receiver<Arc<Txn>>,
     acks: &mut mpsc::Receiver<Result<Tid, StreamError>>,
     packs: &mut PackGate,
@@ -811,9 +816,15 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
     shutdown: &CancellationToken,
 ) -> Result<(), StreamError> {
     let mut next_roster = Instant::now();
+    // Live transactions in `wbuf`, timed once written (`stages`).
+    let mut unsent: Vec<Tid> = Vec::new();
     loop {
         // Catch-up rounds from history.
         while let Some(after) = state.start_history() {
+            if conn.is_none() {
+                *conn = Some(link.open(true).await?.0);
+            }
+            let conn = conn.as_mut().expect("opened above");
             let mut cursor = HistoryCursor::open(conn, tid_after(&after), None).await?;
             loop {
                 drain_live(state, live);
@@ -821,6 +832,8 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
                 let Some(txn) = cursor.next(conn).await? else {
                     break;
                 };
+                // This registered connection's own invalidations.
+                conn.pending_async.clear();
                 let size = txn.size_bytes();
                 if let Some(msg) = state.on_history_txn(Arc::new(txn), Instant::now()) {
                     protocol::encode(&msg, wbuf)?;
@@ -838,9 +851,16 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             }
             state.on_history_end();
         }
+        if state.mode() == SenderMode::Live && conn.is_some() {
+            // Live: history is not read until the stream falls behind again.
+            // A registered connection costs the backend an invalidation per
+            // commit, sent in the middle of replicating it: close it.
+            *conn = None;
+        }
         while let Some(msg) = state.poll_send(Instant::now(), unix_ms()) {
             if let StreamMsg::Txn { txn, .. } = &msg {
                 m::replica_sent(name, txn.size_bytes());
+                unsent.push(txn.tid);
             }
             protocol::encode(&msg, wbuf)?;
         }
@@ -862,6 +882,9 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             // TLS: write_all may leave the last records in the session.
             wh.flush().await?;
             wbuf.clear();
+            for tid in unsent.drain(..) {
+                stages::record(Stage::Sent, &tid);
+            }
         }
         publish(state, feed, name, peer_addr, status);
         if state.mode() != SenderMode::Live && state.mode() != SenderMode::CatchingUp {
@@ -914,11 +937,23 @@ async fn stream_loop<W: AsyncWrite + Unpin>(
             _ = tokio::time::sleep_until(wake.into()) => {}
             // Idle between history rounds: drop the invalidations the
             // backend sends this registered connection (see feed_once).
-            m = conn.read_message() => {
+            m = read_idle(conn) => {
                 m?;
-                conn.pending_async.clear();
             }
         }
+    }
+}
+
+/// The next message of an idle history connection, dropped (its
+/// invalidations); never resolves without one.
+async fn read_idle(conn: &mut Option<ZeoConn>) -> Result<(), ZeoError> {
+    match conn {
+        Some(c) => {
+            c.read_message().await?;
+            c.pending_async.clear();
+            Ok(())
+        }
+        None => std::future::pending().await,
     }
 }
 

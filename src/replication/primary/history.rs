@@ -355,7 +355,10 @@ async fn fetch_blobs(
             continue;
         }
         let oid = records[i].oid;
-        conn.pending_async.clear();
+        // Other async messages (the invalidations of the feed's observer,
+        // which reads back on its own connection) are kept, in order; only
+        // the blob's own messages are taken.
+        let mut kept = std::mem::take(&mut conn.pending_async);
         let res = conn
             .call(
                 "sendBlob",
@@ -369,7 +372,12 @@ async fn fetch_blobs(
             Ok(_) => {}
             // Not a blob after all (or its file is gone): keep the record.
             Err(ZeoError::Remote { class, .. }) if class.ends_with("POSKeyError") => {
-                conn.pending_async.clear();
+                kept.extend(
+                    conn.pending_async
+                        .drain(..)
+                        .filter(|m| !m.method.starts_with("receiveBlob")),
+                );
+                conn.pending_async = kept;
                 continue;
             }
             Err(e) => return Err(e),
@@ -388,9 +396,11 @@ async fn fetch_blobs(
                     content.extend_from_slice(chunk);
                 }
                 "receiveBlobStop" => stopped = true,
-                _ => {}
+                "receiveBlobStart" => {}
+                _ => kept.push_back(m),
             }
         }
+        conn.pending_async = kept;
         if !stopped {
             return Err(ZeoError::Protocol(
                 "sendBlob replied before receiveBlobStop".into(),

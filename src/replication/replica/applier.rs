@@ -15,6 +15,7 @@ use bytes::Bytes;
 
 use crate::config::BackendAddr;
 use crate::replication::applied::AppliedLog;
+use crate::replication::stages::{self, Stage};
 use crate::replication::txn::{Tid, Txn};
 use crate::wire::{pickle, Value};
 use crate::zeoclient::{ZeoConn, ZeoError};
@@ -181,6 +182,7 @@ impl Applier {
                 want: hex(&want),
             });
         }
+        stages::record(Stage::Finished, &want);
         self.last_tid = want;
         self.reported_last = want;
         self.in_doubt = None;
@@ -297,11 +299,13 @@ impl Applier {
         }
         let vote = conn.queue_call("vote", vec![txn_id.clone()])?;
         conn.flush().await?;
+        stages::record(Stage::BeginSent, &txn.tid);
         // The previous transaction's finish was sent before this batch.
         self.complete_inner().await?;
         let conn = self.conn.as_mut().ok_or(ZeoError::Closed)?;
         let backend_last = conn.wait_reply(&last_q).await?;
         conn.wait_reply(&vote).await?;
+        stages::record(Stage::Voted, &txn.tid);
         let foreign = conn
             .pending_async
             .iter()

@@ -31,6 +31,7 @@ use crate::replication::history::read_txn;
 use crate::replication::protocol::{self, StreamMsg};
 use crate::replication::receiver::{Incoming, ReceiverError, ReceiverMode, ReceiverState};
 use crate::replication::spool::{Spool, Spooled};
+use crate::replication::stages::{self, Stage};
 use crate::replication::stream_io::{self, ReadError};
 use crate::replication::tls;
 use crate::replication::txn::{tid_hex, tid_unix_secs, Tid, Z64};
@@ -575,6 +576,7 @@ async fn stream_once(
                 }
             }
             Incoming::Apply { txn, digest } => {
+                stages::record(Stage::Received, &txn.tid);
                 inflight.push_back((txn.tid, digest, txn.size_bytes(), Instant::now()));
                 // Pipeline: if the next message is already here, its
                 // transaction goes out while this one finishes.

@@ -16,6 +16,7 @@ use crate::relay::hooks::PendingCall;
 use crate::relay::read_only;
 use crate::relay::{ClientVerdict, ServerVerdict, SessionHooks, SessionInfo};
 use crate::replication::applied::{AppliedLog, Invalidations};
+use crate::replication::stages::{self, Stage};
 use crate::replication::txn::Tid;
 use crate::wire::calls::{ClientCall, ServerMsg};
 use crate::wire::{Message, Value};
@@ -89,6 +90,7 @@ impl SessionHooks for ReplicaHooks {
                         all.push(bytes_v(o));
                     }
                 }
+                stages::record(Stage::Invalidated, &t);
                 ServerVerdict::Replace(vec![Message::async_call(
                     "invalidateTransaction",
                     vec![bytes_v(&t), Value::List(all)],
