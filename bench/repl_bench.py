@@ -914,11 +914,6 @@ def render_summary(variants, populated):
                 f'p50 / p99 / max (ms)',
                 [f'{f2(r["primary"]["p50"])} / {f2(r["primary"]["p99"])} / '
                  f'{f2(r["primary"]["max"])}' if r else '–' for r in rs])
-            row(f'{title}: **lag p99 ÷ bare runzeo commit p50** (same '
-                f'run)',
-                [f'**{r["replica"]["p99"] / v["bare"][0]["p50"]:.2f}×**'
-                 if r and v['bare'] else '–'
-                 for r, v in zip(rs, variants)], '≤ 2×')
             row(f'{title}: writer\'s commit p50 / p99 (ms)',
                 [f'{f2(r["commit_p50_ms"])} / {f2(r["commit_p99_ms"])}'
                  if r else '–' for r in rs])
