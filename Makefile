@@ -76,7 +76,7 @@ docker-check: release
 # captured ZEO frames, stream messages, the example configs (fuzz/src/seed.rs).
 # A crash leaves its input in fuzz/artifacts/TARGET/ and stops the run.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= zeo_frame zeo_message_pickle zeo_message_msgpack stream_message config_toml admin_duration admin_http cert_names
+FUZZ_TARGETS ?= zeo_frame zeo_message_pickle zeo_message_msgpack stream_message config_toml admin_duration admin_http cert_names pem_files
 FUZZ_HOST := $(shell rustc -vV | sed -n 's/^host: //p')
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \

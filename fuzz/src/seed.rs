@@ -133,5 +133,16 @@ fn main() {
     {
         put(dir, "cert_names", &i.to_string(), &der);
     }
+    // The PEM files themselves: certificate, key, CA, and a chain (both in
+    // one file, as some operators concatenate them).
+    let (cert, key) = zrelay::certgen::issue_node(&tmp, "node-b", 1).expect("cert");
+    let read = |p: &std::path::Path| fs::read(p).expect("read PEM");
+    let chain = [read(&cert), read(&key)].concat();
+    for (i, pem) in [read(&cert), read(&key), read(&tmp.join("ca.pem")), chain]
+        .iter()
+        .enumerate()
+    {
+        put(dir, "pem_files", &i.to_string(), pem);
+    }
     let _ = fs::remove_dir_all(&tmp);
 }

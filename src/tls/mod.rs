@@ -184,12 +184,16 @@ fn has_section<T: PemObject>(pem: &[u8]) -> bool {
 
 /// The certificates of a PEM file (a chain, end-entity first, or CAs).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_file(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    certs_from_pem(path, &read_file(path)?)
+}
+
+/// [`load_certs`] of bytes already read from `path` (named in errors).
+pub fn certs_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, pem::Error>>()
         .map_err(|e| file_error(path, format!("invalid PEM: {e}")))?;
     if certs.is_empty() {
-        let problem = if has_section::<PrivateKeyDer<'static>>(&pem) {
+        let problem = if has_section::<PrivateKeyDer<'static>>(pem) {
             "no certificate in PEM file (it holds a private key: cert_file and key_file swapped?)"
         } else {
             "no certificate in PEM file (expected a \"BEGIN CERTIFICATE\" section)"
@@ -201,9 +205,13 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// The private key of a PEM file (PKCS#8, SEC1 or PKCS#1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read_file(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        pem::Error::NoItemsFound if has_section::<CertificateDer<'static>>(&pem) => file_error(
+    key_from_pem(path, &read_file(path)?)
+}
+
+/// [`load_key`] of bytes already read from `path` (named in errors).
+pub fn key_from_pem(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
+        pem::Error::NoItemsFound if has_section::<CertificateDer<'static>>(pem) => file_error(
             path,
             "no private key in PEM file (it holds a certificate: cert_file and key_file swapped?)",
         ),
@@ -217,8 +225,13 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// A trust store holding every certificate of a PEM file.
 pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    roots_from_pem(path, &read_file(path)?)
+}
+
+/// [`load_roots`] of bytes already read from `path` (named in errors).
+pub fn roots_from_pem(path: &Path, pem: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
+    for cert in certs_from_pem(path, pem)? {
         roots
             .add(cert)
             .map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
