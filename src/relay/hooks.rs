@@ -114,7 +114,7 @@ pub struct HoldUntil {
 #[derive(Debug, Clone)]
 pub struct PendingCall {
     pub msgid: Value,
-    pub method: String,
+    pub method: crate::wire::Method,
     pub sent: std::time::Instant,
 }
 

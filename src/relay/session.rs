@@ -959,7 +959,7 @@ impl Relay<'_> {
     /// Bookkeeping for a call on its way upstream. Takes the message: a
     /// sync call's msgid and method move into the pending list (no copies).
     fn track_client(&mut self, msg: Message) {
-        match msg.method.as_str() {
+        match &*msg.method {
             "register" => {
                 self.register_sent = true;
                 if let Ok(ClientCall::Register { storage, read_only }) = ClientCall::parse(&msg) {
@@ -1025,7 +1025,7 @@ impl Relay<'_> {
 
     fn track_reply(&mut self, call: &PendingCall, reply: &Message) {
         let ok = reply.flag != Flag::Error;
-        match call.method.as_str() {
+        match &*call.method {
             "register" if ok => {
                 if let Some((storage, ro)) = self.register_args.take() {
                     if let Some((_, old_ro)) = &self.info.registered {

@@ -54,7 +54,7 @@ fn storea(n: u8, data: Value) -> Message {
 fn call(method: &str) -> PendingCall {
     PendingCall {
         msgid: Value::Int(5),
-        method: method.into(),
+        method: crate::wire::method_name(method),
         sent: Instant::now(),
     }
 }
