@@ -99,6 +99,22 @@ pub type Method = std::borrow::Cow<'static, str>;
 
 /// The [`Method`] for `name`: a static string for the frequent names.
 pub fn method_name(name: &str) -> Method {
+    match frequent(name.as_bytes()) {
+        Some(m) => Method::Borrowed(m),
+        None => Method::Owned(name.to_owned()),
+    }
+}
+
+/// The [`Method`] for raw bytes off the wire; `None` if not UTF-8. A known
+/// name needs no UTF-8 check (it is ASCII).
+pub(crate) fn method_name_utf8(raw: &[u8]) -> Option<Method> {
+    match frequent(raw) {
+        Some(m) => Some(Method::Borrowed(m)),
+        None => Some(Method::Owned(std::str::from_utf8(raw).ok()?.to_owned())),
+    }
+}
+
+fn frequent(name: &[u8]) -> Option<&'static str> {
     // Most frequent first: a relayed round trip checks one or two.
     const FREQUENT: &[&str] = &[
         REPLY_METHOD,
@@ -134,10 +150,7 @@ pub fn method_name(name: &str) -> Method {
         "undoa",
         "restorea",
     ];
-    match FREQUENT.iter().find(|m| **m == name) {
-        Some(m) => Method::Borrowed(m),
-        None => Method::Owned(name.to_owned()),
-    }
+    FREQUENT.iter().copied().find(|m| m.as_bytes() == name)
 }
 
 /// What an envelope scan read: the header items, built. `Message::decode`

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use rmp::Marker;
 
 use super::decode::{decode_one, Reader};
-use crate::wire::message::{method_name, Header};
+use crate::wire::message::{method_name_utf8, Header};
 
 /// Containers open at once inside `args` (deeper goes the full way).
 const SKIP_LEVELS: usize = 16;
@@ -43,7 +43,7 @@ pub(crate) fn scan_envelope(payload: &Bytes) -> Option<Header> {
         Marker::Str32 => rd.len32().ok()?,
         _ => return None,
     };
-    let method = method_name(std::str::from_utf8(rd.take(n).ok()?).ok()?);
+    let method = method_name_utf8(rd.take(n).ok()?)?;
     skip_one(&mut rd)?;
     (rd.pos == payload.len()).then_some(Header {
         msgid,

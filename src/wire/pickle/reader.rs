@@ -16,10 +16,6 @@ impl<'a> Reader<'a> {
         Reader { src, pos: 0 }
     }
 
-    pub fn pos(&self) -> usize {
-        self.pos
-    }
-
     pub fn remaining(&self) -> usize {
         self.src.len().saturating_sub(self.pos)
     }

@@ -17,8 +17,8 @@
 use bytes::Bytes;
 
 use super::op::*;
-use super::reader::{decode_long, utf8, Reader};
-use crate::wire::message::{method_name, Header};
+use super::reader::decode_long;
+use crate::wire::message::{method_name_utf8, Header};
 use crate::wire::{Value, MAX_DEPTH};
 
 /// Items on the stack inside `args` (a longer list goes the full way).
@@ -37,40 +37,76 @@ enum Kind {
 enum Leaf<'a> {
     Plain(Value),
     Bytes(usize, usize),
-    Str(&'a str),
+    Str(&'a [u8]),
     Empty(Kind),
 }
 
+/// A cursor over the payload: `None` when it runs out (the full decoder
+/// then says how). Leaner than the decoder's reader, whose errors carry
+/// text; the scan only needs yes or no.
+struct Cur<'a> {
+    src: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cur<'a> {
+    #[inline]
+    fn byte(&mut self) -> Option<u8> {
+        let b = *self.src.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let out = self.src.get(self.pos..end)?;
+        self.pos = end;
+        Some(out)
+    }
+
+    #[inline]
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn len_u32(&mut self) -> Option<usize> {
+        usize::try_from(u32::from_le_bytes(self.array()?)).ok()
+    }
+}
+
 /// Reads the argument of a leaf opcode; `None` for any other opcode or a
-/// malformed argument.
-fn leaf<'a>(op: u8, rd: &mut Reader<'a>) -> Option<Leaf<'a>> {
+/// malformed argument. Strs are checked for UTF-8 by the caller (a method
+/// name ZEO uses needs no check: it is compared with known ASCII names).
+#[inline]
+fn leaf<'a>(op: u8, rd: &mut Cur<'a>) -> Option<Leaf<'a>> {
     let v = match op {
-        NONE => Value::None,
-        NEWTRUE => Value::Bool(true),
-        NEWFALSE => Value::Bool(false),
-        BININT => Value::Int(i32::from_le_bytes(rd.array().ok()?).into()),
-        BININT1 => Value::Int(rd.byte().ok()?.into()),
-        BININT2 => Value::Int(u16::from_le_bytes(rd.array().ok()?).into()),
-        LONG1 => {
-            let n = usize::from(rd.byte().ok()?);
-            decode_long(rd.take(n).ok()?).ok()?
-        }
-        BINFLOAT => Value::Float(f64::from_be_bytes(rd.array().ok()?)),
+        BININT1 => Value::Int(rd.byte()?.into()),
         SHORT_BINBYTES | SHORT_BINSTRING => {
-            let n = usize::from(rd.byte().ok()?);
-            return bytes(rd, n);
-        }
-        BINBYTES => {
-            let n = rd.len_u32().ok()?;
+            let n = usize::from(rd.byte()?);
             return bytes(rd, n);
         }
         SHORT_BINUNICODE => {
-            let n = usize::from(rd.byte().ok()?);
-            return Some(Leaf::Str(utf8(rd.take(n).ok()?).ok()?));
+            let n = usize::from(rd.byte()?);
+            return Some(Leaf::Str(rd.take(n)?));
         }
         BINUNICODE => {
-            let n = rd.len_u32().ok()?;
-            return Some(Leaf::Str(utf8(rd.take(n).ok()?).ok()?));
+            let n = rd.len_u32()?;
+            return Some(Leaf::Str(rd.take(n)?));
+        }
+        NONE => Value::None,
+        NEWTRUE => Value::Bool(true),
+        NEWFALSE => Value::Bool(false),
+        BININT => Value::Int(i32::from_le_bytes(rd.array()?).into()),
+        BININT2 => Value::Int(u16::from_le_bytes(rd.array()?).into()),
+        LONG1 => {
+            let n = usize::from(rd.byte()?);
+            decode_long(rd.take(n)?).ok()?
+        }
+        BINFLOAT => Value::Float(f64::from_be_bytes(rd.array()?)),
+        BINBYTES => {
+            let n = rd.len_u32()?;
+            return bytes(rd, n);
         }
         EMPTY_TUPLE => return Some(Leaf::Empty(Kind::Other)),
         EMPTY_LIST => return Some(Leaf::Empty(Kind::List)),
@@ -80,25 +116,26 @@ fn leaf<'a>(op: u8, rd: &mut Reader<'a>) -> Option<Leaf<'a>> {
     Some(Leaf::Plain(v))
 }
 
-fn bytes<'a>(rd: &mut Reader<'a>, n: usize) -> Option<Leaf<'a>> {
-    let start = rd.pos();
-    rd.take(n).ok()?;
-    Some(Leaf::Bytes(start, rd.pos()))
+#[inline]
+fn bytes<'a>(rd: &mut Cur<'a>, n: usize) -> Option<Leaf<'a>> {
+    let start = rd.pos;
+    rd.take(n)?;
+    Some(Leaf::Bytes(start, rd.pos))
 }
 
 /// The header of a pickled envelope whose args are valid, or `None` (see
 /// the module comment).
 pub(crate) fn scan_envelope(payload: &Bytes) -> Option<Header> {
-    let mut rd = Reader::new(payload);
-    if rd.byte().ok()? != PROTO || rd.byte().ok()? > HIGHEST_PROTOCOL {
-        return None;
-    }
-    if rd.byte().ok()? != MARK {
+    let mut rd = Cur {
+        src: payload,
+        pos: 0,
+    };
+    if rd.byte()? != PROTO || rd.byte()? > HIGHEST_PROTOCOL || rd.byte()? != MARK {
         return None;
     }
     let header = scan_header(payload, &mut rd)?;
     scan_args(&mut rd)?;
-    if rd.byte().ok()? != STOP || rd.remaining() != 0 {
+    if rd.byte()? != STOP || rd.pos != payload.len() {
         return None;
     }
     Some(header)
@@ -108,31 +145,31 @@ pub(crate) fn scan_envelope(payload: &Bytes) -> Option<Header> {
 /// the method name (interned, not allocated).
 enum Item<'a> {
     Value(Value),
-    Str(&'a str),
+    Str(&'a [u8]),
 }
 
 impl Item<'_> {
-    fn into_value(self) -> Value {
+    fn into_value(self) -> Option<Value> {
         match self {
-            Item::Value(v) => v,
-            Item::Str(s) => Value::Str(s.to_owned()),
+            Item::Value(v) => Some(v),
+            Item::Str(s) => Some(Value::Str(std::str::from_utf8(s).ok()?.to_owned())),
         }
     }
 }
 
 /// Header items at most on the stack at once (three, and a msgid tuple's).
-const HEADER_STACK: usize = 8;
+const HEADER_STACK: usize = 5;
 
 /// The three header items: leaves, or a tuple of leaves (a ClientStorage
 /// `loadBefore` msgid is `(oid, tid)`). A fixed stack: no allocation but
 /// the items' own.
-fn scan_header<'a>(payload: &Bytes, rd: &mut Reader<'a>) -> Option<Header> {
+fn scan_header<'a>(payload: &Bytes, rd: &mut Cur<'a>) -> Option<Header> {
     let mut items: [Option<Item<'a>>; HEADER_STACK] = Default::default();
     let mut n = 0usize;
     // One nested MARK at most (a msgid tuple of more than three items).
     let mut mark: Option<usize> = None;
     while n < 3 || mark.is_some() {
-        let op = rd.byte().ok()?;
+        let op = rd.byte()?;
         let at = match op {
             MARK if mark.is_none() => {
                 mark = Some(n);
@@ -164,7 +201,7 @@ fn scan_header<'a>(payload: &Bytes, rd: &mut Reader<'a>) -> Option<Header> {
         for slot in &mut items[at..n] {
             match slot.take()? {
                 Item::Value(Value::Tuple(_)) => return None,
-                item => tuple.push(item.into_value()),
+                item => tuple.push(item.into_value()?),
             }
         }
         items[at] = Some(Item::Value(Value::Tuple(tuple)));
@@ -175,15 +212,15 @@ fn scan_header<'a>(payload: &Bytes, rd: &mut Reader<'a>) -> Option<Header> {
         return None;
     };
     Some(Header {
-        msgid: msgid?.into_value(),
-        flag: flag?.into_value(),
-        method: method_name(method),
+        msgid: msgid?.into_value()?,
+        flag: flag?.into_value()?,
+        method: method_name_utf8(method)?,
     })
 }
 
 /// Checks the args' opcodes up to and including the envelope's closing
 /// TUPLE, keeping a depth and kind per stack item.
-fn scan_args(rd: &mut Reader<'_>) -> Option<()> {
+fn scan_args(rd: &mut Cur<'_>) -> Option<()> {
     let mut depth = [0u16; ARGS_STACK];
     let mut kind = [Kind::Other; ARGS_STACK];
     let mut n = 0usize;
@@ -209,7 +246,7 @@ fn scan_args(rd: &mut Reader<'_>) -> Option<()> {
         Some(())
     };
     loop {
-        let op = rd.byte().ok()?;
+        let op = rd.byte()?;
         let floor = if nm > 0 { marks[nm - 1] } else { 0 };
         match op {
             MARK => {
@@ -279,6 +316,10 @@ fn scan_args(rd: &mut Reader<'_>) -> Option<()> {
             _ => {
                 let k = match leaf(op, rd)? {
                     Leaf::Empty(k) => k,
+                    Leaf::Str(s) => {
+                        std::str::from_utf8(s).ok()?;
+                        Kind::Other
+                    }
                     _ => Kind::Other,
                 };
                 if n == ARGS_STACK {
