@@ -132,6 +132,10 @@ impl<'a> Reader<'a> {
         Reader { src, pos: 0 }
     }
 
+    pub(super) fn src(&self) -> &'a [u8] {
+        self.src
+    }
+
     pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         let src: &'a Bytes = self.src;
         let end = self

@@ -116,6 +116,41 @@ fn leaf<'a>(op: u8, rd: &mut Cur<'a>) -> Option<Leaf<'a>> {
     Some(Leaf::Plain(v))
 }
 
+/// Steps over a leaf opcode inside args, checking it as [`leaf`] does
+/// but building nothing; its kind, or `None` as [`leaf`].
+#[inline]
+fn skip_leaf(op: u8, rd: &mut Cur<'_>) -> Option<Kind> {
+    let n = match op {
+        NONE | NEWTRUE | NEWFALSE => 0,
+        BININT1 => 1,
+        BININT2 => 2,
+        BININT => 4,
+        BINFLOAT => 8,
+        SHORT_BINBYTES | SHORT_BINSTRING => usize::from(rd.byte()?),
+        BINBYTES => rd.len_u32()?,
+        SHORT_BINUNICODE | BINUNICODE => {
+            let n = if op == SHORT_BINUNICODE {
+                usize::from(rd.byte()?)
+            } else {
+                rd.len_u32()?
+            };
+            std::str::from_utf8(rd.take(n)?).ok()?;
+            return Some(Kind::Other);
+        }
+        LONG1 => {
+            let n = usize::from(rd.byte()?);
+            decode_long(rd.take(n)?).ok()?;
+            return Some(Kind::Other);
+        }
+        EMPTY_TUPLE => return Some(Kind::Other),
+        EMPTY_LIST => return Some(Kind::List),
+        EMPTY_DICT => return Some(Kind::Dict),
+        _ => return None,
+    };
+    rd.take(n)?;
+    Some(Kind::Other)
+}
+
 #[inline]
 fn bytes<'a>(rd: &mut Cur<'a>, n: usize) -> Option<Leaf<'a>> {
     let start = rd.pos;
@@ -164,6 +199,11 @@ const HEADER_STACK: usize = 5;
 /// `loadBefore` msgid is `(oid, tid)`). A fixed stack: no allocation but
 /// the items' own.
 fn scan_header<'a>(payload: &Bytes, rd: &mut Cur<'a>) -> Option<Header> {
+    let start = rd.pos;
+    if let Some(h) = quick_header(payload, rd) {
+        return Some(h);
+    }
+    rd.pos = start;
     let mut items: [Option<Item<'a>>; HEADER_STACK] = Default::default();
     let mut n = 0usize;
     // One nested MARK at most (a msgid tuple of more than three items).
@@ -216,6 +256,56 @@ fn scan_header<'a>(payload: &Bytes, rd: &mut Cur<'a>) -> Option<Header> {
         flag: flag?.into_value()?,
         method: method_name_utf8(method)?,
     })
+}
+
+/// The header as ZEO's pickler writes it, read straight: an int msgid (or
+/// a ClientStorage `(oid, tid)`), a bool or small-int flag, a str method.
+/// `None`: not this shape (the general loop above decides).
+#[inline]
+fn quick_header(payload: &Bytes, rd: &mut Cur<'_>) -> Option<Header> {
+    let msgid = match rd.byte()? {
+        BININT1 => Value::Int(rd.byte()?.into()),
+        BININT2 => Value::Int(u16::from_le_bytes(rd.array()?).into()),
+        BININT => Value::Int(i32::from_le_bytes(rd.array()?).into()),
+        SHORT_BINBYTES => {
+            let oid = short_bytes(payload, rd)?;
+            if rd.byte()? != SHORT_BINBYTES {
+                return None;
+            }
+            let tid = short_bytes(payload, rd)?;
+            if rd.byte()? != TUPLE2 {
+                return None;
+            }
+            Value::Tuple(vec![oid, tid])
+        }
+        _ => return None,
+    };
+    let flag = match rd.byte()? {
+        NEWFALSE => Value::Bool(false),
+        NEWTRUE => Value::Bool(true),
+        BININT1 => Value::Int(rd.byte()?.into()),
+        _ => return None,
+    };
+    let n = match rd.byte()? {
+        SHORT_BINUNICODE => usize::from(rd.byte()?),
+        BINUNICODE => rd.len_u32()?,
+        _ => return None,
+    };
+    let method = method_name_utf8(rd.take(n)?)?;
+    Some(Header {
+        msgid,
+        flag,
+        method,
+    })
+}
+
+/// The rest of a SHORT_BINBYTES, as a slice of the frame.
+#[inline]
+fn short_bytes(payload: &Bytes, rd: &mut Cur<'_>) -> Option<Value> {
+    let n = usize::from(rd.byte()?);
+    let start = rd.pos;
+    rd.take(n)?;
+    Some(Value::Bytes(payload.slice(start..rd.pos)))
 }
 
 /// Checks the args' opcodes up to and including the envelope's closing
@@ -314,14 +404,7 @@ fn scan_args(rd: &mut Cur<'_>) -> Option<()> {
                 n = at;
             }
             _ => {
-                let k = match leaf(op, rd)? {
-                    Leaf::Empty(k) => k,
-                    Leaf::Str(s) => {
-                        std::str::from_utf8(s).ok()?;
-                        Kind::Other
-                    }
-                    _ => Kind::Other,
-                };
+                let k = skip_leaf(op, rd)?;
                 if n == ARGS_STACK {
                     return None;
                 }
