@@ -115,7 +115,10 @@ pub struct HoldUntil {
 pub struct PendingCall {
     pub msgid: Value,
     pub method: crate::wire::Method,
-    pub sent: std::time::Instant,
+    /// When it went upstream; only for calls whose latency is measured
+    /// (`tpc_finish`): reading the clock per call was a tenth of a relayed
+    /// round trip's instructions.
+    pub sent: Option<std::time::Instant>,
 }
 
 /// What a client may do through this door, decided before the session

@@ -1031,8 +1031,8 @@ impl Relay<'_> {
         if msg.flag == Flag::Sync {
             self.pending.push(PendingCall {
                 msgid: msg.msgid,
+                sent: (msg.method == "tpc_finish").then(Instant::now),
                 method: msg.method,
-                sent: Instant::now(),
             });
         }
     }
@@ -1093,8 +1093,8 @@ impl Relay<'_> {
             }
             "tpc_finish" => {
                 self.info.in_transaction = false;
-                if ok {
-                    m::client_commit(call.sent.elapsed());
+                if let (true, Some(sent)) = (ok, call.sent) {
+                    m::client_commit(sent.elapsed());
                 }
             }
             "tpc_abort" => self.info.in_transaction = false,

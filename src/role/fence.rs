@@ -301,7 +301,7 @@ mod tests {
         PendingCall {
             msgid: Value::Int(0),
             method: crate::wire::method_name(method),
-            sent: std::time::Instant::now(),
+            sent: Some(std::time::Instant::now()),
         }
     }
 

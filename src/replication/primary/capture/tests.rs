@@ -55,7 +55,7 @@ fn call(method: &str) -> PendingCall {
     PendingCall {
         msgid: Value::Int(5),
         method: crate::wire::method_name(method),
-        sent: Instant::now(),
+        sent: Some(Instant::now()),
     }
 }
 
