@@ -478,7 +478,10 @@ where
                         Err(e) => return Err(SessionEnd::BackendIo(e)),
                     }
                 }
-                r = read_local(&mut local, &mut lbuf) => {
+                // Guarded: a branch whose source is absent is not polled
+                // (each poll of a pending future costs, round trip after
+                // round trip).
+                r = read_local(&mut local, &mut lbuf), if local.is_some() => {
                     match r {
                         Ok(n) if n > 0 => relay.local_bytes(&mut lbuf, max)?,
                         _ => {
@@ -513,13 +516,13 @@ where
                         Err(e) => return Err(SessionEnd::ClientIo(e)),
                     }
                 }
-                Some(msg) = recv_opt(&mut inject) => {
+                Some(msg) = recv_opt(&mut inject), if inject.is_some() => {
                     relay.push_client(&msg)?;
                 }
                 open = wait_release(&mut relay.release), if !relay.held.is_empty() => {
                     relay.release_held(open);
                 }
-                changed = wait_wake(&mut wake) => {
+                changed = wait_wake(&mut wake), if wake.is_some() => {
                     if changed {
                         relay.woken()?;
                     } else {
