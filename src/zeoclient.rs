@@ -204,7 +204,7 @@ impl ZeoConn {
 
 fn reply_value(msg: Message) -> Result<Value, ZeoError> {
     if msg.flag == Flag::Error {
-        let (class, args) = match &msg.args {
+        let (class, args) = match &*msg.args {
             Value::Tuple(v) | Value::List(v) if v.len() == 2 => {
                 (v[0].as_str().unwrap_or("?").to_string(), v[1].clone())
             }
@@ -212,5 +212,5 @@ fn reply_value(msg: Message) -> Result<Value, ZeoError> {
         };
         return Err(ZeoError::Remote { class, args });
     }
-    Ok(msg.args)
+    Ok(msg.args.into_value())
 }

@@ -1,5 +1,6 @@
 //! Shared body of the two ZEO message targets: every decoder of a frame
-//! payload, and re-encoding what was accepted must decode to the same value.
+//! payload, and re-encoding what was accepted must decode to the same value;
+//! `Message::decode` (lazy args) must agree with `Message::decode_eager`.
 
 use bytes::Bytes;
 use zrelay::wire::calls::{ClientCall, ServerMsg};
@@ -18,6 +19,19 @@ pub fn exercise(enc: Encoding, data: &[u8]) {
                 assert_eq!(again, value, "round trip changed the value");
             }
         }
+    }
+    // Header now, args on first access: the same answer as decoding all.
+    match (
+        Message::decode(enc, &payload),
+        Message::decode_eager(enc, &payload),
+    ) {
+        (Ok(lazy), Ok(eager)) => {
+            if !format!("{eager:?}").contains("NaN") {
+                assert_eq!(lazy, eager, "lazy and full decoding differ");
+            }
+        }
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+        (a, b) => panic!("lazy {a:?}, full {b:?}"),
     }
     if let Ok(msg) = Message::decode(enc, &payload) {
         let _ = ClientCall::parse(&msg);

@@ -502,7 +502,7 @@ impl SessionHooks for DoorHooks {
             Mode::Forwarded {
                 offload: Some(o), ..
             } => {
-                o.observe(msg, answers.map(|a| a.method.as_str()));
+                o.observe(msg, answers.map(|a| &*a.method));
                 ServerVerdict::Forward
             }
             _ => ServerVerdict::Forward,
@@ -521,7 +521,7 @@ impl SessionHooks for DoorHooks {
         // Which load the replica answered, with what (start..end), at what
         // client position: the trail of a stale-cache investigation.
         if tracing::enabled!(tracing::Level::TRACE) {
-            let tids = match &msg.args {
+            let tids = match &*msg.args {
                 crate::wire::Value::Tuple(a) | crate::wire::Value::List(a) => a
                     .iter()
                     .skip(1)

@@ -181,7 +181,7 @@ impl Offload {
         if msg.flag == Flag::Error {
             return;
         }
-        match (method, &msg.args) {
+        match (method, &*msg.args) {
             ("register" | "lastTransaction", Value::Bytes(t)) => self.see(t),
             ("tpc_finish", Value::Bytes(t)) => {
                 self.see(t);

@@ -114,8 +114,11 @@ pub struct HoldUntil {
 #[derive(Debug, Clone)]
 pub struct PendingCall {
     pub msgid: Value,
-    pub method: String,
-    pub sent: std::time::Instant,
+    pub method: crate::wire::Method,
+    /// When it went upstream; only for calls whose latency is measured
+    /// (`tpc_finish`): reading the clock per call was a tenth of a relayed
+    /// round trip's instructions.
+    pub sent: Option<std::time::Instant>,
 }
 
 /// What a client may do through this door, decided before the session

@@ -38,7 +38,7 @@ fn write_kind(method: &str) -> Option<bool /* sync */> {
 /// write path (refused, swallowed, or answered locally), `None` for anything
 /// else (the caller decides). `allow_pack` forwards `pack`.
 pub fn refuse_write(msg: &Message, allow_pack: bool) -> Option<ClientVerdict> {
-    let method = msg.method.as_str();
+    let method = &*msg.method;
     if method == "register" {
         return Some(match ClientCall::parse(msg) {
             Ok(ClientCall::Register {
@@ -113,8 +113,8 @@ mod tests {
         Message {
             msgid: Value::Int(7),
             flag,
-            method: method.to_string(),
-            args: Value::Tuple(args),
+            method: crate::wire::method_name(method),
+            args: Value::Tuple(args).into(),
         }
     }
 

@@ -213,9 +213,9 @@ where
                 }
             },
         };
-        let (cr, cw) = tokio::io::split(&mut self.client);
-        let mut cr = cr;
-        let mut cw = cw;
+        // One task reads and writes the client, never both at once: no
+        // `tokio::io::split` (a lock on every read and write).
+        let mut client = &mut self.client;
         let max = self.limits.max_message_bytes;
         let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
         let mut bbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -234,14 +234,14 @@ where
             Side::Closed => SessionEnd::BackendClosed,
             Side::Protocol(p) => SessionEnd::BackendProtocol(format!("handshake: {p}")),
         })?;
-        write_frames(&mut cw, &[&offer])
+        write_frames(&mut client, &[&offer])
             .await
             .map_err(SessionEnd::ClientIo)?;
 
         // The client's answer decides the session's encoding (the server
         // adopts it whatever it offered).
         let answer = tokio::select! {
-            r = read_first_frame(&mut cr, &mut cbuf, max, hs) => r,
+            r = read_first_frame(&mut client, &mut cbuf, max, hs) => r,
             _ = shutdown.cancelled() => return Ok(SessionEnd::Drained),
         }
         .map_err(|e| match e {
@@ -263,7 +263,7 @@ where
                         Ok(Some(json)) => {
                             status_seen = true;
                             let json = transparency::ruok_answer(&json).map_or(json, Bytes::from);
-                            write_frames(&mut cw, &[&json])
+                            write_frames(&mut client, &[&json])
                                 .await
                                 .map_err(SessionEnd::ClientIo)?;
                         }
@@ -273,7 +273,7 @@ where
                     }
                 }
                 if status_seen && !raw.is_empty() {
-                    write_flush(&mut cw, &raw)
+                    write_flush(&mut client, &raw)
                         .await
                         .map_err(SessionEnd::ClientIo)?;
                     raw.clear();
@@ -288,9 +288,9 @@ where
             }
             // An incomplete frame at the end goes on as it came.
             if !raw.is_empty() {
-                cw.write_all(&raw).await.map_err(SessionEnd::ClientIo)?;
+                client.write_all(&raw).await.map_err(SessionEnd::ClientIo)?;
             }
-            let _ = cw.shutdown().await;
+            let _ = client.shutdown().await;
             return Ok(SessionEnd::Ruok);
         }
         let Some(enc) = Encoding::from_handshake(&answer) else {
@@ -346,9 +346,13 @@ where
         let mut local: Option<(backend::BoxRead, backend::BoxWrite)> = None;
         let mut lbuf = BytesMut::new();
         // One waiter registration for the whole session, not one per loop
-        // iteration (each `cancelled()` locks the token's waiter list twice).
+        // iteration (each `cancelled()` locks the token's waiter list twice),
+        // and not even a poll per iteration (a lock each): it is polled once
+        // here with a waker that raises `shutdown_seen` before it wakes the
+        // task, and again only once that flag is up.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        let shutdown_seen = ShutdownSeen::arm(cancelled.as_mut()).await;
         let mut charge = Charge::new(self.limits.budget.clone());
         // Set while the session waits for budget (not reading its client).
         let mut stalled_until: Option<tokio::time::Instant> = None;
@@ -404,7 +408,7 @@ where
                 }
             }
             if !relay.cout.is_empty() {
-                write_client(&mut cw, &relay.cout, self.limits.write_stall).await?;
+                write_client(&mut client, &relay.cout, self.limits.write_stall).await?;
                 relay.cout.clear();
             }
             if drain_deadline.is_some() && relay.at_safe_point() {
@@ -477,7 +481,10 @@ where
                         Err(e) => return Err(SessionEnd::BackendIo(e)),
                     }
                 }
-                r = read_local(&mut local, &mut lbuf) => {
+                // Guarded: a branch whose source is absent is not polled
+                // (each poll of a pending future costs, round trip after
+                // round trip).
+                r = read_local(&mut local, &mut lbuf), if local.is_some() => {
                     match r {
                         Ok(n) if n > 0 => relay.local_bytes(&mut lbuf, max)?,
                         _ => {
@@ -495,7 +502,7 @@ where
                         )));
                     }
                 }
-                r = read_chunk(&mut cr, &mut cbuf), if shortfall.is_none() && relay.reroute.is_none() => {
+                r = read_chunk(&mut client, &mut cbuf), if shortfall.is_none() && relay.reroute.is_none() => {
                     match r {
                         Ok(0) => return Ok(SessionEnd::ClientClosed),
                         Ok(n) => {
@@ -512,13 +519,13 @@ where
                         Err(e) => return Err(SessionEnd::ClientIo(e)),
                     }
                 }
-                Some(msg) = recv_opt(&mut inject) => {
+                Some(msg) = recv_opt(&mut inject), if inject.is_some() => {
                     relay.push_client(&msg)?;
                 }
                 open = wait_release(&mut relay.release), if !relay.held.is_empty() => {
                     relay.release_held(open);
                 }
-                changed = wait_wake(&mut wake) => {
+                changed = wait_wake(&mut wake), if wake.is_some() => {
                     if changed {
                         relay.woken()?;
                     } else {
@@ -529,12 +536,64 @@ where
                     timer_armed = None;
                     relay.retry_deferred(false)?;
                 }
-                _ = &mut cancelled, if drain_deadline.is_none() => {
+                _ = shutdown_seen.wait(cancelled.as_mut()), if drain_deadline.is_none() => {
                     drain_deadline = Some(tokio::time::Instant::now() + grace);
                     continue;
                 }
             }
         }
+    }
+}
+
+/// The session's view of its shutdown signal: a flag raised by the waker
+/// the signal's future was first polled with, so the loop need not poll
+/// that future (a lock) each time round; it polls it once the flag is up.
+struct ShutdownSeen(std::sync::Arc<ShutdownWaker>);
+
+struct ShutdownWaker {
+    up: std::sync::atomic::AtomicBool,
+    task: std::task::Waker,
+}
+
+impl std::task::Wake for ShutdownWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.up.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl ShutdownSeen {
+    /// Polls `signal` once with the flag-raising waker (registering it);
+    /// a signal already given raises the flag at once.
+    async fn arm<F: std::future::Future>(mut signal: std::pin::Pin<&mut F>) -> ShutdownSeen {
+        let task = std::future::poll_fn(|cx| std::task::Poll::Ready(cx.waker().clone())).await;
+        let inner = std::sync::Arc::new(ShutdownWaker {
+            up: std::sync::atomic::AtomicBool::new(false),
+            task,
+        });
+        let waker = std::task::Waker::from(inner.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        if signal.as_mut().poll(&mut cx).is_ready() {
+            inner.up.store(true, std::sync::atomic::Ordering::Release);
+        }
+        ShutdownSeen(inner)
+    }
+
+    /// Ready once the signal is given; until the flag is up, pending
+    /// without touching the signal (its waker, registered by `arm`, wakes
+    /// the task and raises the flag).
+    async fn wait<F: std::future::Future>(&self, mut signal: std::pin::Pin<&mut F>) {
+        std::future::poll_fn(|cx| {
+            if !self.0.up.load(std::sync::atomic::Ordering::Acquire) {
+                return std::task::Poll::Pending;
+            }
+            signal.as_mut().poll(cx).map(|_| ())
+        })
+        .await
     }
 }
 
@@ -962,7 +1021,7 @@ impl Relay<'_> {
     /// Bookkeeping for a call on its way upstream. Takes the message: a
     /// sync call's msgid and method move into the pending list (no copies).
     fn track_client(&mut self, msg: Message) {
-        match msg.method.as_str() {
+        match &*msg.method {
             "register" => {
                 self.register_sent = true;
                 if let Ok(ClientCall::Register { storage, read_only }) = ClientCall::parse(&msg) {
@@ -978,8 +1037,8 @@ impl Relay<'_> {
         if msg.flag == Flag::Sync {
             self.pending.push(PendingCall {
                 msgid: msg.msgid,
+                sent: (msg.method == "tpc_finish").then(Instant::now),
                 method: msg.method,
-                sent: Instant::now(),
             });
         }
     }
@@ -1028,7 +1087,7 @@ impl Relay<'_> {
 
     fn track_reply(&mut self, call: &PendingCall, reply: &Message) {
         let ok = reply.flag != Flag::Error;
-        match call.method.as_str() {
+        match &*call.method {
             "register" if ok => {
                 if let Some((storage, ro)) = self.register_args.take() {
                     if let Some((_, old_ro)) = &self.info.registered {
@@ -1040,8 +1099,8 @@ impl Relay<'_> {
             }
             "tpc_finish" => {
                 self.info.in_transaction = false;
-                if ok {
-                    m::client_commit(call.sent.elapsed());
+                if let (true, Some(sent)) = (ok, call.sent) {
+                    m::client_commit(sent.elapsed());
                 }
             }
             "tpc_abort" => self.info.in_transaction = false,

@@ -33,7 +33,7 @@ pub fn server_status_reply(reply: &Message, storage: &str) -> Option<Message> {
     if own == 0 || reply.flag == Flag::Error {
         return None;
     }
-    let Value::Dict(items) = &reply.args else {
+    let Value::Dict(items) = &*reply.args else {
         return None;
     };
     let mut items = items.clone();
@@ -43,7 +43,7 @@ pub fn server_status_reply(reply: &Message, storage: &str) -> Option<Message> {
     let n = slot.1.as_int()?;
     slot.1 = Value::int((n - own as i128).max(0));
     let mut out = reply.clone();
-    out.args = Value::Dict(items);
+    out.args = Value::Dict(items).into();
     Some(out)
 }
 
@@ -183,7 +183,7 @@ mod tests {
         ]);
         let reply = Message::reply(Value::Int(7), status);
         let out = server_status_reply(&reply, "transparency-test").unwrap();
-        let Value::Dict(items) = &out.args else {
+        let Value::Dict(items) = &*out.args else {
             panic!("{out:?}")
         };
         assert_eq!(items[1].1, Value::Int(2));

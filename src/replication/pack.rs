@@ -104,7 +104,7 @@ impl PackCapture {
 
 /// ZEO's `pack(t, wait=True)`; `t` a float (or an int) in Unix seconds.
 fn pack_time(msg: &Message) -> Option<f64> {
-    let first = match &msg.args {
+    let first = match &*msg.args {
         Value::Tuple(a) | Value::List(a) => a.first()?,
         _ => return None,
     };

@@ -170,7 +170,7 @@ fn is_txn_call(method: &str) -> bool {
 
 impl SessionHooks for FenceHooks {
     fn on_client_message(&mut self, info: &SessionInfo, msg: &Message) -> ClientVerdict {
-        let method = msg.method.as_str();
+        let method = &*msg.method;
         match method {
             "tpc_begin" if self.cell.fenced() => {
                 // Nothing of this transaction reaches the backend; its vote
@@ -300,8 +300,8 @@ mod tests {
     fn pending(method: &str) -> PendingCall {
         PendingCall {
             msgid: Value::Int(0),
-            method: method.into(),
-            sent: std::time::Instant::now(),
+            method: crate::wire::method_name(method),
+            sent: Some(std::time::Instant::now()),
         }
     }
 

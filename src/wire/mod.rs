@@ -18,7 +18,7 @@ mod testdata;
 mod tests;
 
 pub use error::WireError;
-pub use message::{Encoding, Flag, Message};
+pub use message::{method_name, Encoding, Flag, Message, Method};
 pub use value::Value;
 
 /// Deepest nesting (levels of containers, leaf included) the decoders

@@ -264,7 +264,7 @@ impl Capture {
     pub fn on_client(&mut self, msg: &Message, enc: Encoding) -> Option<Event> {
         let args = msg.args.as_seq().unwrap_or(&[]);
         let max = self.max_bytes;
-        match msg.method.as_str() {
+        match &*msg.method {
             "tpc_begin" => {
                 let mut b = Building {
                     user: Bytes::new(),
@@ -374,10 +374,10 @@ impl Capture {
     /// The backend's reply to a sync call of this session.
     pub fn on_reply(&mut self, call: &PendingCall, reply: &Message) -> Option<Event> {
         let ok = reply.flag != Flag::Error;
-        match call.method.as_str() {
+        match &*call.method {
             "vote" => {
                 if let Some(b) = self.building.as_mut() {
-                    let resolved = match &reply.args {
+                    let resolved = match &*reply.args {
                         Value::List(v) | Value::Tuple(v) => !v.is_empty(),
                         Value::None => false,
                         _ => true,

@@ -385,7 +385,7 @@ async fn fetch_blobs(
         let mut content = Vec::new();
         let mut stopped = false;
         while let Some(m) = conn.pending_async.pop_front() {
-            match m.method.as_str() {
+            match &*m.method {
                 "receiveBlobChunk" => {
                     let chunk = m
                         .args

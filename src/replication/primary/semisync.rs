@@ -452,12 +452,12 @@ fn reply_tid(method: &str, msg: &Message) -> Option<Tid> {
     match method {
         "tpc_finish" | "lastTransaction" | "register" => tid_of(&msg.args),
         // (tid, oids)
-        "getInvalidations" => match &msg.args {
+        "getInvalidations" => match &*msg.args {
             Value::Tuple(a) | Value::List(a) => a.first().and_then(tid_of),
             _ => None,
         },
         // (data, start, end)
-        "loadBefore" => match &msg.args {
+        "loadBefore" => match &*msg.args {
             Value::Tuple(a) | Value::List(a) => a.get(1).and_then(tid_of),
             _ => None,
         },
@@ -533,7 +533,7 @@ impl SessionHooks for SemiSyncHooks {
                 _ => return v,
             },
         };
-        match above_watermark(answers.map(|c| c.method.as_str())) {
+        match above_watermark(answers.map(|c| &*c.method)) {
             Above::Clamp if release != Z64 => {
                 tracing::debug!(
                     conn = info.conn_id,

@@ -45,7 +45,7 @@ impl SessionHooks for ReplicaHooks {
         if let Some(verdict) = read_only::refuse_write(msg, self.allow_pack) {
             return verdict;
         }
-        let method = msg.method.as_str();
+        let method = &*msg.method;
         if method == "getInvalidations" {
             let Ok(ClientCall::GetInvalidations { tid }) = ClientCall::parse(msg) else {
                 return ClientVerdict::Close("malformed getInvalidations".into());

@@ -10,7 +10,7 @@ pub(super) struct Args<'a> {
 impl<'a> Args<'a> {
     /// The message's args, which must be a sequence of `min..=max` items.
     pub fn new(msg: &'a Message, min: usize, max: usize) -> Result<Args<'a>, WireError> {
-        let method = msg.method.as_str();
+        let method = &*msg.method;
         let items = msg
             .args
             .as_seq()

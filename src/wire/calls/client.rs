@@ -129,7 +129,7 @@ impl<'a> ClientCall<'a> {
     /// naming the method.
     pub fn parse(msg: &'a Message) -> Result<ClientCall<'a>, WireError> {
         let args = |min, max| Args::new(msg, min, max);
-        Ok(match msg.method.as_str() {
+        Ok(match &*msg.method {
             "register" => {
                 let a = args(2, 2)?;
                 ClientCall::Register {

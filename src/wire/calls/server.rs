@@ -44,7 +44,7 @@ pub enum ServerMsg<'a> {
 impl<'a> ServerMsg<'a> {
     pub fn parse(msg: &'a Message) -> Result<ServerMsg<'a>, WireError> {
         let args = |min, max| Args::new(msg, min, max);
-        Ok(match msg.method.as_str() {
+        Ok(match &*msg.method {
             // The client treats any true flag on a reply as an error.
             ".reply" => match msg.flag {
                 Flag::Sync | Flag::Reply => ServerMsg::Reply {

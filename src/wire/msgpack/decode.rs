@@ -12,12 +12,20 @@ const PREALLOC_MAX: usize = 16;
 /// Decodes one msgpack value that must fill `payload` exactly. Arrays
 /// become `Tuple`, bin becomes a zero-copy `Bytes`, str must be UTF-8.
 pub fn decode(payload: &Bytes) -> Result<Value, WireError> {
-    let mut rd = Reader {
-        src: payload,
-        pos: 0,
-    };
+    let mut rd = Reader::new(payload);
+    let value = decode_one(&mut rd, 0)?;
+    if rd.pos != payload.len() {
+        return Err(WireError::TrailingBytes(payload.len() - rd.pos));
+    }
+    Ok(value)
+}
+
+/// Decodes the value at the reader's position (its end may be followed by
+/// more bytes).
+/// `base`: levels already open around it (they count against `MAX_DEPTH`).
+pub(super) fn decode_one(rd: &mut Reader<'_>, base: usize) -> Result<Value, WireError> {
     // An envelope nests two or three levels: no regrowth on the way.
-    let mut open: Vec<Open> = Vec::with_capacity(4);
+    let mut open: Vec<Open> = Vec::new();
     'next: loop {
         let mut value = match rd.token()? {
             Token::Value(v) => v,
@@ -25,13 +33,14 @@ pub fn decode(payload: &Bytes) -> Result<Value, WireError> {
             Token::Map(0) => Value::Dict(Vec::new()),
             Token::Array(n) => {
                 let items = Vec::with_capacity(n.min(PREALLOC_MAX));
-                push_open(&mut open, Open::Array { items, left: n })?;
+                push_open(&mut open, base, Open::Array { items, left: n })?;
                 continue;
             }
             Token::Map(n) => {
                 let items = Vec::with_capacity(n.min(PREALLOC_MAX));
                 push_open(
                     &mut open,
+                    base,
                     Open::Map {
                         items,
                         key: None,
@@ -51,16 +60,13 @@ pub fn decode(payload: &Bytes) -> Result<Value, WireError> {
             };
             value = done.into_value();
         }
-        if rd.pos != payload.len() {
-            return Err(WireError::TrailingBytes(payload.len() - rd.pos));
-        }
         return Ok(value);
     }
 }
 
 /// Opens a container; the leaves inside count as one more level.
-fn push_open(open: &mut Vec<Open>, container: Open) -> Result<(), WireError> {
-    if open.len() + 2 > MAX_DEPTH {
+fn push_open(open: &mut Vec<Open>, base: usize, container: Open) -> Result<(), WireError> {
+    if base + open.len() + 2 > MAX_DEPTH {
         return Err(WireError::TooDeep);
     }
     open.push(container);
@@ -110,19 +116,27 @@ impl Open {
     }
 }
 
-enum Token {
+pub(super) enum Token {
     Value(Value),
     Array(usize),
     Map(usize),
 }
 
-struct Reader<'a> {
+pub(super) struct Reader<'a> {
     src: &'a Bytes,
-    pos: usize,
+    pub(super) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+    pub(super) fn new(src: &'a Bytes) -> Reader<'a> {
+        Reader { src, pos: 0 }
+    }
+
+    pub(super) fn src(&self) -> &'a [u8] {
+        self.src
+    }
+
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         let src: &'a Bytes = self.src;
         let end = self
             .pos
@@ -134,20 +148,20 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+    pub(super) fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         self.take(N)?.try_into().map_err(|_| WireError::Truncated)
     }
 
-    fn u8(&mut self) -> Result<u8, WireError> {
+    pub(super) fn u8(&mut self) -> Result<u8, WireError> {
         let [b] = self.array::<1>()?;
         Ok(b)
     }
 
-    fn len16(&mut self) -> Result<usize, WireError> {
+    pub(super) fn len16(&mut self) -> Result<usize, WireError> {
         Ok(usize::from(u16::from_be_bytes(self.array()?)))
     }
 
-    fn len32(&mut self) -> Result<usize, WireError> {
+    pub(super) fn len32(&mut self) -> Result<usize, WireError> {
         let n = u32::from_be_bytes(self.array()?);
         usize::try_from(n).map_err(|_| WireError::Truncated)
     }

@@ -8,6 +8,8 @@
 
 mod decode;
 mod encode;
+mod scan;
 
 pub use decode::decode;
 pub use encode::{encode, encode_tuple};
+pub(crate) use scan::scan_envelope;

@@ -12,7 +12,9 @@ mod encode;
 mod memo;
 mod op;
 mod reader;
+mod scan;
 
 pub use decode::decode;
 pub use encode::{encode, encode_tuple};
 pub use memo::MAX_MEMO;
+pub(crate) use scan::scan_envelope;

@@ -45,6 +45,7 @@ fn exercise(raw: &[u8]) {
                 }
             }
         }
+        same_as_eager(enc, &payload);
         if let Ok(msg) = Message::decode(enc, &payload) {
             let _ = ClientCall::parse(&msg);
             let _ = ServerMsg::parse(&msg);
@@ -53,6 +54,23 @@ fn exercise(raw: &[u8]) {
     }
     let mut buf = BytesMut::from(raw);
     while let Ok(Some(_)) = parse_frame(&mut buf, 1 << 16) {}
+}
+
+/// `Message::decode` (header now, args on first access) answers exactly
+/// what the full decoder answers: the same message or the same error.
+pub(super) fn same_as_eager(enc: Encoding, payload: &Bytes) {
+    match (
+        Message::decode(enc, payload),
+        Message::decode_eager(enc, payload),
+    ) {
+        (Ok(lazy), Ok(eager)) => {
+            if !format!("{eager:?}").contains("NaN") {
+                assert_eq!(lazy, eager, "{enc:?} {payload:?}");
+            }
+        }
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{enc:?} {payload:?}"),
+        (a, b) => panic!("{enc:?} {payload:?}: lazy {a:?}, eager {b:?}"),
+    }
 }
 
 #[test]
@@ -115,5 +133,49 @@ fn random_opcode_soup_never_panics() {
         }
         raw.push(b'.');
         exercise(&raw);
+    }
+}
+
+/// The same soup inside a valid envelope header, so the args scan of
+/// `Message::decode` gets exercised (and compared with the full decoder).
+#[test]
+fn random_args_soup_decodes_as_eagerly() {
+    const OPS: &[u8] = b"(NKJMCBXtl]}ae)su\x85\x86\x87\x88\x89\x8aqhG\x8c0d";
+    let mut rng = Rng(0x5eed_0004);
+    for _ in 0..20_000 {
+        let mut raw = b"\x80\x03(K\x07\x89X\x03\x00\x00\x00abc".to_vec();
+        for _ in 0..rng.below(12) {
+            let op = OPS[rng.below(OPS.len())];
+            raw.push(op);
+            if b"KJMCBXqhG\x8a\x8c".contains(&op) {
+                let n = rng.below(6);
+                raw.extend(rng.bytes(n));
+            }
+        }
+        if rng.below(4) != 0 {
+            raw.extend_from_slice(b"t.");
+        }
+        same_as_eager(Encoding::Pickle, &Bytes::from(raw));
+    }
+}
+
+/// msgpack: a valid envelope header, then random markers and bytes.
+#[test]
+fn random_msgpack_args_decode_as_eagerly() {
+    const MARKERS: &[u8] = &[
+        0x00, 0x7f, 0xe0, 0xc0, 0xc2, 0xc3, 0xcc, 0xcd, 0xd0, 0xca, 0xcb, 0xa3, 0xd9, 0xc4, 0x90,
+        0x92, 0x93, 0xdc, 0x80, 0x81, 0xde, 0xc1, 0xd4, 0xc7,
+    ];
+    let mut rng = Rng(0x5eed_0005);
+    for _ in 0..20_000 {
+        let mut raw = b"\x94\x07\xc2\xa3abc".to_vec();
+        for _ in 0..1 + rng.below(10) {
+            raw.push(MARKERS[rng.below(MARKERS.len())]);
+            if rng.below(3) == 0 {
+                let n = rng.below(4);
+                raw.extend(rng.bytes(n));
+            }
+        }
+        same_as_eager(Encoding::Msgpack, &Bytes::from(raw));
     }
 }

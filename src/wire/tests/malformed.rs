@@ -170,13 +170,13 @@ fn typed_views_reject_wrong_arguments() {
         Message::async_call("storea", vec![Value::None; 5]),
         Message::call(Value::Int(1), "new_oids", vec![Value::from("many")]),
         Message {
-            args: Value::Int(3),
+            args: Value::Int(3).into(),
             ..Message::call(Value::Int(1), "vote", vec![])
         },
     ];
     for m in &bad {
         match ClientCall::parse(m) {
-            Err(WireError::Malformed(text)) => assert!(text.contains(&m.method), "{text}"),
+            Err(WireError::Malformed(text)) => assert!(text.contains(&*m.method), "{text}"),
             other => panic!("{}: {other:?}", m.method),
         }
     }
@@ -193,7 +193,7 @@ fn typed_views_reject_wrong_arguments() {
     ));
     let error = Message::error_reply(Value::Int(1), "x", Value::None);
     let no_class = Message {
-        args: Value::Tuple(vec![]),
+        args: Value::Tuple(vec![]).into(),
         ..error
     };
     assert!(matches!(

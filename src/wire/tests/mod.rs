@@ -3,6 +3,7 @@
 mod captured;
 mod fuzz;
 mod hex;
+mod lazy;
 mod malformed;
 mod props;
 mod vectors;

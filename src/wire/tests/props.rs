@@ -214,8 +214,8 @@ fn generated_envelopes_round_trip_byte_identical() {
             let msg = Message {
                 msgid: gen_value(&mut rng, enc, 2),
                 flag: FLAGS[rng.below(FLAGS.len())],
-                method: gen_name(&mut rng, 20),
-                args: gen_value(&mut rng, enc, 4),
+                method: gen_name(&mut rng, 20).into(),
+                args: gen_value(&mut rng, enc, 4).into(),
             };
             let first = msg.encode(enc).expect("encode");
             let back = Message::decode(enc, &first).expect("decode");

@@ -54,8 +54,8 @@ fn storea(n: u8, data: Value) -> Message {
 fn call(method: &str) -> PendingCall {
     PendingCall {
         msgid: Value::Int(5),
-        method: method.into(),
-        sent: Instant::now(),
+        method: crate::wire::method_name(method),
+        sent: Some(Instant::now()),
     }
 }
 
