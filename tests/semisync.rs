@@ -110,7 +110,12 @@ fn strict_holds_the_commit_and_hides_its_tid() {
         "ack_timeout_ms = 1000\nstrict = true\nack_level = \"received\"",
         "",
     );
-    let (acked, _) = commit(&c, "a");
+    let out = semisync_py(c.enc(), &["commit", &c.primary.addr().to_string(), "a"]).run();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (acked, oid_a) = (
+        value_of(&out, "tid").to_string(),
+        value_of(&out, "oid").to_string(),
+    );
     // A client connected all along: what its invalidations tell it.
     let mut obs = semisync_py(c.enc(), &["observer", &c.primary.addr().to_string()]).spawn();
     obs.expect_line("READY", SYNC);
@@ -133,6 +138,11 @@ fn strict_holds_the_commit_and_hides_its_tid() {
     // The connected client's invalidation is held too.
     obs.send_line("probe");
     obs.expect_line(&format!("AT {acked}"), SYNC);
+    // Its reads go on meanwhile: a load of an object the waiting commit did
+    // not touch passes the held invalidation (the server answers it after
+    // that commit; its revision is the acknowledged one).
+    obs.send_line(&format!("load {oid_a}"));
+    obs.expect_line(&format!("LOADED {acked}"), Duration::from_secs(5));
     if let Some(line) = late.try_line() {
         panic!("a client connected while a commit waited for its ack: {line}");
     }

@@ -98,6 +98,12 @@ pub enum ServerVerdict {
     /// is kept), only once `release` shows a tid `>= until` (see
     /// [`HoldUntil`]).
     Hold(HoldUntil),
+    /// A reply delivered now, ahead of the messages held for this client
+    /// (the same as `Forward` when none are). Only for a reply that shows
+    /// nothing the held messages hide, and whose order relative to them the
+    /// client does not depend on (e.g. a load of an object none of them
+    /// touches: a reply to a sync call is matched by its msgid).
+    Overtake,
 }
 
 /// Holds server->client messages until a tid is released. The relay knows

@@ -1073,6 +1073,7 @@ impl Relay<'_> {
             {
                 ServerVerdict::Forward => self.emit_client(&payload),
                 ServerVerdict::Hold(h) => self.hold(h, payload),
+                ServerVerdict::Overtake => frame::write_frame(&mut self.cout, &payload),
                 ServerVerdict::Drop => {}
                 ServerVerdict::Replace(msgs) => {
                     for m in &msgs {

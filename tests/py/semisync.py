@@ -4,9 +4,12 @@ Usage: semisync.py COMMAND ARGS...
 
 Commands:
   commit ADDR KEY       one commit of root[KEY]; tid=<hex> secs=<float>
+                        oid=<hex of root[KEY]>
   observer ADDR         a connected client: "probe" prints AT <hex> (its
                         cache's last tid, learnt from invalidations); "wait
-                        HEX" prints AT HEX once it has it (30 s); "stop"
+                        HEX" prints AT HEX once it has it (30 s); "load
+                        OID" asks the server (not the cache) for OID's
+                        current revision and prints LOADED <its tid>; "stop"
   acked-writer ADDR [gated]
                         commit until "stop" on stdin (or 100 s), printing
                         "ACK <hex>" after every commit the server confirmed;
@@ -43,7 +46,8 @@ def commit(addr, key):
         tm.commit()
         secs = time.monotonic() - started
         tid = db.storage.lastTransaction()
-        print(f'tid={tid.hex()} secs={secs:.3f}', flush=True)
+        oid = conn.root()[key]._p_oid
+        print(f'tid={tid.hex()} secs={secs:.3f} oid={oid.hex()}', flush=True)
     finally:
         db.close()
 
@@ -59,6 +63,12 @@ def observer(addr):
                 break
             if words[0] == 'probe':
                 print(f'AT {st.lastTransaction().hex()}', flush=True)
+            elif words[0] == 'load':
+                # A round trip to the server (not the cache): the current
+                # revision of oid words[1]; prints its start tid.
+                _, start, _ = st._call('loadBefore', bytes.fromhex(words[1]),
+                                       b'\xff' * 8)
+                print(f'LOADED {start.hex()}', flush=True)
             elif words[0] == 'wait':
                 wait_until(lambda: st.lastTransaction().hex() == words[1],
                            f'tid {words[1]}', timeout=30.0)

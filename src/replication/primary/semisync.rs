@@ -465,6 +465,30 @@ fn reply_tid(method: &str, msg: &Message) -> Option<Tid> {
     }
 }
 
+/// Whether a reply that shows no tid above the watermark `w` may be
+/// delivered ahead of invalidations held for its client (`strict`, or
+/// while a commit waits): then a client's reads do not wait for a commit it
+/// is not told about. Only replies whose every tid is `<= w`, to calls
+/// whose order relative to invalidations the client does not depend on:
+/// `ping`, `new_oids`, and `loadBefore` of a current revision (end None)
+/// started at or before `w` — the server answered it after committing
+/// every held transaction, so none of them touched that object (else it
+/// would have started there), and the client caches it as current at a
+/// position it has been told of.
+fn may_overtake(method: &str, msg: &Message, w: &Tid) -> bool {
+    match method {
+        "ping" | "new_oids" => true,
+        "loadBefore" => match &*msg.args {
+            Value::Tuple(a) | Value::List(a) if a.len() == 3 => {
+                matches!(a[2], Value::None)
+                    && a[1].as_bytes().is_some_and(|s| s.len() == 8 && s <= &w[..])
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// What a session does with a message showing a tid above W.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Above {
@@ -519,6 +543,9 @@ impl SessionHooks for SemiSyncHooks {
             Some(call) if msg.flag != crate::wire::Flag::Error => {
                 match reply_tid(&call.method, msg) {
                     Some(t) if t > release => t,
+                    _ if may_overtake(&call.method, msg, &release) => {
+                        return ServerVerdict::Overtake
+                    }
                     _ => return v,
                 }
             }
@@ -702,5 +729,44 @@ mod tests {
         let gi = Message::reply(Value::Int(3), Value::Tuple(vec![tid, Value::List(vec![])]));
         assert_eq!(reply_tid("getInvalidations", &gi), Some(t(7)));
         assert_eq!(reply_tid("vote", &r), None);
+    }
+
+    #[test]
+    fn only_replies_showing_nothing_above_w_overtake() {
+        let load = |start: u8, end: Value| {
+            Message::reply(
+                Value::Int(1),
+                Value::Tuple(vec![
+                    Value::bytes(b"x".to_vec()),
+                    Value::bytes(t(start).to_vec()),
+                    end,
+                ]),
+            )
+        };
+        let w = t(5);
+        assert!(may_overtake("loadBefore", &load(5, Value::None), &w));
+        assert!(may_overtake("loadBefore", &load(3, Value::None), &w));
+        // Started above W: held instead (never reaches this check).
+        assert!(!may_overtake("loadBefore", &load(6, Value::None), &w));
+        // A past revision names the next one's tid: keeps its place.
+        let ended = load(3, Value::bytes(t(4).to_vec()));
+        assert!(!may_overtake("loadBefore", &ended, &w));
+        assert!(!may_overtake(
+            "loadBefore",
+            &Message::reply(Value::Int(1), Value::None),
+            &w
+        ));
+        let ok = Message::reply(Value::Int(2), Value::None);
+        assert!(may_overtake("ping", &ok, &w));
+        assert!(may_overtake("new_oids", &ok, &w));
+        for m in [
+            "history",
+            "undoLog",
+            "getTid",
+            "lastTransaction",
+            "iterator_next",
+        ] {
+            assert!(!may_overtake(m, &ok, &w), "{m}");
+        }
     }
 }
