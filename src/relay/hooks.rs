@@ -99,7 +99,8 @@ pub enum ServerVerdict {
     /// [`HoldUntil`]).
     Hold(HoldUntil),
     /// A reply delivered now, ahead of the messages held for this client
-    /// (the same as `Forward` when none are). Only for a reply that shows
+    /// that still wait for a later position (those the released position
+    /// allows go first; the same as `Forward` when none are held). Only for a reply that shows
     /// nothing the held messages hide, and whose order relative to them the
     /// client does not depend on (e.g. a load of an object none of them
     /// touches: a reply to a sync call is matched by its msgid).

@@ -1073,7 +1073,15 @@ impl Relay<'_> {
             {
                 ServerVerdict::Forward => self.emit_client(&payload),
                 ServerVerdict::Hold(h) => self.hold(h, payload),
-                ServerVerdict::Overtake => frame::write_frame(&mut self.cout, &payload),
+                ServerVerdict::Overtake => {
+                    // What the released position allows goes first: only
+                    // messages still waiting for a later position are
+                    // passed.
+                    if !self.held.is_empty() {
+                        self.release_held(true);
+                    }
+                    frame::write_frame(&mut self.cout, &payload)
+                }
                 ServerVerdict::Drop => {}
                 ServerVerdict::Replace(msgs) => {
                     for m in &msgs {
