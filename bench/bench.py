@@ -664,13 +664,7 @@ def main(argv=None):
 
     print(body)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write('# zrelay benchmark: latest results\n\n')
-            f.write('Written by `bench/bench.py`; method in '
-                    '`docs/benchmarks.md`.\n\n')
-            for key, value in info:
-                f.write(f'- {key}: {value}\n')
-            f.write('\n' + body + '\n')
+        P.write_results(args.out, 'benchmark', 'bench.py', None, info, body)
         log(f'wrote {args.out}')
     return 0
 

@@ -346,14 +346,9 @@ def main(argv=None):
     body = render(results)
     print(body)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write('# zrelay failover benchmark: latest results\n\n'
-                    'Written by `bench/failover_bench.py`; see '
-                    '`docs/benchmarks.md` (Failover).\n\n')
-            for key, value in (P.machine_info(['ZEO', 'ZODB'])
-                               + [P.zrelay_line(args.zrelay)]):
-                f.write(f'- {key}: {value}\n')
-            f.write('\n' + body + '\n')
+        P.write_results(args.out, 'failover benchmark', 'failover_bench.py',
+                        'Failover', P.machine_info(['ZEO', 'ZODB'])
+                        + [P.zrelay_line(args.zrelay)], body)
     return 0
 
 

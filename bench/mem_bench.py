@@ -290,13 +290,8 @@ def main(argv=None):
     info = P.machine_info(['ZEO', 'ZODB']) + [P.zrelay_line(args.zrelay)]
     body = '\n'.join(lines)
     print(body)
-    with open(args.out, 'w') as f:
-        f.write('# zrelay memory benchmark: latest results\n\n'
-                'Written by `bench/mem_bench.py`; method in '
-                '`docs/benchmarks.md` (Memory).\n\n')
-        for k, v in info:
-            f.write(f'- {k}: {v}\n')
-        f.write('\n' + body + '\n')
+    P.write_results(args.out, 'memory benchmark', 'mem_bench.py', 'Memory',
+                    info, body)
     log(f'wrote {args.out}')
     return 0
 

@@ -348,6 +348,20 @@ def zrelay_line(path):
                       f'{os.path.relpath(path, REPO)}')
 
 
+def write_results(path, title, script, section, info, body):
+    """Writes a results file: a heading, where the method is documented
+    (*section* of docs/benchmarks.md), the machine (*info*: (key, value)
+    pairs), then the report *body*."""
+    with open(path, 'w') as f:
+        f.write(f'# zrelay {title}: latest results\n\n'
+                f'Written by `bench/{script}`; method in '
+                f'`docs/benchmarks.md`{f" ({section})" if section else ""}.'
+                f'\n\n')
+        for key, value in info:
+            f.write(f'- {key}: {value}\n')
+        f.write('\n' + body + '\n')
+
+
 def run_main(main, name, errors=()):
     """A bench's entry point: exit with main()'s code, 130 on Ctrl-C, 1 with
     a one-line message for the failures a bench expects (a process that did

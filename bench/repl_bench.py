@@ -1130,7 +1130,8 @@ def machine_info(args):
          'back (see zrelay_replication_capture_total)'),
         ('CPUs', 'primary side (writers, primary or bare runzeo + zrelay) '
          'pinned to CPU 0, replica side (replica runzeo + zrelay, watcher) '
-         'to CPU 1 (--pin)' if args.pin else 'not pinned: every process may '
+         'to CPU 1 (--pin)' if getattr(args, 'pin', False)
+         else 'not pinned: every process may '
          'run on any CPU')]
 
 
@@ -1330,13 +1331,8 @@ def main(argv=None):
                   notes)
     print(body)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write('# zrelay replication benchmark: latest results\n\n')
-            f.write('Written by `bench/repl_bench.py`; method in '
-                    '`docs/benchmarks.md` (Replication).\n\n')
-            for key, value in info:
-                f.write(f'- {key}: {value}\n')
-            f.write('\n' + body + '\n')
+        P.write_results(args.out, 'replication benchmark', 'repl_bench.py',
+                        'Replication', info, body)
         log(f'wrote {args.out}')
     return 0
 

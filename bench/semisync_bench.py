@@ -233,13 +233,8 @@ def main(argv=None):
     body = render(rows, fsync, fs, tls_rtt)
     print(body)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write('# zrelay semi-sync benchmark: latest results\n\n'
-                    'Written by `bench/semisync_bench.py`; see '
-                    '`docs/benchmarks.md` (Semi-synchronous commits).\n\n')
-            for key, value in R.machine_info(args):
-                f.write(f'- {key}: {value}\n')
-            f.write('\n' + body + '\n')
+        P.write_results(args.out, 'semi-sync benchmark', 'semisync_bench.py',
+                        'Semi-synchronous commits', R.machine_info(args), body)
     return 0
 
 
