@@ -35,13 +35,8 @@ Workloads (``--only`` picks some):
 This is a benchmark, not a test: it fails only if something does not work.
 """
 import argparse
-import datetime
-import importlib.metadata
-import math
 import os
-import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -595,10 +590,6 @@ def parse_args(argv=None):
     return args
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv=None):
     args = parse_args(argv)
     settings = Settings(args)
@@ -607,8 +598,6 @@ def main(argv=None):
     proxy_label = proxy_label_of(args)
     modes = (MODES + (('haproxy',) if args.haproxy else ())
              + (('baseline',) if args.baseline else ()))
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
 
     # Fork the ZODB client workers first, while this process has no thread.
     pool = W.WorkerPool(N_WORKERS)

@@ -322,7 +322,6 @@ def main(argv=None):
         ap.error(f'no zrelay binary at {args.zrelay} (cargo build --release)')
     if shutil.which('etcd') is None:
         ap.error('no etcd (scripts/ensure-tools.sh installs etcd-server)')
-    signal.signal(signal.SIGTERM, R._on_signal)
     procs = P.Procs()
     tmp = tempfile.mkdtemp(prefix='zrelay-failover-bench-')
     results = []

@@ -173,14 +173,8 @@ def parse_args(argv=None):
     return args
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     procs = P.Procs()
     registry = []
     idle = []

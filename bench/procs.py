@@ -362,10 +362,18 @@ def write_results(path, title, script, section, info, body):
         f.write('\n' + body + '\n')
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_main(main, name, errors=()):
     """A bench's entry point: exit with main()'s code, 130 on Ctrl-C, 1 with
     a one-line message for the failures a bench expects (a process that did
-    not start, a refused connection, a protocol error): no traceback."""
+    not start, a refused connection, a protocol error): no traceback.
+    SIGTERM and SIGHUP exit like Ctrl-C does, through main()'s cleanup
+    (every child stopped, temporary directories removed)."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
     try:
         sys.exit(main())
     except KeyboardInterrupt:

@@ -42,11 +42,8 @@ is stopped by its PID at the end, also on errors, Ctrl-C and SIGTERM.
 import argparse
 import datetime
 import http.client
-import importlib.metadata
 import json
-import math
 import os
-import platform
 import selectors
 import shutil
 import signal
@@ -1238,17 +1235,11 @@ def parse_args(argv=None):
     return args
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv=None):
     args = parse_args(argv)
     settings = Settings(args)
     if args.pin:
         PIN.update(primary={0}, replica={1})
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     notes = [n for n in [wait_for_other_bench(args.wait_other_bench)] if n]
     storages = {'disk': [('disk', args.disk_dir)],
                 'tmpfs': [('tmpfs', args.tmpfs_dir)],

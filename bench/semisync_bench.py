@@ -25,7 +25,6 @@ child is stopped by its PID at the end.
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -209,7 +208,6 @@ def main(argv=None):
     args.no_capture = False  # repl_bench's option: capture stays on here
     if not os.access(args.zrelay, os.X_OK):
         ap.error(f'no zrelay binary at {args.zrelay} (cargo build --release)')
-    signal.signal(signal.SIGTERM, R._on_signal)
     procs = P.Procs()
     registry = []
     tmp = tempfile.mkdtemp(prefix='zrelay-semisync-bench-', dir=args.dir)

@@ -28,7 +28,6 @@ Commands:
   pcache-check REPLICA VAR KEY OID WANT
   refuse-writes REPLICA REPLICA_BACKEND
 """
-import faulthandler
 import hashlib
 import json
 import logging
@@ -44,7 +43,6 @@ from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
-from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZODB import DB
 from ZODB.blob import Blob
@@ -57,7 +55,7 @@ from ZODB.utils import p64
 from ZODB.utils import z64
 
 from zclient import (Failure, check, check_eq, new_conn, open_db,
-                     open_storage, parse_addr, run, wait_until)
+                     open_storage, run, wait_until)
 
 COMMANDS = {}
 

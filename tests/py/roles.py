@@ -27,7 +27,6 @@ Commands:
                               "cached" in CACHEDIR), kept for the next run
 """
 import faulthandler
-import os
 import random
 import sys
 import threading

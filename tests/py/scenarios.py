@@ -12,11 +12,9 @@ that it negotiated that protocol, so a msgpack test really speaks msgpack.
 Interactive scenarios (reconnect, garbage-neighbour) print "READY" on stdout and then
 follow commands read from stdin; see their docstrings.
 """
-import faulthandler
 import hashlib
 import io
 import json
-import logging
 import os
 import socket
 import struct
@@ -30,9 +28,7 @@ from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
-from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
-from ZODB import DB
 from ZODB.blob import Blob
 from ZODB.POSException import ConflictError
 from ZODB.POSException import POSKeyError
