@@ -317,6 +317,28 @@ impl RoleCtl {
         }
     }
 
+    /// The serving leader's newest tid per etcd, into `status` (see
+    /// `NodeStatus::leader_last_tid`); None on the leader itself or while no
+    /// serving leader is known.
+    fn publish_leader_tid(&self) {
+        let Some(c) = &self.coord else { return };
+        let tid = {
+            let snap = c.snapshot.borrow();
+            snap.leader
+                .as_ref()
+                .filter(|l| l.node != self.cfg.node_name)
+                .and_then(|l| {
+                    snap.members.iter().find(|m| {
+                        m.name == l.node && m.role == MemberRole::Primary && m.applied_tid != 0
+                    })
+                })
+                .map(|m| format!("{:016x}", m.applied_tid))
+        };
+        if self.status.snapshot().leader_last_tid != tid {
+            self.status.update(|s| s.leader_last_tid = tid);
+        }
+    }
+
     fn publish_member(&self) {
         if let Some(c) = &self.coord {
             let m = self.member_record();
@@ -904,6 +926,7 @@ impl RoleCtl {
                 } => self.coord_event(ev).await,
                 _ = tick.tick(), if self.coord.is_some() => {
                     self.publish_member();
+                    self.publish_leader_tid();
                     self.follow_leader().await;
                 }
                 Some((cmd, reply)) = requests.recv() => {

@@ -105,6 +105,12 @@ pub struct NodeStatus {
     /// (cleared by the role controller when a switchover starts).
     #[serde(skip)]
     pub handed_over: std::collections::BTreeSet<String>,
+    /// Writer: the role controller, from the coordinator's view: the newest
+    /// tid the serving leader published in etcd (hex). A replica's lag is
+    /// at least the time between it and the applied tid, also when the
+    /// replication stream is slower than etcd (a saturated link: the
+    /// stream's own news of the primary's position queue behind its data).
+    pub leader_last_tid: Option<String>,
     #[serde(skip)]
     pub started: Option<SystemTime>,
 }
@@ -164,6 +170,7 @@ impl NodeStatus {
             replica_promotion: BTreeMap::new(),
             role_state: None,
             handed_over: Default::default(),
+            leader_last_tid: None,
             started: None,
         }
     }

@@ -419,12 +419,14 @@ fn isolated_primary_async() {
     primary_isolated(&mut c, false);
 }
 
-/// A replica behind a slow link (tc tbf: 64 kbit/s into its namespace)
+/// A replica behind a slow stream (tc htb: 64 kbit/s from the primary's
+/// replication port into its namespace)
 /// under semi-sync with `min_acks = 1`: the primary never waits for it (the
 /// other replica acknowledges), so the slow one falls 150 commits behind
 /// while writers commit at both other doors; the primary's /status shows
-/// how far (the replica's own view of the primary's position travels in
-/// the same slow stream and under-reports: printed, not asserted).
+/// how far, and so does the replica's own (`/replica?lag=1s` 503): its
+/// stream's news of the primary's position queue behind the backlog, the
+/// leader's record in etcd (not shaped) does not.
 /// With the limit lifted it catches up and ends identical, the bank intact.
 #[test]
 fn slow_replica_link_does_not_hold_the_primary() {
@@ -438,7 +440,7 @@ fn slow_replica_link_does_not_hold_the_primary() {
     let w0 = start_writer(&c, 0, 0, ACCOUNTS);
     let w2 = start_writer(&c, 2, 2, ACCOUNTS);
     c.wait_live(slow, Duration::from_secs(30));
-    c.limit_into(slow, Some("64kbit"));
+    c.limit_stream_into(slow, Some("64kbit"));
     let limited = Instant::now();
     let behind = wait_for(
         Duration::from_secs(60),
@@ -450,6 +452,18 @@ fn slow_replica_link_does_not_hold_the_primary() {
         },
     );
     let after = limited.elapsed();
+    // The replica's own view: its stream's news of the primary queue behind
+    // the backlog, but the leader's record in etcd (unshaped) tells it.
+    let own = wait_for(
+        Duration::from_secs(30),
+        "the slow replica reporting > 1 s of lag itself",
+        || {
+            let st = c.nodes[slow].try_status()?;
+            (lag_of(&st) > 1.0).then(|| lag_of(&st))
+        },
+    );
+    let (code, body) = c.nodes[slow].get("/replica?lag=1s");
+    assert_eq!(code, 503, "behind and still healthy: {body}");
     let st = c.nodes[slow].status();
     assert_eq!(
         st["upstream"]["state"], "live",
@@ -464,7 +478,7 @@ fn slow_replica_link_does_not_hold_the_primary() {
         lag_txns >= 50,
         "the primary reports {name} only {lag_txns} transactions behind: {seen}"
     );
-    c.limit_into(slow, None);
+    c.limit_stream_into(slow, None);
     let s0 = stop_writer(w0);
     let s2 = stop_writer(w2);
     let last = c.backend_last_tid(0);
@@ -492,10 +506,9 @@ fn slow_replica_link_does_not_hold_the_primary() {
     acks.assert_unique_tids();
     eprintln!(
         "slow replica link: {behind} commits behind after {after:?} at 64 kbit/s (the \
-         primary's view: {lag_txns} transactions, {} s; the replica's own: {} s); {} commits \
-         acknowledged",
+         primary's view: {lag_txns} transactions, {} s; the replica's own: {own:.1} s, from \
+         the leader's etcd record); {} commits acknowledged",
         seen["lag_seconds"],
-        lag_of(&st),
         acks.acks.len()
     );
     for n in &mut c.nodes {

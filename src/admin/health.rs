@@ -91,7 +91,7 @@ pub fn stream_state_name(s: StreamState) -> &'static str {
 /// it counts from its own last applied commit, if known.
 pub fn lag_seconds(st: &NodeStatus, now: Now) -> Option<f64> {
     match &st.upstream {
-        Some(up) => Some(upstream_lag(up, st.storage_last_commit_unix, now)),
+        Some(up) => Some(upstream_lag(up, st, now)),
         None if st.role == Role::Replica => st
             .storage_last_commit_unix
             .map(|applied| non_negative(now.unix - applied)),
@@ -99,8 +99,11 @@ pub fn lag_seconds(st: &NodeStatus, now: Now) -> Option<f64> {
     }
 }
 
-fn upstream_lag(up: &UpstreamStatus, applied_unix: Option<f64>, now: Now) -> f64 {
-    let known = non_negative(up.lag_seconds);
+fn upstream_lag(up: &UpstreamStatus, st: &NodeStatus, now: Now) -> f64 {
+    let applied_unix = st.storage_last_commit_unix;
+    // What the stream says, and at least what the leader's record in etcd
+    // says (the stream can be the slower of the two).
+    let known = non_negative(up.lag_seconds).max(leader_lag(st, up));
     // Disconnected or diverged: nothing applied since the last contact, so
     // the lag grows with the clock (never a frozen 0).
     if up.state != StreamState::Disconnected && up.state != StreamState::Diverged {
@@ -110,6 +113,25 @@ fn upstream_lag(up: &UpstreamStatus, applied_unix: Option<f64>, now: Now) -> f64
         (Some(t), _) => known + now.instant.saturating_duration_since(t).as_secs_f64(),
         (None, Some(applied)) => known.max(now.unix - applied),
         (None, None) => known,
+    }
+}
+
+/// Seconds between the leader's newest tid per etcd and the applied one (0
+/// when unknown or not behind). Both are the primary's timestamps: no clock
+/// of this host is involved.
+fn leader_lag(st: &NodeStatus, up: &UpstreamStatus) -> f64 {
+    let tid = |h: &str| {
+        u64::from_str_radix(h, 16)
+            .ok()
+            .filter(|_| h.len() == 16)
+            .map(u64::to_be_bytes)
+    };
+    match (
+        st.leader_last_tid.as_deref().and_then(tid),
+        up.applied_tid.as_deref().and_then(tid),
+    ) {
+        (Some(leader), Some(applied)) => crate::replication::txn::tid_delta_secs(&leader, &applied),
+        _ => 0.0,
     }
 }
 
@@ -448,6 +470,38 @@ pub(crate) mod tests {
         let st = node(Role::Replica, Some(upstream(StreamState::Live, f64::NAN)));
         assert_eq!(lag_seconds(&st, now), Some(0.0));
         let st = node(Role::Replica, Some(upstream(StreamState::Live, -3.0)));
+        assert_eq!(lag_seconds(&st, now), Some(0.0));
+    }
+
+    /// A live stream that believes it is current (its news of the primary
+    /// queue behind its data) while the leader's etcd record is ahead: the
+    /// lag is the leader's, from the primary's own timestamps.
+    #[test]
+    fn the_leaders_record_bounds_the_lag_from_below() {
+        let tid = |secs: u32| {
+            // ZODB tid: minutes since 1900 in the high 32 bits, seconds
+            // scaled to 2^32 / 60 in the low 32 bits.
+            let low = (f64::from(secs) * (f64::from(u32::MAX) + 1.0) / 60.0) as u64;
+            format!("{:016x}", (62_000_000u64 << 32) | low)
+        };
+        let now = Now::current();
+        let mut up = upstream(StreamState::Live, 0.0);
+        up.applied_tid = Some(tid(10));
+        let mut st = node(Role::Replica, Some(up.clone()));
+        assert_eq!(lag_seconds(&st, now), Some(0.0));
+        st.leader_last_tid = Some(tid(13));
+        let lag = lag_seconds(&st, now).unwrap();
+        assert!((lag - 3.0).abs() < 1e-3, "{lag}");
+        let (code, _) = evaluate(Check::Replica, &st, now, Duration::from_secs(1));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        // The stream's own larger figure wins; a leader tid at or behind the
+        // applied one adds nothing; garbage is ignored.
+        st.upstream.as_mut().unwrap().lag_seconds = 5.0;
+        assert_eq!(lag_seconds(&st, now), Some(5.0));
+        st.upstream.as_mut().unwrap().lag_seconds = 0.0;
+        st.leader_last_tid = Some(tid(10));
+        assert_eq!(lag_seconds(&st, now), Some(0.0));
+        st.leader_last_tid = Some("zz".into());
         assert_eq!(lag_seconds(&st, now), Some(0.0));
     }
 

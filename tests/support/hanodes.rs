@@ -350,9 +350,10 @@ impl HaCluster {
         Net::rejoin(&self.nodes[k].ns);
     }
 
-    /// Limits what reaches node `k` to `rate` (see [`Net::limit_into`]).
-    pub fn limit_into(&self, k: usize, rate: Option<&str>) {
-        self.net.limit_into(self.nodes[k].host, rate);
+    /// Limits the replication stream node `k` receives (from any primary's
+    /// replication port) to `rate` (see [`Net::limit_into`]).
+    pub fn limit_stream_into(&self, k: usize, rate: Option<&str>) {
+        self.net.limit_into(self.nodes[k].host, REPL_PORT, rate);
     }
 
     /// Every door, comma-separated (for the Python scripts).

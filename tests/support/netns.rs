@@ -183,21 +183,38 @@ impl Net {
         ]);
     }
 
-    /// Limits what reaches node `host` to `rate` (tc's syntax, e.g.
-    /// "64kbit"): a token bucket (tbf) on the egress of its veth's hub end,
-    /// so its inbound traffic queues (up to 10 s of it, then drops). `None`
-    /// lifts it.
-    pub fn limit_into(&self, host: u8, rate: Option<&str>) {
+    /// Limits what reaches node `host` from source port `sport` (e.g. a
+    /// primary's replication port) to `rate` (tc's syntax, e.g. "64kbit"):
+    /// on the egress of its veth's hub end, an htb class of that rate takes
+    /// that traffic (it queues, then drops) and everything else (etcd,
+    /// doors) passes through an unshaped one. `None` lifts it.
+    pub fn limit_into(&self, host: u8, sport: u16, rate: Option<&str>) {
         let peer = format!("v{host}");
-        match rate {
-            Some(r) => run(&[
-                "ip", "netns", "exec", &self.hub, "tc", "qdisc", "replace", "dev", &peer, "root",
-                "tbf", "rate", r, "burst", "8kb", "latency", "10s",
-            ]),
-            None => run(&[
-                "ip", "netns", "exec", &self.hub, "tc", "qdisc", "del", "dev", &peer, "root",
-            ]),
-        }
+        let tc = |args: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &self.hub, "tc"];
+            v.extend_from_slice(args);
+            run(&v);
+        };
+        let Some(r) = rate else {
+            tc(&["qdisc", "del", "dev", &peer, "root"]);
+            return;
+        };
+        let sport = sport.to_string();
+        tc(&[
+            "qdisc", "replace", "dev", &peer, "root", "handle", "1:", "htb", "default", "2", "r2q",
+            "1000",
+        ]);
+        tc(&[
+            "class", "add", "dev", &peer, "parent", "1:", "classid", "1:2", "htb", "rate", "10gbit",
+        ]);
+        tc(&[
+            "class", "add", "dev", &peer, "parent", "1:", "classid", "1:3", "htb", "rate", r,
+            "ceil", r,
+        ]);
+        tc(&[
+            "filter", "add", "dev", &peer, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+            "match", "ip", "sport", &sport, "0xffff", "flowid", "1:3",
+        ]);
     }
 
     pub fn heal(ns: &str) {
