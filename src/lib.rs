@@ -23,6 +23,8 @@ pub mod role;
 pub mod rolectl;
 pub mod server;
 pub mod status;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod verify;
 pub mod wire;

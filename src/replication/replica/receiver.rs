@@ -972,23 +972,7 @@ mod tests {
     // queues through the real codec, cut into random chunks) and a replica
     // backend.
 
-    /// SplitMix64: deterministic PRNG.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-        fn chance(&mut self, per_mille: u64) -> bool {
-            self.below(1000) < per_mille
-        }
-    }
+    use crate::testing::Rng;
 
     const MAX_FRAME: usize = 1 << 20;
 
@@ -1042,7 +1026,7 @@ mod tests {
 
     impl Sim {
         fn new(seed: u64) -> Self {
-            let mut rng = Rng(seed);
+            let mut rng = Rng::new(seed);
             let cfg = SenderConfig {
                 cluster: "c".into(),
                 storage: "1".into(),
@@ -1074,7 +1058,7 @@ mod tests {
             let tid = tid_from_u64(self.next_tid);
             let mut records = Vec::new();
             for _ in 0..1 + self.rng.below(3) {
-                let oid = self.rng.below(20).to_be_bytes();
+                let oid = self.rng.below(20u64).to_be_bytes();
                 let len = self.rng.below(60) as usize;
                 let data =
                     (!self.rng.chance(100)).then(|| Bytes::from(vec![self.rng.next() as u8; len]));

@@ -733,21 +733,11 @@ mod tests {
         ));
     }
 
-    /// SplitMix64: a tiny deterministic PRNG for tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-    }
+    use crate::testing::Rng;
 
     #[test]
     fn garbage_never_panics() {
-        let mut rng = Rng(0x5eed);
+        let mut rng = Rng::new(0x5eed);
         let valid: Vec<Vec<u8>> = all_variants()
             .iter()
             .map(|m| {
@@ -787,12 +777,10 @@ mod tests {
     }
 
     impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn bytes(&mut self, max: u64) -> Bytes {
+        /// Up to `max` random bytes.
+        fn bytes_upto(&mut self, max: usize) -> Bytes {
             let n = self.below(max + 1);
-            (0..n).map(|_| self.next() as u8).collect()
+            self.bytes(n).into()
         }
         fn tid(&mut self) -> Tid {
             self.next().to_be_bytes()
@@ -857,15 +845,15 @@ mod tests {
                 txn: Txn {
                     tid: rng.tid(),
                     status: rng.text(1),
-                    user: rng.bytes(20),
-                    description: rng.bytes(300),
-                    extension: rng.bytes(100),
+                    user: rng.bytes_upto(20),
+                    description: rng.bytes_upto(300),
+                    extension: rng.bytes_upto(100),
                     records: (0..rng.below(40))
                         .map(|_| Record {
                             oid: rng.tid(),
-                            data: (rng.below(4) != 0).then(|| rng.bytes(2000)),
+                            data: (rng.below(4) != 0).then(|| rng.bytes_upto(2000)),
                             data_txn: rng.opt_tid(),
-                            blob: (rng.below(4) == 0).then(|| rng.bytes(70_000)),
+                            blob: (rng.below(4) == 0).then(|| rng.bytes_upto(70_000)),
                         })
                         .collect(),
                 },
@@ -919,7 +907,7 @@ mod tests {
                 size: rng.next(),
             },
             15 => StreamMsg::CloneData {
-                data: rng.bytes(100_000),
+                data: rng.bytes_upto(100_000),
             },
             16 => StreamMsg::CloneEnd {
                 files: rng.next(),
@@ -965,7 +953,7 @@ mod tests {
     /// gives the same bytes.
     #[test]
     fn generated_messages_round_trip_byte_identical() {
-        let mut rng = Rng(0x0005_7ea3);
+        let mut rng = Rng::new(0x0005_7ea3);
         for _ in 0..1500 {
             let msg = gen_msg(&mut rng);
             let mut first = BytesMut::new();

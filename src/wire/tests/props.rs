@@ -197,7 +197,7 @@ fn round_trip(enc: Encoding, v: &Value) {
 fn generated_values_round_trip_byte_identical() {
     for enc in [Encoding::Pickle, Encoding::Msgpack] {
         for seed in 0..1_500u64 {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+            let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ seed);
             let depth = 1 + rng.below(6);
             let v = gen_value(&mut rng, enc, depth);
             round_trip(enc, &v);
@@ -210,7 +210,7 @@ fn generated_envelopes_round_trip_byte_identical() {
     const FLAGS: [Flag; 4] = [Flag::Sync, Flag::Async, Flag::Reply, Flag::Error];
     for enc in [Encoding::Pickle, Encoding::Msgpack] {
         for seed in 0..1_000u64 {
-            let mut rng = Rng(0x51_7cc1_b727_220a ^ seed);
+            let mut rng = Rng::new(0x51_7cc1_b727_220a ^ seed);
             let msg = Message {
                 msgid: gen_value(&mut rng, enc, 2),
                 flag: FLAGS[rng.below(FLAGS.len())],
