@@ -36,7 +36,7 @@ import transaction  # noqa: F401 - imported for its side effects on ZODB
 from ZODB.POSException import ConflictError, ReadOnlyError
 
 import bank
-from zclient import Failure, check, check_eq, new_conn, open_db, run
+from zclient import Failure, check, check_eq, client, new_conn, open_db, run
 
 
 def bank_init(addr, n, total, writers='4'):
@@ -217,34 +217,19 @@ def switch_load(n, total, wdoors, rdoors, cachedir):
 
 
 def write(addr, key, value):
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+    with client(addr) as (db, tm, conn):
         conn.root()[key] = value
         tm.commit()
         print(f'tid={db.storage.lastTransaction().hex()}')
-    finally:
-        db.close()
 
 
-def read(addr, key):
-    db = open_db(addr)
-    try:
-        tm, conn = new_conn(db)
+def read(addr, key, **open_kw):
+    with client(addr, **open_kw) as (_, _, conn):
         print(f'value={conn.root().get(key)!r}')
-        tm.abort()
-    finally:
-        db.close()
 
 
 def cached_read(addr, key, cachedir):
-    db = open_db(addr, client='cached', var=cachedir, cache_size=1 << 20)
-    try:
-        tm, conn = new_conn(db)
-        print(f'value={conn.root().get(key)!r}')
-        tm.abort()
-    finally:
-        db.close()
+    read(addr, key, client='cached', var=cachedir, cache_size=1 << 20)
 
 
 COMMANDS = {
